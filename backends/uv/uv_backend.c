@@ -1,0 +1,201 @@
+/* The libuv backend: one uv_loop_t per loop thread.
+ *
+ * Wake: an eventfd watched by a uv_poll_t. uv_async_send in libuv 1.44
+ * (Debian 12) makes the receiving loop spin and yield while the sender is
+ * preempted, which costs tens of microseconds per wake; an eventfd write is
+ * one syscall and wakes epoll directly.
+ * Timer: one uv_timer_t. fds: one uv_poll_t per watched fd (the core merges
+ * waiters per fd). Every handle is closed through uv_close, and its memory
+ * is released only in the close callback. */
+#include "aiobridge/backend.h"
+
+#include <stdlib.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+#include <uv.h>
+
+typedef struct uvb {
+  uv_loop_t loop;
+  uv_poll_t wake_poll;
+  uv_timer_t timer;
+  int wake_fd;
+  aiob_loop *core;
+} uvb;
+
+typedef struct uvb_io {
+  uv_poll_t poll;
+  void *token;
+} uvb_io;
+
+static void on_wake(uv_poll_t *h, int status, int events) {
+  (void)status;
+  (void)events;
+  uvb *b = h->data;
+  uint64_t v;
+  while (read(b->wake_fd, &v, sizeof v) > 0)
+    ;
+}
+
+static void on_timer(uv_timer_t *h) {
+  uvb *b = h->data;
+  aiob_backend_timer_expired(b->core);
+}
+
+static int uvb_loop_init(aiob_loop *core, const aiob_backend_options *opts,
+                         void **out) {
+  (void)opts;
+  uvb *b = calloc(1, sizeof *b);
+  if (!b)
+    return AIOB_ENOMEM;
+  b->core = core;
+  b->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (b->wake_fd < 0) {
+    int rc = -errno;
+    free(b);
+    return rc;
+  }
+  int rc = uv_loop_init(&b->loop);
+  if (rc < 0) {
+    close(b->wake_fd);
+    free(b);
+    return rc;
+  }
+  uv_timer_init(&b->loop, &b->timer);
+  b->timer.data = b;
+  rc = uv_poll_init(&b->loop, &b->wake_poll, b->wake_fd);
+  if (rc == 0) {
+    b->wake_poll.data = b;
+    rc = uv_poll_start(&b->wake_poll, UV_READABLE, on_wake);
+    if (rc < 0)
+      uv_close((uv_handle_t *)&b->wake_poll, NULL);
+  }
+  if (rc < 0) {
+    uv_close((uv_handle_t *)&b->timer, NULL);
+    uv_run(&b->loop, UV_RUN_DEFAULT);
+    uv_loop_close(&b->loop);
+    close(b->wake_fd);
+    free(b);
+    return rc;
+  }
+  *out = b;
+  return 0;
+}
+
+static void close_leftover(uv_handle_t *h, void *arg) {
+  (void)arg;
+  if (!uv_is_closing(h))
+    uv_close(h, NULL);
+}
+
+static void uvb_loop_close(void *p) {
+  uvb *b = p;
+  uv_close((uv_handle_t *)&b->wake_poll, NULL);
+  uv_close((uv_handle_t *)&b->timer, NULL);
+  /* Handles an extension created on the native loop and left open. */
+  uv_walk(&b->loop, close_leftover, NULL);
+  uv_run(&b->loop, UV_RUN_DEFAULT);
+  uv_loop_close(&b->loop);
+  close(b->wake_fd);
+  free(b);
+}
+
+static int uvb_run(void *p, unsigned flags) {
+  uvb *b = p;
+  uv_run(&b->loop, (flags & AIOB_RUN_NOWAIT) ? UV_RUN_NOWAIT : UV_RUN_ONCE);
+  return 0;
+}
+
+static int uvb_wake(void *p) {
+  uvb *b = p;
+  uint64_t one = 1;
+  if (write(b->wake_fd, &one, sizeof one) < 0 && errno != EAGAIN)
+    return -errno;
+  return 0;
+}
+
+static int uvb_timer_start(void *p, uint64_t timeout_ns) {
+  uvb *b = p;
+  uint64_t ms = (timeout_ns + AIOB_MSEC - 1) / AIOB_MSEC;
+  uv_update_time(&b->loop);
+  return uv_timer_start(&b->timer, on_timer, ms, 0);
+}
+
+static void uvb_timer_stop(void *p) {
+  uvb *b = p;
+  uv_timer_stop(&b->timer);
+}
+
+static void on_io(uv_poll_t *h, int status, int events) {
+  uvb_io *io = h->data;
+  unsigned rev = 0;
+  if (status < 0)
+    rev = AIOB_IO_ERROR | AIOB_READABLE | AIOB_WRITABLE;
+  if (events & UV_READABLE)
+    rev |= AIOB_READABLE;
+  if (events & UV_WRITABLE)
+    rev |= AIOB_WRITABLE;
+  if (events & UV_DISCONNECT)
+    rev |= AIOB_IO_ERROR;
+  if (rev)
+    aiob_backend_io_ready(io->token, rev);
+}
+
+static int uv_events(unsigned events) {
+  return ((events & AIOB_READABLE) ? UV_READABLE : 0) |
+         ((events & AIOB_WRITABLE) ? UV_WRITABLE : 0);
+}
+
+static void free_io(uv_handle_t *h) { free(h->data); }
+
+static int uvb_io_start(void *p, int fd, unsigned events, void *token,
+                        void **out) {
+  uvb *b = p;
+  uvb_io *io = calloc(1, sizeof *io);
+  if (!io)
+    return AIOB_ENOMEM;
+  io->token = token;
+  int rc = uv_poll_init(&b->loop, &io->poll, fd);
+  if (rc < 0) {
+    free(io);
+    return rc;
+  }
+  io->poll.data = io;
+  rc = uv_poll_start(&io->poll, uv_events(events), on_io);
+  if (rc < 0) {
+    uv_close((uv_handle_t *)&io->poll, free_io);
+    return rc;
+  }
+  *out = io;
+  return 0;
+}
+
+static int uvb_io_modify(void *p, void *handle, unsigned events) {
+  (void)p;
+  uvb_io *io = handle;
+  return uv_poll_start(&io->poll, uv_events(events), on_io);
+}
+
+static void uvb_io_stop(void *p, void *handle) {
+  (void)p;
+  uvb_io *io = handle;
+  uv_poll_stop(&io->poll);
+  uv_close((uv_handle_t *)&io->poll, free_io);
+}
+
+static void *uvb_native(void *p) { return &((uvb *)p)->loop; }
+
+const aiob_backend aiob__backend_uv = {
+    .abi_major = AIOB_BACKEND_ABI_MAJOR,
+    .size = sizeof(aiob_backend),
+    .name = "uv",
+    .loop_init = uvb_loop_init,
+    .loop_close = uvb_loop_close,
+    .run = uvb_run,
+    .wake = uvb_wake,
+    .timer_start = uvb_timer_start,
+    .timer_stop = uvb_timer_stop,
+    .io_start = uvb_io_start,
+    .io_modify = uvb_io_modify,
+    .io_stop = uvb_io_stop,
+    .native = uvb_native,
+};

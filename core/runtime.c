@@ -1,0 +1,407 @@
+/* Runtimes and their loop threads.
+ *
+ * Each loop thread owns one backend loop. Its main loop:
+ *   1. accept everything other threads pushed (remote MPSC queue),
+ *   2. run up to BUDGET ready tasks (a self-waking task goes to the back),
+ *   3. re-arm the backend timer for the earliest sleep,
+ *   4. run one backend iteration: blocking only when nothing is ready,
+ *   5. fire expired sleeps.
+ * Remote pushers set `notified` and call the backend's wake only on its
+ * 0 -> 1 transition; the loop clears it before draining, so a push that the
+ * drain misses always wakes the loop again. */
+#include "internal.h"
+
+#include <sched.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Ready tasks polled per iteration before the backend is polled again. */
+#define BUDGET 128
+
+void aiob__runtime_ref(aiob_runtime *rt) {
+  atomic_fetch_add_explicit(&rt->refs, 1, memory_order_relaxed);
+}
+
+void aiob__runtime_unref(aiob_runtime *rt) {
+  if (atomic_fetch_sub_explicit(&rt->refs, 1, memory_order_acq_rel) != 1)
+    return;
+  for (unsigned i = 0; i < rt->nloops; i++)
+    aiob__heap_free(&rt->loops[i].timers);
+  free(rt->loops);
+  pthread_mutex_destroy(&rt->wait_mu);
+  pthread_cond_destroy(&rt->wait_cv);
+  pthread_mutex_destroy(&rt->shutdown_mu);
+  free(rt);
+}
+
+/* ---- The loop thread --------------------------------------------------- */
+
+static aiob_task *local_pop(aiob_loop *loop) {
+  aiob_task *t = loop->local_head;
+  if (!t)
+    return NULL;
+  aiob__mpsc_node *next =
+      atomic_load_explicit(&t->node.next, memory_order_relaxed);
+  loop->local_head =
+      next ? AIOB__CONTAINER_OF(next, aiob_task, node) : NULL;
+  if (!loop->local_head)
+    loop->local_tail = NULL;
+  return t;
+}
+
+static void local_append(aiob_loop *loop, aiob_task *t) {
+  atomic_store_explicit(&t->node.next, NULL, memory_order_relaxed);
+  if (loop->local_tail)
+    atomic_store_explicit(&loop->local_tail->node.next, &t->node,
+                          memory_order_relaxed);
+  else
+    loop->local_head = t;
+  loop->local_tail = t;
+}
+
+/* Moves remote pushes to the local FIFO. */
+static void accept_remote(aiob_loop *loop) {
+  atomic_store(&loop->notified, 0);
+  aiob__mpsc_node *n;
+  while ((n = aiob__mpsc_pop(&loop->remote)))
+    local_append(loop, AIOB__CONTAINER_OF(n, aiob_task, node));
+}
+
+static void run_ready(aiob_loop *loop) {
+  for (int i = 0; i < BUDGET; i++) {
+    aiob_task *t = local_pop(loop);
+    if (!t)
+      return;
+    aiob__task_run(t);
+  }
+}
+
+/* Drops every task the loop knows, on the loop thread. */
+static void loop_drain_shutdown(aiob_loop *loop) {
+  atomic_store(&loop->closed, 1);
+  while (atomic_load(&loop->pushers))
+    sched_yield();
+  for (;;) {
+    accept_remote(loop);
+    aiob_task *t;
+    while ((t = local_pop(loop))) {
+      aiob__task_accept(t);
+      aiob__task_finish_cancelled(t);
+      atomic_fetch_and(&t->state, ~(uint32_t)AIOB__T_QUEUED);
+      aiob__task_unref(t);
+    }
+    if (loop->live.live_next == &loop->live)
+      break;
+    /* Cancelling may wake other tasks of this loop (joiners): loop again. */
+    while (loop->live.live_next != &loop->live)
+      aiob__task_finish_cancelled(loop->live.live_next);
+  }
+  if (!aiob__mpsc_empty(&loop->remote))
+    abort(); /* a push after `closed` would be a core bug */
+}
+
+static void loop_main(aiob_loop *loop) {
+  while (!atomic_load_explicit(&loop->stop, memory_order_acquire)) {
+    accept_remote(loop);
+    run_ready(loop);
+    aiob__timers_rearm(loop);
+    unsigned flags = loop->local_head ? AIOB_RUN_NOWAIT : 0;
+    if (loop->backend->run(loop->bl, flags) < 0)
+      break;
+    if (aiob__heap_top(&loop->timers))
+      aiob__timers_process(loop, aiob_now_ns());
+  }
+}
+
+static void *loop_thread(void *arg) {
+  aiob_loop *loop = arg;
+  aiob_runtime *rt = loop->rt;
+  aiob__current_loop = loop;
+
+  void *bl = NULL;
+  int rc = loop->backend->loop_init(loop, &rt->options, &bl);
+  pthread_mutex_lock(&rt->wait_mu);
+  loop->bl = bl;
+  loop->init_status = rc;
+  pthread_cond_broadcast(&rt->wait_cv);
+  pthread_mutex_unlock(&rt->wait_mu);
+  if (rc < 0) {
+    aiob__current_loop = NULL;
+    return NULL;
+  }
+
+  loop_main(loop);
+  loop_drain_shutdown(loop);
+  aiob__fds_close(loop);
+  if (loop->timer_armed)
+    loop->backend->timer_stop(loop->bl);
+  loop->timer_armed = false;
+  loop->backend->loop_close(loop->bl);
+  aiob__current_loop = NULL;
+  return NULL;
+}
+
+/* ---- Runtime lifecycle ------------------------------------------------- */
+
+void aiob_runtime_config_init(aiob_runtime_config *cfg) {
+  memset(cfg, 0, sizeof *cfg);
+  cfg->threads = 1;
+}
+
+static int resolve_backend(const aiob_runtime_config *cfg,
+                           const aiob_backend **out) {
+  if (cfg->backend_table) {
+    if (aiob_backend_validate(cfg->backend_table) < 0)
+      return AIOB_EINVAL;
+    *out = cfg->backend_table;
+    return 0;
+  }
+  const char *name = cfg->backend ? cfg->backend : AIOB_DEFAULT_BACKEND;
+  *out = aiob_backend_find(name);
+  return *out ? 0 : AIOB_ENOENT;
+}
+
+/* Stops and joins loops [0, n). */
+static void stop_loops(aiob_runtime *rt, unsigned n) {
+  for (unsigned i = 0; i < n; i++) {
+    aiob_loop *loop = &rt->loops[i];
+    if (loop->init_status < 0)
+      continue;
+    atomic_store_explicit(&loop->stop, 1, memory_order_release);
+    loop->backend->wake(loop->bl);
+  }
+  for (unsigned i = 0; i < n; i++)
+    pthread_join(rt->loops[i].thread, NULL);
+}
+
+#define MAX_THREADS 1024
+
+int aiob_runtime_new(aiob_runtime **out, const aiob_runtime_config *cfg) {
+  aiob_runtime_config defaults;
+  if (!out)
+    return AIOB_EINVAL;
+  if (!cfg) {
+    aiob_runtime_config_init(&defaults);
+    cfg = &defaults;
+  }
+  if (cfg->threads < 1 || cfg->threads > MAX_THREADS)
+    return AIOB_EINVAL;
+  const aiob_backend *backend;
+  int rc = resolve_backend(cfg, &backend);
+  if (rc < 0)
+    return rc;
+
+  aiob_runtime *rt = calloc(1, sizeof *rt);
+  aiob_loop *loops = calloc(cfg->threads, sizeof *loops);
+  if (!rt || !loops) {
+    free(rt);
+    free(loops);
+    return AIOB_ENOMEM;
+  }
+  atomic_init(&rt->refs, 1);
+  rt->backend = backend;
+  rt->options = cfg->backend_options;
+  rt->nloops = cfg->threads;
+  rt->loops = loops;
+  pthread_mutex_init(&rt->shutdown_mu, NULL);
+  pthread_mutex_init(&rt->wait_mu, NULL);
+  pthread_condattr_t ca;
+  pthread_condattr_init(&ca);
+  pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+  pthread_cond_init(&rt->wait_cv, &ca);
+  pthread_condattr_destroy(&ca);
+
+  unsigned started = 0;
+  for (; started < rt->nloops; started++) {
+    aiob_loop *loop = &loops[started];
+    loop->rt = rt;
+    loop->index = started;
+    loop->backend = backend;
+    aiob__mpsc_init(&loop->remote);
+    loop->live.live_next = loop->live.live_prev = &loop->live;
+    aiob__heap_init(&loop->timers);
+    loop->init_status = 1; /* pending */
+    if (pthread_create(&loop->thread, NULL, loop_thread, loop) != 0) {
+      rc = AIOB_EAGAIN;
+      break;
+    }
+    pthread_mutex_lock(&rt->wait_mu);
+    while (loop->init_status == 1)
+      pthread_cond_wait(&rt->wait_cv, &rt->wait_mu);
+    pthread_mutex_unlock(&rt->wait_mu);
+    if (loop->init_status < 0) {
+      rc = loop->init_status;
+      pthread_join(loop->thread, NULL);
+      break;
+    }
+  }
+  if (rc < 0) {
+    stop_loops(rt, started);
+    aiob__runtime_unref(rt);
+    return rc;
+  }
+  *out = rt;
+  return 0;
+}
+
+int aiob_runtime_current_loop(const aiob_runtime *rt) {
+  aiob_loop *cur = aiob__current_loop;
+  return cur && cur->rt == rt ? (int)cur->index : -1;
+}
+
+int aiob_runtime_shutdown(aiob_runtime *rt) {
+  if (!rt)
+    return AIOB_EINVAL;
+  if (aiob_runtime_current_loop(rt) >= 0)
+    return AIOB_EDEADLK;
+  pthread_mutex_lock(&rt->shutdown_mu);
+  if (!rt->shutdown_done) {
+    atomic_store(&rt->shut, 1);
+    stop_loops(rt, rt->nloops);
+    rt->shutdown_done = true;
+  }
+  pthread_mutex_unlock(&rt->shutdown_mu);
+  return 0;
+}
+
+void aiob_runtime_free(aiob_runtime *rt) {
+  if (!rt)
+    return;
+  if (aiob_runtime_shutdown(rt) < 0)
+    abort(); /* freeing a runtime from its own loop thread */
+  aiob__runtime_unref(rt);
+}
+
+const char *aiob_runtime_backend_name(const aiob_runtime *rt) {
+  return rt->backend->name;
+}
+
+unsigned aiob_runtime_threads(const aiob_runtime *rt) { return rt->nloops; }
+
+void *aiob_runtime_native(aiob_runtime *rt, unsigned index) {
+  if (!rt || index >= rt->nloops || atomic_load(&rt->shut) ||
+      !AIOB__HAS_SLOT(rt->backend, native))
+    return NULL;
+  return rt->backend->native(rt->loops[index].bl);
+}
+
+void aiob_runtime_stats_get(const aiob_runtime *rt, aiob_runtime_stats *st) {
+  memset(st, 0, sizeof *st);
+  for (unsigned i = 0; i < rt->nloops; i++) {
+    aiob_loop *l = &rt->loops[i];
+    st->tasks_spawned += atomic_load_explicit(&l->n_spawned,
+                                              memory_order_relaxed);
+    st->tasks_completed += atomic_load_explicit(&l->n_completed,
+                                                memory_order_relaxed);
+    st->tasks_cancelled += atomic_load_explicit(&l->n_cancelled,
+                                                memory_order_relaxed);
+    st->polls += atomic_load_explicit(&l->n_polls, memory_order_relaxed);
+    st->loop_wakes += atomic_load_explicit(&l->n_wakes, memory_order_relaxed);
+  }
+  uint64_t done = st->tasks_completed + st->tasks_cancelled;
+  st->tasks_live = st->tasks_spawned > done ? st->tasks_spawned - done : 0;
+}
+
+/* ---- Plain callbacks on a loop thread ---------------------------------- */
+
+struct call {
+  aiob_call_fn fn;
+  void *arg;
+  bool called;
+};
+
+static aiob_poll call_poll(aiob_task *task, void *p) {
+  (void)task;
+  struct call *c = p;
+  c->called = true;
+  c->fn(c->arg, 0);
+  return AIOB_READY;
+}
+
+static void call_drop(void *p) {
+  struct call *c = p;
+  if (!c->called)
+    c->fn(c->arg, AIOB_ECANCELED);
+  free(c);
+}
+
+static const aiob_task_vtable call_vtable = {.poll = call_poll,
+                                             .drop = call_drop};
+
+int aiob_runtime_call(aiob_runtime *rt, unsigned index, aiob_call_fn fn,
+                      void *arg) {
+  if (!rt || !fn || index >= rt->nloops)
+    return AIOB_EINVAL;
+  struct call *c = malloc(sizeof *c);
+  if (!c)
+    return AIOB_ENOMEM;
+  *c = (struct call){.fn = fn, .arg = arg, .called = false};
+  aiob_spawn_opts opts;
+  aiob_spawn_opts_init(&opts);
+  opts.loop = (int)index;
+  opts.no_inherit = 1;
+  int rc = aiob_spawn_ex(rt, &opts, &call_vtable, c, NULL);
+  if (rc < 0)
+    free(c);
+  return rc;
+}
+
+/* ---- The default runtime ----------------------------------------------- */
+
+static pthread_mutex_t default_mu = PTHREAD_MUTEX_INITIALIZER;
+static aiob_runtime *default_rt;
+static aiob_runtime_config default_cfg;
+static bool default_configured;
+
+int aiob_runtime_default_configure(const aiob_runtime_config *cfg) {
+  if (!cfg || cfg->threads < 1 || cfg->threads > MAX_THREADS)
+    return AIOB_EINVAL;
+  pthread_mutex_lock(&default_mu);
+  int rc = 0;
+  if (default_rt) {
+    rc = AIOB_EBUSY;
+  } else {
+    default_cfg = *cfg;
+    default_configured = true;
+  }
+  pthread_mutex_unlock(&default_mu);
+  return rc;
+}
+
+int aiob_runtime_default(aiob_runtime **out) {
+  if (!out)
+    return AIOB_EINVAL;
+  pthread_mutex_lock(&default_mu);
+  int rc = 0;
+  if (!default_rt) {
+    aiob_runtime_config cfg;
+    if (default_configured)
+      cfg = default_cfg;
+    else
+      aiob_runtime_config_init(&cfg);
+    const char *env = getenv("AIOBRIDGE_BACKEND");
+    if (env && env[0]) {
+      cfg.backend = env;
+      cfg.backend_table = NULL;
+    }
+    rc = aiob_runtime_new(&default_rt, &cfg);
+  }
+  if (rc == 0)
+    *out = default_rt;
+  pthread_mutex_unlock(&default_mu);
+  return rc;
+}
+
+int aiob_runtime_default_shutdown(void) {
+  pthread_mutex_lock(&default_mu);
+  aiob_runtime *rt = default_rt;
+  if (rt && aiob_runtime_current_loop(rt) >= 0) {
+    pthread_mutex_unlock(&default_mu);
+    return AIOB_EDEADLK;
+  }
+  default_rt = NULL;
+  pthread_mutex_unlock(&default_mu);
+  if (rt)
+    aiob_runtime_free(rt);
+  return 0;
+}

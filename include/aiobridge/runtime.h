@@ -1,0 +1,116 @@
+/* aiobridge — runtimes: N loop threads running one backend.
+ *
+ * Functions here are thread-safe unless a comment says otherwise.
+ */
+#ifndef AIOBRIDGE_RUNTIME_H
+#define AIOBRIDGE_RUNTIME_H
+
+#include "backend.h"
+#include "common.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct aiob_runtime aiob_runtime;
+
+typedef struct aiob_runtime_config {
+  /* Compiled-in backend by name ("uv", ...); NULL = the build's default. */
+  const char *backend;
+  /* A user-supplied backend table; when set it wins over `backend`. The
+   * table must outlive the runtime. */
+  const aiob_backend *backend_table;
+  /* Number of loop threads, >= 1. */
+  unsigned threads;
+  /* Passed to every loop of the backend. */
+  aiob_backend_options backend_options;
+} aiob_runtime_config;
+
+/* Fills *cfg with defaults: build's default backend, one thread. */
+AIOB_API void aiob_runtime_config_init(aiob_runtime_config *cfg);
+
+/* Creates a runtime and starts its loop threads. Each loop is initialised
+ * on its own thread; if any fails (for example the kernel refuses
+ * io_uring), every started thread is stopped and that error is returned.
+ * On success the caller owns *out until aiob_runtime_free.
+ * Errors: AIOB_EINVAL (bad config or backend table), AIOB_ENOENT (no such
+ * backend compiled in), AIOB_ENOMEM, or the backend's loop_init error. */
+AIOB_API int aiob_runtime_new(aiob_runtime **out,
+                              const aiob_runtime_config *cfg);
+
+/* Stops the runtime: new spawns fail with AIOB_ESHUTDOWN, every task that
+ * has not finished is dropped exactly once on its loop thread (joiners see
+ * AIOB_ECANCELED), pending aiob_runtime_call callbacks run with
+ * AIOB_ECANCELED, the loop threads exit and are joined. Idempotent; returns
+ * 0. Must not be called from one of the runtime's own loop threads
+ * (AIOB_EDEADLK). */
+AIOB_API int aiob_runtime_shutdown(aiob_runtime *rt);
+
+/* Shuts the runtime down (if not yet) and releases the caller's reference.
+ * Memory lives on while task handles still refer to it, so handles stay
+ * valid until released. Must not be called from one of its loop threads. */
+AIOB_API void aiob_runtime_free(aiob_runtime *rt);
+
+/* The process-wide default runtime, created on first call with the
+ * configuration given to aiob_runtime_default_configure (or the defaults).
+ * The environment variable AIOBRIDGE_BACKEND, when set, names the backend
+ * (a testing and benchmarking knob). Returns 0 and stores a borrowed
+ * pointer valid until aiob_runtime_default_shutdown, or the creation error. */
+AIOB_API int aiob_runtime_default(aiob_runtime **out);
+
+/* Sets the configuration of the default runtime. Must be called before its
+ * first use: afterwards it returns AIOB_EBUSY and changes nothing. The
+ * config is copied; `backend` must point to static storage. */
+AIOB_API int aiob_runtime_default_configure(const aiob_runtime_config *cfg);
+
+/* Shuts down and frees the default runtime, if it exists. A later
+ * aiob_runtime_default creates a fresh one with the same configuration.
+ * Returns 0, or AIOB_EDEADLK when called from one of its loop threads. */
+AIOB_API int aiob_runtime_default_shutdown(void);
+
+/* The backend name ("uv", ...). The string lives as long as the backend. */
+AIOB_API const char *aiob_runtime_backend_name(const aiob_runtime *rt);
+
+/* Number of loop threads. */
+AIOB_API unsigned aiob_runtime_threads(const aiob_runtime *rt);
+
+/* The native loop handle of loop thread `index` (uv_loop_t * for "uv"), or
+ * NULL if the index is out of range, the backend has no native slot or the
+ * runtime is shut down. Use it only on that loop thread (for example from a
+ * task running there or from aiob_runtime_call). */
+AIOB_API void *aiob_runtime_native(aiob_runtime *rt, unsigned index);
+
+/* Callback for aiob_runtime_call. status is 0 when it runs normally, or
+ * AIOB_ECANCELED when the runtime shut down first. Either way it runs
+ * exactly once, on loop thread `index`. */
+typedef void (*aiob_call_fn)(void *arg, int status);
+
+/* Queues fn(arg, status) to run on loop thread `index`. Returns 0, or
+ * AIOB_EINVAL (bad index or NULL fn), AIOB_ESHUTDOWN, AIOB_ENOMEM; on error
+ * fn is never called. */
+AIOB_API int aiob_runtime_call(aiob_runtime *rt, unsigned index,
+                               aiob_call_fn fn, void *arg);
+
+/* Index of the loop thread the caller runs on, if it is one of rt's loop
+ * threads, else -1. */
+AIOB_API int aiob_runtime_current_loop(const aiob_runtime *rt);
+
+typedef struct aiob_runtime_stats {
+  uint64_t tasks_spawned;   /* successfully spawned */
+  uint64_t tasks_completed; /* finished with READY */
+  uint64_t tasks_cancelled; /* dropped before READY */
+  uint64_t tasks_live;      /* spawned - completed - cancelled, approx. */
+  uint64_t polls;           /* poll function calls */
+  uint64_t loop_wakes;      /* backend wake calls (after coalescing) */
+} aiob_runtime_stats;
+
+/* Fills *st with counters summed over the loop threads. Counters are
+ * updated with relaxed atomics: exact once the runtime is idle. */
+AIOB_API void aiob_runtime_stats_get(const aiob_runtime *rt,
+                                     aiob_runtime_stats *st);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* AIOBRIDGE_RUNTIME_H */

@@ -1,0 +1,332 @@
+/* aiobridge — tasks: C futures as a poll function over a state struct.
+ *
+ * A task is a poll function plus a state pointer. The runtime calls
+ * poll(task, state) on one loop thread, never concurrently with itself.
+ * poll returns AIOB_READY when the task is done, or AIOB_PENDING after it
+ * registered interest in something that will wake it (a sleep, an fd, a
+ * promise, a join, a waker it handed out). drop(state) runs exactly once,
+ * on the task's loop thread, after the last poll — whether the task
+ * completed or was cancelled — and is the place to free the state.
+ *
+ * Threads: functions are loop-thread-only ("inside a poll function of the
+ * task") unless tagged Thread-safe.
+ */
+#ifndef AIOBRIDGE_TASK_H
+#define AIOBRIDGE_TASK_H
+
+#include "common.h"
+#include "runtime.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct aiob_task aiob_task;
+typedef struct aiob_waker aiob_waker;
+
+typedef enum aiob_poll { AIOB_PENDING = 0, AIOB_READY = 1 } aiob_poll;
+
+typedef struct aiob_task_vtable {
+  /* Required. Advances the task. */
+  aiob_poll (*poll)(aiob_task *task, void *state);
+  /* Optional. Runs once after the last poll, on the loop thread. Any leaf
+   * future still armed in the state (aiob_sleep, aiob_io_wait) has already
+   * been disarmed by the core when it runs. */
+  void (*drop)(void *state);
+} aiob_task_vtable;
+
+/* A task's result, as seen by a joiner. `value` is owned by whoever took the
+ * output; release it with aiob_output_clear (or free_value yourself). */
+typedef struct aiob_output {
+  int status;                      /* 0, a negative code, AIOB_ECANCELED */
+  void *value;                     /* may be NULL */
+  void (*free_value)(void *value); /* may be NULL */
+} aiob_output;
+
+/* Frees o->value with o->free_value (if both set) and zeroes *o.
+ * Thread-safe for distinct outputs. */
+AIOB_API void aiob_output_clear(aiob_output *o);
+
+/* ---- Task-local storage ------------------------------------------------ */
+
+typedef unsigned aiob_local_key;
+#define AIOB_LOCAL_KEYS_MAX 16
+
+/* Registers a task-local key for the life of the process. `clone` makes the
+ * child's copy when a task spawns a child (NULL: the key is not inherited;
+ * a clone returning NULL also skips it); `destroy` releases a value (may be
+ * NULL). Both run on the loop thread of the task involved. Returns 0 or
+ * AIOB_ENOSPC when AIOB_LOCAL_KEYS_MAX keys exist. Thread-safe. */
+AIOB_API int aiob_local_key_create(aiob_local_key *key,
+                                   void *(*clone)(void *value),
+                                   void (*destroy)(void *value));
+
+/* Sets the task's value for key, destroying the previous one. Inside the
+ * task's poll function. Returns 0, AIOB_EINVAL (bad key) or AIOB_ENOMEM (the
+ * value is then not stored and not destroyed). */
+AIOB_API int aiob_task_local_set(aiob_task *self, aiob_local_key key,
+                                 void *value);
+
+/* The task's value for key, or NULL. Inside the task's poll function. */
+AIOB_API void *aiob_task_local_get(const aiob_task *self, aiob_local_key key);
+
+/* ---- Spawning ---------------------------------------------------------- */
+
+typedef struct aiob_local_init {
+  aiob_local_key key;
+  void *value;
+} aiob_local_init;
+
+typedef struct aiob_spawn_opts {
+  /* Loop thread index, or -1: the caller's loop when called from one of the
+   * runtime's loop threads, else round robin. */
+  int loop;
+  /* Non-zero: do not inherit the calling task's task locals. */
+  int no_inherit;
+  /* Initial task locals (after inheritance, so they override). On success
+   * the task owns the values; on failure the caller still does. */
+  const aiob_local_init *locals;
+  size_t nlocals;
+} aiob_spawn_opts;
+
+AIOB_API void aiob_spawn_opts_init(aiob_spawn_opts *opts);
+
+/* Spawns a task running vt->poll over `state` on rt. When called from
+ * inside a task, the child inherits the caller's task locals. If `handle`
+ * is not NULL it receives a reference to the task (release it with
+ * aiob_task_release); otherwise the task is detached. On success the task
+ * owns `state` through vt->drop. On failure nothing was queued and neither
+ * poll nor drop is ever called: AIOB_EINVAL, AIOB_ESHUTDOWN, AIOB_ENOMEM.
+ * Thread-safe: any thread, including loop threads and other runtimes. */
+AIOB_API int aiob_spawn(aiob_runtime *rt, const aiob_task_vtable *vt,
+                        void *state, aiob_task **handle);
+
+/* aiob_spawn with options (opts may be NULL). Thread-safe. */
+AIOB_API int aiob_spawn_ex(aiob_runtime *rt, const aiob_spawn_opts *opts,
+                           const aiob_task_vtable *vt, void *state,
+                           aiob_task **handle);
+
+/* ---- Handles ----------------------------------------------------------- */
+
+/* Adds a reference. Thread-safe. */
+AIOB_API aiob_task *aiob_task_ref(aiob_task *t);
+
+/* Drops a reference; the task keeps running if it has not finished (a
+ * handle is not ownership of the work). Thread-safe. */
+AIOB_API void aiob_task_release(aiob_task *t);
+
+/* Requests cancellation: unless it already finished, the task is dropped on
+ * its loop thread promptly (drop runs once, poll never again) and finishes
+ * with AIOB_ECANCELED. A task that returns AIOB_READY from a poll already in
+ * progress completes normally. Idempotent. Thread-safe. */
+AIOB_API void aiob_task_cancel(aiob_task *t);
+
+/* Non-zero once the task finished (completed or dropped) and its drop ran.
+ * Thread-safe. */
+AIOB_API int aiob_task_is_finished(const aiob_task *t);
+
+/* Blocks the calling thread until the task finished or timeout_ns elapsed
+ * (UINT64_MAX: no limit). Returns 0, AIOB_ETIMEDOUT, or AIOB_EDEADLK when
+ * called from a loop thread (which would stall that loop). Thread-safe. */
+AIOB_API int aiob_task_wait(aiob_task *t, uint64_t timeout_ns);
+
+/* Inside a task: awaits `target`. READY once it finished, with *status set
+ * to its status (may be NULL); PENDING otherwise, and `self` is woken when
+ * it finishes. One task at a time can await a given target: a second one
+ * gets READY with AIOB_EBUSY. */
+AIOB_API aiob_poll aiob_task_join(aiob_task *self, aiob_task *target,
+                                  int *status);
+
+/* Moves a finished task's output into *out. Returns 0, AIOB_EAGAIN if the
+ * task has not finished, or AIOB_EALREADY if the value was already taken
+ * (out->status is still filled, out->value is NULL). Thread-safe. */
+AIOB_API int aiob_task_take_output(aiob_task *t, aiob_output *out);
+
+/* ---- Inside a poll function -------------------------------------------- */
+
+/* Sets the value the task finishes with (call before returning READY).
+ * The task owns value until a joiner takes it; if nobody does, free_value
+ * runs when the last reference goes (on any thread). Replaces an earlier
+ * value (freeing it). */
+AIOB_API void aiob_task_return(aiob_task *self, void *value,
+                               void (*free_value)(void *value));
+
+/* Sets a negative status the task finishes with. */
+AIOB_API void aiob_task_fail(aiob_task *self, int err);
+
+/* The task being polled on this thread, or NULL. Thread-safe. */
+AIOB_API aiob_task *aiob_task_current(void);
+
+/* The runtime a task belongs to. Thread-safe (the caller holds a ref). */
+AIOB_API aiob_runtime *aiob_task_runtime(const aiob_task *t);
+
+/* ---- Wakers ------------------------------------------------------------ */
+
+/* A new waker for the task (a counted reference). Inside the task, or on
+ * any thread that holds a reference to it. */
+AIOB_API aiob_waker *aiob_task_waker(aiob_task *self);
+
+/* Another reference to the same waker. Thread-safe. */
+AIOB_API aiob_waker *aiob_waker_clone(aiob_waker *w);
+
+/* Schedules the task's next poll. Coalesces while the task is queued;
+ * a wake during a poll makes it poll again after; waking a finished task
+ * does nothing. Does not consume the waker. Thread-safe. */
+AIOB_API void aiob_waker_wake(aiob_waker *w);
+
+/* Drops a waker reference. Thread-safe. */
+AIOB_API void aiob_waker_release(aiob_waker *w);
+
+/* ---- Coroutine macros --------------------------------------------------
+ *
+ * Let a poll function read like straight-line async code (the protothread
+ * switch trick). Keep an `int co` (zero-initialised) in the state; locals
+ * do not survive an AWAIT, keep them in the state too; do not AWAIT inside
+ * another switch.
+ *
+ *   static aiob_poll poll(aiob_task *t, void *p) {
+ *     struct job *j = p;
+ *     AIOB_BEGIN(&j->co);
+ *     aiob_sleep_init(&j->sleep, 10 * AIOB_MSEC);
+ *     AIOB_AWAIT(&j->co, aiob_sleep_poll(t, &j->sleep, NULL));
+ *     printf("slept\n");
+ *     AIOB_END(&j->co);
+ *   }
+ *
+ * AIOB_AWAIT and AIOB_YIELD return AIOB_PENDING from the poll function;
+ * AIOB_END returns AIOB_READY. */
+#define AIOB_BEGIN(co)                                                         \
+  switch (*(co)) {                                                             \
+  case 0:
+
+#define AIOB_AWAIT(co, expr)                                                   \
+  do {                                                                         \
+    *(co) = __LINE__;                                                          \
+    __attribute__((fallthrough));                                              \
+  case __LINE__:                                                               \
+    if ((expr) == AIOB_PENDING)                                                \
+      return AIOB_PENDING;                                                     \
+  } while (0)
+
+/* Lets every other ready task run once, then continues. */
+#define AIOB_YIELD(co, task)                                                   \
+  do {                                                                         \
+    *(co) = __LINE__;                                                          \
+    aiob_task_yield_now(task);                                                 \
+    return AIOB_PENDING;                                                       \
+  case __LINE__:;                                                              \
+  } while (0)
+
+#define AIOB_END(co)                                                           \
+  }                                                                            \
+  *(co) = -1;                                                                  \
+  return AIOB_READY
+
+/* Re-queues the task behind every task already ready (used by AIOB_YIELD).
+ * Inside the task's poll function. */
+AIOB_API void aiob_task_yield_now(aiob_task *self);
+
+/* ---- Leaf futures ------------------------------------------------------
+ *
+ * Leaf futures live inside a task's state. While one is armed it is linked
+ * to its task, and the core disarms it before the task's drop runs, so a
+ * cancelled task never leaves a timer or fd watch behind. Their fields are
+ * private. */
+
+struct aiob__leaf {
+  struct aiob__leaf *next, *prev;
+  void (*detach)(struct aiob__leaf *leaf);
+};
+
+typedef struct aiob_sleep {
+  struct aiob__leaf leaf;
+  aiob_task *task;
+  uint64_t duration;
+  uint64_t deadline;
+  size_t heap_index;
+  int state;
+} aiob_sleep;
+
+/* Prepares a sleep of duration_ns, counted from its first poll. A duration
+ * of 0 yields once. Must not be called on an armed sleep (aiob_sleep_stop
+ * it first). */
+AIOB_API void aiob_sleep_init(aiob_sleep *s, uint64_t duration_ns);
+
+/* Prepares a sleep until the absolute aiob_now_ns() time deadline_ns. */
+AIOB_API void aiob_sleep_init_until(aiob_sleep *s, uint64_t deadline_ns);
+
+/* READY once aiob_now_ns() >= the deadline (never earlier), with *status 0;
+ * or READY at once with a negative *status (AIOB_ENOMEM). status may be
+ * NULL. Inside the task's poll function. */
+AIOB_API aiob_poll aiob_sleep_poll(aiob_task *self, aiob_sleep *s,
+                                   int *status);
+
+/* Disarms an armed sleep (no-op otherwise). Loop thread of its task. */
+AIOB_API void aiob_sleep_stop(aiob_sleep *s);
+
+typedef struct aiob_io_wait {
+  struct aiob__leaf leaf;
+  struct aiob_io_wait *fd_next, *fd_prev;
+  void *rec;
+  aiob_task *task;
+  int fd;
+  unsigned events;
+  unsigned revents;
+  int state;
+} aiob_io_wait;
+
+/* Prepares a one-shot wait for fd to become AIOB_READABLE and/or
+ * AIOB_WRITABLE. Several waits (from several tasks) may watch one fd. */
+AIOB_API void aiob_io_wait_init(aiob_io_wait *w, int fd, unsigned events);
+
+/* READY when the fd is ready, with *result set to the ready bits
+ * (AIOB_IO_ERROR included on error/hang-up); or READY at once with a
+ * negative *result: AIOB_EBADF (fd < 0), AIOB_EINVAL (no events),
+ * AIOB_ENOTSUP (backend without fd support), AIOB_ENOMEM, or the backend's
+ * error. Inside the task's poll function. */
+AIOB_API aiob_poll aiob_io_wait_poll(aiob_task *self, aiob_io_wait *w,
+                                     int *result);
+
+/* Disarms an armed wait (no-op otherwise). Loop thread of its task. */
+AIOB_API void aiob_io_wait_stop(aiob_io_wait *w);
+
+/* ---- Promises -----------------------------------------------------------
+ *
+ * A one-shot slot with two sides: a task awaits it (the waiter side), and
+ * any thread completes it (the completer side), typically from a native
+ * library callback. This is how callback-style libuv, libevent or io_uring
+ * APIs become futures. */
+
+typedef struct aiob_promise aiob_promise;
+
+/* Creates a promise; the caller holds both sides. Returns 0 or AIOB_ENOMEM.
+ * Thread-safe. */
+AIOB_API int aiob_promise_new(aiob_promise **out);
+
+/* Completes the promise with status and value and gives up the completer
+ * side. The value goes to the waiter; if the waiter side was already
+ * released, free_value(value) runs here. Returns 0, or AIOB_EALREADY if the
+ * completer side was already given up (then value is not touched).
+ * Thread-safe. */
+AIOB_API int aiob_promise_complete(aiob_promise *p, int status, void *value,
+                                   void (*free_value)(void *value));
+
+/* Gives up the completer side without a value: the waiter is woken with
+ * AIOB_ECANCELED. Returns 0 or AIOB_EALREADY. Thread-safe. */
+AIOB_API int aiob_promise_abandon(aiob_promise *p);
+
+/* Inside a task: READY once completed, moving the output into *out (the
+ * value only the first time); PENDING otherwise and `self` is woken on
+ * completion. One task at a time may await a promise (another gets READY
+ * with AIOB_EBUSY). */
+AIOB_API aiob_poll aiob_promise_poll(aiob_task *self, aiob_promise *p,
+                                     aiob_output *out);
+
+/* Gives up the waiter side (frees an untaken value). Thread-safe. */
+AIOB_API void aiob_promise_release(aiob_promise *p);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* AIOBRIDGE_TASK_H */
