@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Builds and runs every test suite: a plain build with warnings as errors,
+# then ASan+UBSan and TSan builds of the same suites. Exits non-zero if any
+# test fails. Usage: ./scripts/test.sh [plain|asan|tsan]...
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+./scripts/deps.sh
+
+variants=("$@")
+[ ${#variants[@]} -gt 0 ] || variants=(plain asan tsan)
+JOBS=$(nproc)
+
+export ASAN_OPTIONS="abort_on_error=1:detect_leaks=1:strict_init_order=1"
+export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
+export TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1"
+
+total_pass=0 total_fail=0 total_skip=0
+failed_variants=()
+
+for v in "${variants[@]}"; do
+  case "$v" in
+    plain) flags=(-DCMAKE_BUILD_TYPE=RelWithDebInfo) ;;
+    asan)  flags=(-DCMAKE_BUILD_TYPE=Debug -DAIOB_SANITIZE=address) ;;
+    tsan)  flags=(-DCMAKE_BUILD_TYPE=Debug -DAIOB_SANITIZE=thread) ;;
+    *) echo "unknown variant: $v (plain, asan, tsan)" >&2; exit 2 ;;
+  esac
+  dir="$ROOT/build-test-$v"
+  echo "=== [$v] configure and build"
+  cmake -S "$ROOT" -B "$dir" -DAIOB_WERROR=ON "${flags[@]}" >"$dir.configure.log" 2>&1 \
+    || { cat "$dir.configure.log"; exit 1; }
+  cmake --build "$dir" -j"$JOBS" >"$dir.build.log" 2>&1 \
+    || { cat "$dir.build.log"; exit 1; }
+  echo "=== [$v] ctest"
+  set +e
+  (cd "$dir" && ctest --output-on-failure -j"$JOBS") 2>&1 | tee "$dir.ctest.log"
+  rc=${PIPESTATUS[0]}
+  set -e
+  summary=$(grep -E 'tests passed, [0-9]+ tests? failed out of [0-9]+' "$dir.ctest.log" | tail -1 || true)
+  n_total=$(sed -E 's/.*out of ([0-9]+).*/\1/' <<<"$summary")
+  n_fail=$(sed -E 's/.*passed, ([0-9]+) tests? failed.*/\1/' <<<"$summary")
+  n_skip=$(grep -c '(Skipped)' "$dir.ctest.log" || true)
+  [ -n "$n_total" ] || { n_total=0; n_fail=1; }
+  total_pass=$((total_pass + n_total - n_fail - n_skip))
+  total_fail=$((total_fail + n_fail))
+  total_skip=$((total_skip + n_skip))
+  if [ "$rc" -ne 0 ] || [ "$n_fail" -ne 0 ]; then failed_variants+=("$v"); fi
+done
+
+echo
+if [ ${#failed_variants[@]} -gt 0 ]; then
+  echo "FAILED variants: ${failed_variants[*]}"
+fi
+echo "total: $total_pass passed, $total_fail failed, $total_skip skipped"
+[ ${#failed_variants[@]} -eq 0 ]
