@@ -88,7 +88,8 @@ struct aiob_loop {
   aiob_runtime *rt;
   unsigned index;
   const aiob_backend *backend;
-  void *bl; /* backend loop */
+  void *bl;     /* backend loop */
+  void *native; /* backend's native handle, read once on the loop thread */
   pthread_t thread;
 
   /* Remote ready queue and its wake coalescing flag. */
@@ -137,6 +138,8 @@ extern _Thread_local aiob_task *aiob__current_task;
 void aiob__runtime_ref(aiob_runtime *rt);
 void aiob__runtime_unref(aiob_runtime *rt);
 
+/* Wakes the loop's backend unless the loop is closing. Thread-safe. */
+void aiob__loop_wake(aiob_loop *loop);
 /* Schedules t (caller knows it must be queued; takes a queue reference). */
 void aiob__task_schedule(aiob_task *t);
 /* Runs t's poll on its loop thread. */

@@ -79,14 +79,18 @@ aiob_poll aiob_promise_poll(aiob_task *self, aiob_promise *p,
       return promise_take(p, out);
     if (cur == me)
       return AIOB_PENDING;
-    if (cur != 0) {
+    if (cur != 0 && !aiob_task_is_finished((aiob_task *)cur)) {
       if (out)
         *out = (aiob_output){.status = AIOB_EBUSY};
       return AIOB_READY;
     }
+    /* Empty, or held by a waiter that was dropped: take it over. */
     aiob_task_waker(self);
-    if (atomic_compare_exchange_strong(&p->waiter, &cur, me))
+    if (atomic_compare_exchange_strong(&p->waiter, &cur, me)) {
+      if (cur)
+        aiob_waker_release((aiob_waker *)cur);
       return AIOB_PENDING;
+    }
     aiob_waker_release((aiob_waker *)self);
   }
 }

@@ -120,8 +120,12 @@ static void *loop_thread(void *arg) {
 
   void *bl = NULL;
   int rc = loop->backend->loop_init(loop, &rt->options, &bl);
+  void *native = NULL;
+  if (rc == 0 && AIOB__HAS_SLOT(loop->backend, native))
+    native = loop->backend->native(bl); /* slots run on the loop thread */
   pthread_mutex_lock(&rt->wait_mu);
   loop->bl = bl;
+  loop->native = native;
   loop->init_status = rc;
   pthread_cond_broadcast(&rt->wait_cv);
   pthread_mutex_unlock(&rt->wait_mu);
@@ -168,7 +172,7 @@ static void stop_loops(aiob_runtime *rt, unsigned n) {
     if (loop->init_status < 0)
       continue;
     atomic_store_explicit(&loop->stop, 1, memory_order_release);
-    loop->backend->wake(loop->bl);
+    aiob__loop_wake(loop);
   }
   for (unsigned i = 0; i < n; i++)
     pthread_join(rt->loops[i].thread, NULL);
@@ -279,10 +283,9 @@ const char *aiob_runtime_backend_name(const aiob_runtime *rt) {
 unsigned aiob_runtime_threads(const aiob_runtime *rt) { return rt->nloops; }
 
 void *aiob_runtime_native(aiob_runtime *rt, unsigned index) {
-  if (!rt || index >= rt->nloops || atomic_load(&rt->shut) ||
-      !AIOB__HAS_SLOT(rt->backend, native))
+  if (!rt || index >= rt->nloops || atomic_load(&rt->shut))
     return NULL;
-  return rt->backend->native(rt->loops[index].bl);
+  return rt->loops[index].native;
 }
 
 void aiob_runtime_stats_get(const aiob_runtime *rt, aiob_runtime_stats *st) {
@@ -352,13 +355,14 @@ static pthread_mutex_t default_mu = PTHREAD_MUTEX_INITIALIZER;
 static aiob_runtime *default_rt;
 static aiob_runtime_config default_cfg;
 static bool default_configured;
+static bool default_used; /* stays set: the choice never changes after use */
 
 int aiob_runtime_default_configure(const aiob_runtime_config *cfg) {
   if (!cfg || cfg->threads < 1 || cfg->threads > MAX_THREADS)
     return AIOB_EINVAL;
   pthread_mutex_lock(&default_mu);
   int rc = 0;
-  if (default_rt) {
+  if (default_used) {
     rc = AIOB_EBUSY;
   } else {
     default_cfg = *cfg;
@@ -385,6 +389,7 @@ int aiob_runtime_default(aiob_runtime **out) {
       cfg.backend_table = NULL;
     }
     rc = aiob_runtime_new(&default_rt, &cfg);
+    default_used = default_used || rc == 0;
   }
   if (rc == 0)
     *out = default_rt;

@@ -69,6 +69,15 @@ static bool remote_push(aiob_loop *loop, aiob_task *t) {
   return true;
 }
 
+/* Wakes the loop unless it is closing (then it no longer blocks, and its
+ * backend may be gone). Same guard as remote_push. */
+void aiob__loop_wake(aiob_loop *loop) {
+  atomic_fetch_add(&loop->pushers, 1);
+  if (!atomic_load(&loop->closed))
+    loop->backend->wake(loop->bl);
+  atomic_fetch_sub(&loop->pushers, 1);
+}
+
 static bool queue_push(aiob_task *t) {
   aiob_loop *loop = t->loop;
   if (aiob__current_loop == loop) {
@@ -150,6 +159,8 @@ void aiob__leaf_unlink(struct aiob__leaf *leaf) {
   leaf->next = leaf->prev = leaf;
 }
 
+static bool key_valid(aiob_local_key key);
+
 /* ---- Spawn ------------------------------------------------------------- */
 
 void aiob_spawn_opts_init(aiob_spawn_opts *opts) {
@@ -193,7 +204,7 @@ int aiob_spawn_ex(aiob_runtime *rt, const aiob_spawn_opts *opts,
   if (opts && opts->nlocals && !opts->locals)
     return AIOB_EINVAL;
   for (size_t i = 0; opts && i < opts->nlocals; i++)
-    if (opts->locals[i].key >= AIOB_LOCAL_KEYS_MAX)
+    if (!key_valid(opts->locals[i].key))
       return AIOB_EINVAL;
   if (atomic_load(&rt->shut))
     return AIOB_ESHUTDOWN;
@@ -427,14 +438,18 @@ aiob_poll aiob_task_join(aiob_task *self, aiob_task *target, int *status) {
     }
     if (cur == me)
       return AIOB_PENDING;
-    if (cur != 0) {
+    if (cur != 0 && !aiob_task_is_finished((aiob_task *)cur)) {
       if (status)
         *status = AIOB_EBUSY;
       return AIOB_READY;
     }
+    /* Empty, or held by a joiner that was dropped: take it over. */
     aiob_task_ref(self);
-    if (atomic_compare_exchange_strong(&target->joiner, &cur, me))
+    if (atomic_compare_exchange_strong(&target->joiner, &cur, me)) {
+      if (cur)
+        aiob__task_unref((aiob_task *)cur);
       return AIOB_PENDING;
+    }
     aiob__task_unref(self);
   }
 }

@@ -6,6 +6,8 @@
 
 #include <string.h>
 
+#define TIMER_MAX_NS (3600 * AIOB_SEC)
+
 enum { SLEEP_INIT, SLEEP_INIT_UNTIL, SLEEP_YIELDED, SLEEP_ARMED, SLEEP_DONE,
        SLEEP_STOPPED };
 
@@ -67,7 +69,9 @@ aiob_poll aiob_sleep_poll(aiob_task *self, aiob_sleep *s, int *status) {
       aiob_task_yield_now(self);
       return AIOB_PENDING;
     }
-    s->deadline = aiob_now_ns() + s->duration;
+    now = aiob_now_ns();
+    s->deadline = s->duration > UINT64_MAX - now ? UINT64_MAX
+                                                 : now + s->duration;
     break;
   default:
     break;
@@ -112,6 +116,9 @@ void aiob__timers_rearm(aiob_loop *loop) {
     return;
   uint64_t now = aiob_now_ns();
   uint64_t delay = top->deadline > now ? top->deadline - now : 0;
+  /* Backends need not handle huge timeouts: the core re-arms on expiry. */
+  if (delay > TIMER_MAX_NS)
+    delay = TIMER_MAX_NS;
   if (loop->backend->timer_start(loop->bl, delay) == 0) {
     loop->timer_armed = true;
     loop->timer_deadline = top->deadline;

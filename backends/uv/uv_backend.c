@@ -115,7 +115,7 @@ static int uvb_wake(void *p) {
 
 static int uvb_timer_start(void *p, uint64_t timeout_ns) {
   uvb *b = p;
-  uint64_t ms = (timeout_ns + AIOB_MSEC - 1) / AIOB_MSEC;
+  uint64_t ms = timeout_ns / AIOB_MSEC + (timeout_ns % AIOB_MSEC != 0);
   uv_update_time(&b->loop);
   return uv_timer_start(&b->timer, on_timer, ms, 0);
 }

@@ -59,8 +59,10 @@ AIOB_API void aiob_runtime_free(aiob_runtime *rt);
 AIOB_API int aiob_runtime_default(aiob_runtime **out);
 
 /* Sets the configuration of the default runtime. Must be called before its
- * first use: afterwards it returns AIOB_EBUSY and changes nothing. The
- * config is copied; `backend` must point to static storage. */
+ * first successful use: afterwards (even after aiob_runtime_default_shutdown)
+ * it returns AIOB_EBUSY and changes nothing, so the process-wide choice can
+ * never change under code that already used it. The config is copied;
+ * `backend` and `backend_table` must point to static storage. */
 AIOB_API int aiob_runtime_default_configure(const aiob_runtime_config *cfg);
 
 /* Shuts down and frees the default runtime, if it exists. A later
