@@ -109,8 +109,8 @@ static void check_failed(const char *file, int line, const char *fmt, ...) {
   do {                                                                         \
     long long a_ = (long long)(a), b_ = (long long)(b);                        \
     if (!(a_ op b_))                                                           \
-      check_failed(__FILE__, __LINE__, "%s %s %s (%lld vs %lld)", #a, #op,     \
-                   #b, a_, b_);                                                \
+      check_failed(__FILE__, __LINE__, "%s %s %s (%lld vs %lld)", #a, #op, #b, \
+                   a_, b_);                                                    \
   } while (0)
 
 static void reset_checks(void) {
@@ -257,8 +257,12 @@ static void drop_count(void *state) {
   CHECK_INT(atomic_fetch_add(&b->drops, 1), ==, 0);
 }
 
-static int polls_of(void *state) { return atomic_load(&((tbase *)state)->polls); }
-static int drops_of(void *state) { return atomic_load(&((tbase *)state)->drops); }
+static int polls_of(void *state) {
+  return atomic_load(&((tbase *)state)->polls);
+}
+static int drops_of(void *state) {
+  return atomic_load(&((tbase *)state)->drops);
+}
 
 /* Completes at once. */
 static aiob_poll ready_poll(aiob_task *t, void *p) {
@@ -275,8 +279,7 @@ static aiob_poll pend_poll(aiob_task *t, void *p) {
   poll_enter(p);
   return AIOB_PENDING;
 }
-static const aiob_task_vtable pend_vt = {.poll = pend_poll,
-                                         .drop = drop_count};
+static const aiob_task_vtable pend_vt = {.poll = pend_poll, .drop = drop_count};
 
 /* Values handed through outputs and promises. */
 static latch g_frees; /* count_free calls, process-wide */
@@ -473,8 +476,7 @@ static aiob_poll gate_poll(aiob_task *t, void *p) {
   CHECK(latch_wait(&g->open, 1, WAIT_TIMEOUT) == 0);
   return AIOB_READY;
 }
-static const aiob_task_vtable gate_vt = {.poll = gate_poll,
-                                         .drop = drop_count};
+static const aiob_task_vtable gate_vt = {.poll = gate_poll, .drop = drop_count};
 
 /* Spawns a gate on loop `loop` and returns once that loop is blocked in it. */
 static gate *gate_close(aiob_runtime *rt, int loop, aiob_task **h) {
@@ -586,8 +588,7 @@ static aiob_poll fifo_poll(aiob_task *t, void *p) {
     atomic_store(&f->ctx->order[pos], f->idx);
   return AIOB_READY;
 }
-static const aiob_task_vtable fifo_vt = {.poll = fifo_poll,
-                                         .drop = drop_count};
+static const aiob_task_vtable fifo_vt = {.poll = fifo_poll, .drop = drop_count};
 
 static void test_fifo(void **state) {
   aiob_runtime *rt = RT(state);
@@ -914,8 +915,7 @@ static void wc_a_drop(void *p) {
     aiob_waker_release(w);
   drop_count(p);
 }
-static const aiob_task_vtable wc_a_vt = {.poll = wc_a_poll,
-                                         .drop = wc_a_drop};
+static const aiob_task_vtable wc_a_vt = {.poll = wc_a_poll, .drop = wc_a_drop};
 
 static aiob_poll wc_b_poll(aiob_task *t, void *p) {
   (void)t;
@@ -930,8 +930,7 @@ static aiob_poll wc_b_poll(aiob_task *t, void *p) {
   atomic_store(&b->a_polls_after, polls_of(b->a));
   return AIOB_READY;
 }
-static const aiob_task_vtable wc_b_vt = {.poll = wc_b_poll,
-                                         .drop = drop_count};
+static const aiob_task_vtable wc_b_vt = {.poll = wc_b_poll, .drop = drop_count};
 
 static aiob_poll wc_c_poll(aiob_task *t, void *p) {
   wc_c *c = p;
@@ -947,8 +946,7 @@ static aiob_poll wc_c_poll(aiob_task *t, void *p) {
   aiob_waker_wake(atomic_load(&c->a->w));
   return AIOB_READY;
 }
-static const aiob_task_vtable wc_c_vt = {.poll = wc_c_poll,
-                                         .drop = drop_count};
+static const aiob_task_vtable wc_c_vt = {.poll = wc_c_poll, .drop = drop_count};
 
 static void test_wake_coalescing(void **state) {
   aiob_runtime *rt = RT(state);
@@ -1029,8 +1027,7 @@ static void sw_s_drop(void *p) {
   s->w = NULL;
   drop_count(p);
 }
-static const aiob_task_vtable sw_s_vt = {.poll = sw_s_poll,
-                                         .drop = sw_s_drop};
+static const aiob_task_vtable sw_s_vt = {.poll = sw_s_poll, .drop = sw_s_drop};
 
 typedef struct sw_t {
   tbase b;
@@ -1044,8 +1041,7 @@ static aiob_poll sw_t_poll(aiob_task *t, void *p) {
   atomic_store(&k->ctx->t_ran, 1);
   return AIOB_READY;
 }
-static const aiob_task_vtable sw_t_vt = {.poll = sw_t_poll,
-                                         .drop = drop_count};
+static const aiob_task_vtable sw_t_vt = {.poll = sw_t_poll, .drop = drop_count};
 
 typedef struct sw_z {
   sl_task sl; /* first member: the sleep task machinery */
@@ -1059,8 +1055,7 @@ static aiob_poll sw_z_poll(aiob_task *t, void *p) {
   atomic_store(&z->ctx->z_done, 1);
   return AIOB_READY;
 }
-static const aiob_task_vtable sw_z_vt = {.poll = sw_z_poll,
-                                         .drop = drop_count};
+static const aiob_task_vtable sw_z_vt = {.poll = sw_z_poll, .drop = drop_count};
 
 static void test_self_wake_no_starvation(void **state) {
   aiob_runtime *rt = RT(state);
@@ -1175,17 +1170,16 @@ static void test_sleep_order(void **state) {
   aiob_runtime *rt = RT(state);
   const uint64_t slack = 500 * AIOB_MSEC; /* correctness bound, not perf */
 
-  /* Absolute deadlines from one base: the order is fully determined. */
+  /* Absolute deadlines from one base, far enough ahead that every first
+   * poll happens before the earliest one: the order is fully determined. */
   so_ctx *ctx = xcalloc(1, sizeof *ctx);
   so_task *ts = xcalloc(SO_N, sizeof *ts);
   aiob_task *hs[SO_N];
-  uint64_t base = aiob_now_ns();
+  uint64_t base = aiob_now_ns() + 100 * AIOB_MSEC;
   for (int i = 0; i < SO_N; i++) {
     ts[i].ctx = ctx;
     ts[i].idx = i;
     ts[i].deadline = base + (uint64_t)so_ms[i] * AIOB_MSEC;
-    if (so_ms[i] == 0)
-      ts[i].deadline = base; /* already passed at first poll */
     hs[i] = spawn_h(rt, &so_vt, &ts[i]);
   }
   for (int i = 0; i < SO_N; i++)
@@ -1286,8 +1280,7 @@ static aiob_poll sz_z_poll(aiob_task *t, void *p) {
   }
   return r;
 }
-static const aiob_task_vtable sz_z_vt = {.poll = sz_z_poll,
-                                         .drop = drop_count};
+static const aiob_task_vtable sz_z_vt = {.poll = sz_z_poll, .drop = drop_count};
 
 typedef struct sz_o {
   tbase b;
@@ -1301,8 +1294,7 @@ static aiob_poll sz_o_poll(aiob_task *t, void *p) {
   sz_rec(o->ctx, SZ_O);
   return AIOB_READY;
 }
-static const aiob_task_vtable sz_o_vt = {.poll = sz_o_poll,
-                                         .drop = drop_count};
+static const aiob_task_vtable sz_o_vt = {.poll = sz_o_poll, .drop = drop_count};
 
 static void test_sleep_zero_yields(void **state) {
   aiob_runtime *rt = RT(state);
@@ -1814,8 +1806,7 @@ static aiob_poll fail_poll(aiob_task *t, void *p) {
   aiob_task_fail(t, f->err);
   return AIOB_READY;
 }
-static const aiob_task_vtable fail_vt = {.poll = fail_poll,
-                                         .drop = drop_count};
+static const aiob_task_vtable fail_vt = {.poll = fail_poll, .drop = drop_count};
 
 static void test_join(void **state) {
   aiob_runtime *rt = RT(state);
@@ -2106,8 +2097,7 @@ static void test_task_locals_inherited(void **state) {
   aiob_spawn_opts_init(&o);
   o.locals = &lfi;
   o.nlocals = 1;
-  static const aiob_task_vtable no_poll_vt = {.poll = NULL,
-                                              .drop = drop_count};
+  static const aiob_task_vtable no_poll_vt = {.poll = NULL, .drop = drop_count};
   tbase dummy = {0};
   assert_rc(aiob_spawn_ex(rt, &o, &no_poll_vt, &dummy, NULL), AIOB_EINVAL);
   assert_int_equal(atomic_load(&g_lv_destroys), 0);
@@ -2134,10 +2124,10 @@ static void test_task_locals_inherited(void **state) {
   struct {
     int tag, gen;
   } want[LC_NKIDS] = {
-      [LC_C] = {8, 1}, [LC_G] = {8, 2},  [LC_N] = {-1, -1},
-      [LC_L] = {9, 0}, [LC_O] = {8, 1},  [LC_M] = {11, 0},
+      [LC_C] = {8, 1}, [LC_G] = {8, 2}, [LC_N] = {-1, -1},
+      [LC_L] = {9, 0}, [LC_O] = {8, 1}, [LC_M] = {11, 0},
   };
-  static const char *names[LC_NKIDS] = {"child",   "grandchild",
+  static const char *names[LC_NKIDS] = {"child",      "grandchild",
                                         "no_inherit", "opts.locals",
                                         "other loop", "from main"};
   for (int i = 0; i < LC_NKIDS; i++) {
@@ -2580,8 +2570,7 @@ static void test_runtime_recreate(void **state) {
     aiob_runtime *rt = NULL;
     assert_rc(runtime_new(&rt, 1 + (unsigned)i % 2), 0);
     assert_non_null(rt);
-    assert_string_equal(aiob_runtime_backend_name(rt),
-                        expected_backend_name());
+    assert_string_equal(aiob_runtime_backend_name(rt), expected_backend_name());
     assert_int_equal(aiob_runtime_threads(rt), 1 + (unsigned)i % 2);
     run_value_task(rt, i);
     if (i % 2)
@@ -2597,8 +2586,7 @@ static void test_runtime_recreate(void **state) {
   assert_rc(aiob_runtime_default(&d), 0);
   assert_non_null(d);
   if (!getenv("AIOBRIDGE_BACKEND"))
-    assert_string_equal(aiob_runtime_backend_name(d),
-                        expected_backend_name());
+    assert_string_equal(aiob_runtime_backend_name(d), expected_backend_name());
   assert_int_equal(aiob_runtime_threads(d), 1);
   assert_rc(aiob_runtime_default(&d2), 0);
   assert_ptr_equal(d, d2);
@@ -2786,8 +2774,7 @@ static void test_error_paths(void **state) {
 
   /* Spawn refusals: neither poll nor drop runs. */
   tbase *st = xcalloc(1, sizeof *st);
-  static const aiob_task_vtable no_poll_vt = {.poll = NULL,
-                                              .drop = drop_count};
+  static const aiob_task_vtable no_poll_vt = {.poll = NULL, .drop = drop_count};
   aiob_task *h = NULL;
   assert_rc(aiob_spawn(rt, NULL, st, &h), AIOB_EINVAL);
   assert_rc(aiob_spawn(rt, &no_poll_vt, st, &h), AIOB_EINVAL);
@@ -3468,12 +3455,12 @@ static void *chk_native(void *bl) {
 static void chk_setup(const aiob_backend *inner) {
   memset(&g_chk, 0, sizeof g_chk);
   g_chk.inner = inner;
-  int has_io = inner->size >= offsetof(aiob_backend, io_stop) +
-                                  sizeof inner->io_stop &&
-               inner->io_start && inner->io_modify && inner->io_stop;
-  int has_native = inner->size >= offsetof(aiob_backend, native) +
-                                      sizeof inner->native &&
-                   inner->native;
+  int has_io =
+      inner->size >= offsetof(aiob_backend, io_stop) + sizeof inner->io_stop &&
+      inner->io_start && inner->io_modify && inner->io_stop;
+  int has_native =
+      inner->size >= offsetof(aiob_backend, native) + sizeof inner->native &&
+      inner->native;
   g_chk_table = (aiob_backend){
       .abi_major = AIOB_BACKEND_ABI_MAJOR,
       .size = sizeof(aiob_backend),
@@ -3526,8 +3513,7 @@ static void spin_drop(void *p) {
   k->w = NULL;
   drop_count(p);
 }
-static const aiob_task_vtable spin_vt = {.poll = spin_poll,
-                                         .drop = spin_drop};
+static const aiob_task_vtable spin_vt = {.poll = spin_poll, .drop = spin_drop};
 
 static void test_backend_contract(void **state) {
   (void)state;

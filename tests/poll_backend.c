@@ -249,8 +249,8 @@ static int pb_io_start(void *bl, int fd, unsigned events, void *token,
   pb_watch *w = malloc(sizeof *w);
   if (!w)
     return -ENOMEM;
-  *w = (pb_watch){.id = l->next_id++, .fd = fd, .events = events,
-                  .token = token};
+  *w = (pb_watch){
+      .id = l->next_id++, .fd = fd, .events = events, .token = token};
   l->watches[l->nwatches++] = w;
   *io = w;
   return 0;
