@@ -1326,6 +1326,60 @@ static void test_sleep_zero_yields(void **state) {
 }
 
 /* ======================================================================== */
+/* sleep_many_short: long runs of short sequential sleeps (0.1-1.5 ms) in two
+ * tasks on one loop all finish, never early. The loop's one backend timer is
+ * re-armed thousands of times, including right after it fired; a backend
+ * that blocks after reporting expiry loses a timer here.                    */
+
+#define SMS_SLEEPS 600
+
+typedef struct sms_task {
+  tbase b;
+  int co;
+  int i;
+  int phase;
+  uint64_t deadline;
+  aiob_sleep s;
+} sms_task;
+
+static aiob_poll sms_poll(aiob_task *t, void *p) {
+  sms_task *k = p;
+  poll_enter(k);
+  AIOB_BEGIN(&k->co);
+  for (k->i = 0; k->i < SMS_SLEEPS; k->i++) {
+    {
+      uint64_t d = (uint64_t)((k->i + k->phase) % 15 + 1) * 100 * AIOB_USEC;
+      k->deadline = aiob_now_ns() + d;
+      aiob_sleep_init(&k->s, d);
+    }
+    AIOB_AWAIT(&k->co, aiob_sleep_poll(t, &k->s, NULL));
+    CHECK(aiob_now_ns() >= k->deadline);
+  }
+  AIOB_END(&k->co);
+}
+static const aiob_task_vtable sms_vt = {.poll = sms_poll, .drop = drop_count};
+
+static void test_sleep_many_short(void **state) {
+  aiob_runtime *rt = RT(state);
+  sms_task *a = xcalloc(1, sizeof *a);
+  sms_task *b = xcalloc(1, sizeof *b);
+  b->phase = 7;
+  aiob_task *ha = spawn_h(rt, &sms_vt, a);
+  aiob_task *hb = spawn_h(rt, &sms_vt, b);
+  wait_ok(ha);
+  wait_ok(hb);
+  assert_status(ha, 0);
+  assert_status(hb, 0);
+  assert_int_equal(a->i, SMS_SLEEPS);
+  assert_int_equal(b->i, SMS_SLEEPS);
+  aiob_task_release(ha);
+  aiob_task_release(hb);
+  free(a);
+  free(b);
+  assert_clean();
+}
+
+/* ======================================================================== */
 /* cancel_before_first_poll: a queued task cancelled before it ever ran is
  * dropped without a poll; so is a woken task cancelled while re-queued.     */
 
@@ -3682,6 +3736,7 @@ int main(int argc, char **argv) {
       T1(self_wake_no_starvation),
       T1(sleep_order),
       T1(sleep_zero_yields),
+      T1(sleep_many_short),
       T1(cancel_before_first_poll),
       T1(cancel_pending),
       T1(cancel_after_completion),

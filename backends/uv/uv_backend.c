@@ -39,6 +39,10 @@ static void on_wake(uv_poll_t *h, int status, int events) {
 static void on_timer(uv_timer_t *h) {
   uvb *b = h->data;
   aiob_backend_timer_expired(b->core);
+  /* uv_run(UV_RUN_ONCE) runs due timers *before* it polls; with the one
+   * timer just fired it would then block with no timeout before the core
+   * could re-arm. uv_stop makes this iteration's poll non-blocking. */
+  uv_stop(&b->loop);
 }
 
 static int uvb_loop_init(aiob_loop *core, const aiob_backend_options *opts,

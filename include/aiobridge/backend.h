@@ -90,8 +90,9 @@ typedef struct aiob_backend {
 
   /* Arms the loop's single timer to expire timeout_ns from now, replacing any
    * earlier arming. On expiry the backend calls aiob_backend_timer_expired
-   * once from inside run. Firing late is allowed; firing early is allowed
-   * too (the core re-arms), but costs a wake-up. */
+   * once from inside run, and that run must then return without blocking
+   * again: the core re-arms only between iterations. Firing late is allowed;
+   * firing early is allowed too (the core re-arms), but costs a wake-up. */
   int (*timer_start)(void *bl, uint64_t timeout_ns);
 
   /* Disarms the timer. After it returns, no expiry for the old arming is
