@@ -10,7 +10,7 @@
 #include <stdbool.h>
 
 #define AIOB__CONTAINER_OF(ptr, type, member)                                  \
-  ((type *)((char *)(ptr) - offsetof(type, member)))
+  ((type *)((char *)(ptr)-offsetof(type, member)))
 
 /* ---- Intrusive MPSC queue (Vyukov): many producers, one consumer -------- */
 
@@ -52,13 +52,13 @@ static inline aiob_sleep *aiob__heap_top(const aiob__timer_heap *h) {
 
 /* Task state bits (aiob_task.state). */
 enum {
-  AIOB__T_QUEUED = 1u << 0,    /* in a ready queue (holds a reference) */
-  AIOB__T_RUNNING = 1u << 1,   /* poll in progress */
-  AIOB__T_NOTIFIED = 1u << 2,  /* woken while running: poll again */
-  AIOB__T_CANCEL = 1u << 3,    /* cancellation requested */
-  AIOB__T_FINISHED = 1u << 4,  /* dropped; output published */
-  AIOB__T_TAKEN = 1u << 5,     /* output value taken */
-  AIOB__T_ACCEPTED = 1u << 6,  /* seen by its loop (in the live list) */
+  AIOB__T_QUEUED = 1u << 0,   /* in a ready queue (holds a reference) */
+  AIOB__T_RUNNING = 1u << 1,  /* poll in progress */
+  AIOB__T_NOTIFIED = 1u << 2, /* woken while running: poll again */
+  AIOB__T_CANCEL = 1u << 3,   /* cancellation requested */
+  AIOB__T_FINISHED = 1u << 4, /* dropped; output published */
+  AIOB__T_TAKEN = 1u << 5,    /* output value taken */
+  AIOB__T_ACCEPTED = 1u << 6, /* seen by its loop (in the live list) */
 };
 
 struct aiob_task {

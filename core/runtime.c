@@ -42,8 +42,7 @@ static aiob_task *local_pop(aiob_loop *loop) {
     return NULL;
   aiob__mpsc_node *next =
       atomic_load_explicit(&t->node.next, memory_order_relaxed);
-  loop->local_head =
-      next ? AIOB__CONTAINER_OF(next, aiob_task, node) : NULL;
+  loop->local_head = next ? AIOB__CONTAINER_OF(next, aiob_task, node) : NULL;
   if (!loop->local_head)
     loop->local_tail = NULL;
   return t;
@@ -292,12 +291,12 @@ void aiob_runtime_stats_get(const aiob_runtime *rt, aiob_runtime_stats *st) {
   memset(st, 0, sizeof *st);
   for (unsigned i = 0; i < rt->nloops; i++) {
     aiob_loop *l = &rt->loops[i];
-    st->tasks_spawned += atomic_load_explicit(&l->n_spawned,
-                                              memory_order_relaxed);
-    st->tasks_completed += atomic_load_explicit(&l->n_completed,
-                                                memory_order_relaxed);
-    st->tasks_cancelled += atomic_load_explicit(&l->n_cancelled,
-                                                memory_order_relaxed);
+    st->tasks_spawned +=
+        atomic_load_explicit(&l->n_spawned, memory_order_relaxed);
+    st->tasks_completed +=
+        atomic_load_explicit(&l->n_completed, memory_order_relaxed);
+    st->tasks_cancelled +=
+        atomic_load_explicit(&l->n_cancelled, memory_order_relaxed);
     st->polls += atomic_load_explicit(&l->n_polls, memory_order_relaxed);
     st->loop_wakes += atomic_load_explicit(&l->n_wakes, memory_order_relaxed);
   }

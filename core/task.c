@@ -179,8 +179,8 @@ static aiob_loop *pick_loop(aiob_runtime *rt, int index) {
   aiob_loop *cur = aiob__current_loop;
   if (cur && cur->rt == rt)
     return cur;
-  unsigned i = atomic_fetch_add_explicit(&rt->next_loop, 1,
-                                         memory_order_relaxed);
+  unsigned i =
+      atomic_fetch_add_explicit(&rt->next_loop, 1, memory_order_relaxed);
   return &rt->loops[i % rt->nloops];
 }
 
@@ -194,8 +194,7 @@ static int locals_reserve(aiob_task *t) {
 }
 
 int aiob_spawn_ex(aiob_runtime *rt, const aiob_spawn_opts *opts,
-                  const aiob_task_vtable *vt, void *state,
-                  aiob_task **handle) {
+                  const aiob_task_vtable *vt, void *state, aiob_task **handle) {
   if (!rt || !vt || !vt->poll)
     return AIOB_EINVAL;
   int index = opts ? opts->loop : -1;
@@ -311,8 +310,7 @@ static void task_finish(aiob_task *t, bool cancelled) {
   aiob__locals_destroy(t);
   aiob__current_task = saved;
   live_remove(t);
-  atomic_fetch_add_explicit(cancelled ? &loop->n_cancelled
-                                      : &loop->n_completed,
+  atomic_fetch_add_explicit(cancelled ? &loop->n_cancelled : &loop->n_completed,
                             1, memory_order_relaxed);
   uint32_t s = atomic_load(&t->state);
   while (!atomic_compare_exchange_weak(
@@ -329,8 +327,7 @@ void aiob__task_finish_cancelled(aiob_task *t) {
 
 /* Makes sure t is in its loop's live list (first sight on the loop). */
 static void task_accept(aiob_task *t) {
-  if (atomic_load_explicit(&t->state, memory_order_relaxed) &
-      AIOB__T_ACCEPTED)
+  if (atomic_load_explicit(&t->state, memory_order_relaxed) & AIOB__T_ACCEPTED)
     return;
   atomic_fetch_or(&t->state, AIOB__T_ACCEPTED);
   live_insert(t->loop, t);
@@ -349,8 +346,7 @@ void aiob__task_run(aiob_task *t) {
       aiob__task_unref(t);
       return;
     }
-    n = (s & ~(uint32_t)(AIOB__T_QUEUED | AIOB__T_NOTIFIED)) |
-        AIOB__T_RUNNING;
+    n = (s & ~(uint32_t)(AIOB__T_QUEUED | AIOB__T_NOTIFIED)) | AIOB__T_RUNNING;
   } while (!atomic_compare_exchange_weak_explicit(
       &t->state, &s, n, memory_order_acq_rel, memory_order_acquire));
 
@@ -402,8 +398,7 @@ aiob_task *aiob_task_current(void) { return aiob__current_task; }
 aiob_runtime *aiob_task_runtime(const aiob_task *t) { return t->rt; }
 
 int aiob_task_is_finished(const aiob_task *t) {
-  return (atomic_load_explicit(&((aiob_task *)t)->state,
-                               memory_order_acquire) &
+  return (atomic_load_explicit(&((aiob_task *)t)->state, memory_order_acquire) &
           AIOB__T_FINISHED) != 0;
 }
 

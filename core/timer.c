@@ -8,8 +8,14 @@
 
 #define TIMER_MAX_NS (3600 * AIOB_SEC)
 
-enum { SLEEP_INIT, SLEEP_INIT_UNTIL, SLEEP_YIELDED, SLEEP_ARMED, SLEEP_DONE,
-       SLEEP_STOPPED };
+enum {
+  SLEEP_INIT,
+  SLEEP_INIT_UNTIL,
+  SLEEP_YIELDED,
+  SLEEP_ARMED,
+  SLEEP_DONE,
+  SLEEP_STOPPED
+};
 
 static void sleep_disarm(aiob_sleep *s) {
   aiob_loop *loop = s->task->loop;
@@ -70,8 +76,8 @@ aiob_poll aiob_sleep_poll(aiob_task *self, aiob_sleep *s, int *status) {
       return AIOB_PENDING;
     }
     now = aiob_now_ns();
-    s->deadline = s->duration > UINT64_MAX - now ? UINT64_MAX
-                                                 : now + s->duration;
+    s->deadline =
+        s->duration > UINT64_MAX - now ? UINT64_MAX : now + s->duration;
     break;
   default:
     break;

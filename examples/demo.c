@@ -114,8 +114,7 @@ static void main_drop(void *p) {
   aiob_task_release(m->b);
 }
 
-static const aiob_task_vtable main_vt = {.poll = main_poll,
-                                         .drop = main_drop};
+static const aiob_task_vtable main_vt = {.poll = main_poll, .drop = main_drop};
 
 int main(void) {
   t0 = aiob_now_ns();
@@ -144,8 +143,8 @@ int main(void) {
   printf("stats: %llu tasks spawned, %llu completed, %llu polls, %llu loop "
          "wakes\n",
          (unsigned long long)st.tasks_spawned,
-         (unsigned long long)st.tasks_completed,
-         (unsigned long long)st.polls, (unsigned long long)st.loop_wakes);
+         (unsigned long long)st.tasks_completed, (unsigned long long)st.polls,
+         (unsigned long long)st.loop_wakes);
   aiob_runtime_default_shutdown();
   if (rc < 0 || out.status < 0) {
     fprintf(stderr, "demo failed: %s\n",

@@ -8,6 +8,7 @@ PACKAGES=(
   cmake make gcc g++ pkg-config   # build
   libuv1-dev                      # uv backend
   libcmocka-dev                   # C tests
+  clang-format                    # style check
 )
 
 missing=()

@@ -19,6 +19,20 @@ export TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1"
 total_pass=0 total_fail=0 total_skip=0
 failed_variants=()
 
+# Formatting: the repo's .clang-format is the style.
+if command -v clang-format >/dev/null 2>&1; then
+  echo "=== clang-format check"
+  if git ls-files '*.c' '*.h' '*.cpp' | xargs -r clang-format --dry-run --Werror 2>&1 | head -20 | grep .; then
+    echo "format: files differ from .clang-format (run clang-format -i on them)"
+    total_fail=$((total_fail + 1)); failed_variants+=(format)
+  else
+    total_pass=$((total_pass + 1))
+  fi
+else
+  echo "=== clang-format check skipped: clang-format is not installed"
+  total_skip=$((total_skip + 1))
+fi
+
 for v in "${variants[@]}"; do
   case "$v" in
     plain) flags=(-DCMAKE_BUILD_TYPE=RelWithDebInfo) ;;

@@ -25,7 +25,8 @@ int main() {
     rc = aiob_task_wait(t, 10 * AIOB_SEC);
   aiob_task_release(t);
   aiob_runtime_free(rt);
-  if (rc < 0 || polls != 1 || std::strcmp(aiob_err_name(AIOB_EINVAL), "EINVAL")) {
+  if (rc < 0 || polls != 1 ||
+      std::strcmp(aiob_err_name(AIOB_EINVAL), "EINVAL")) {
     std::fprintf(stderr, "rc=%d polls=%d\n", rc, polls);
     return 1;
   }

@@ -173,8 +173,7 @@ static void refs_drop(void *p) {
   atomic_fetch_add(&st->drops, 1);
 }
 
-static const aiob_task_vtable refs_vt = {.poll = refs_poll,
-                                         .drop = refs_drop};
+static const aiob_task_vtable refs_vt = {.poll = refs_poll, .drop = refs_drop};
 
 static void waker_references_keep_task_alive(void **unused) {
   (void)unused;

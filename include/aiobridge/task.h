@@ -258,8 +258,7 @@ AIOB_API void aiob_sleep_init_until(aiob_sleep *s, uint64_t deadline_ns);
 /* READY once aiob_now_ns() >= the deadline (never earlier), with *status 0;
  * or READY at once with a negative *status (AIOB_ENOMEM). status may be
  * NULL. Inside the task's poll function. */
-AIOB_API aiob_poll aiob_sleep_poll(aiob_task *self, aiob_sleep *s,
-                                   int *status);
+AIOB_API aiob_poll aiob_sleep_poll(aiob_task *self, aiob_sleep *s, int *status);
 
 /* Disarms an armed sleep (no-op otherwise). Loop thread of its task. */
 AIOB_API void aiob_sleep_stop(aiob_sleep *s);
