@@ -77,9 +77,8 @@ struct aiob_task {
   aiob_output out;
   /* Waker of the one task joining this one, or a sentinel once finished. */
   _Atomic(uintptr_t) joiner;
-  /* Internal callback tasks (aiob_runtime_call). */
-  aiob_call_fn call_fn;
-  void *call_arg;
+  void (*on_finish)(void *arg, aiob_task *task);
+  void *on_finish_arg;
 };
 
 struct aiob__fd_rec;

@@ -215,6 +215,10 @@ int aiob_spawn_ex(aiob_runtime *rt, const aiob_spawn_opts *opts,
   t->rt = rt;
   t->vt = vt;
   t->data = state;
+  if (opts) {
+    t->on_finish = opts->on_finish;
+    t->on_finish_arg = opts->on_finish_arg;
+  }
   t->leaves.next = t->leaves.prev = &t->leaves;
   t->live_next = t->live_prev = t;
   atomic_init(&t->refs, 1u + (handle ? 1u : 0u));
@@ -277,6 +281,8 @@ static void live_remove(aiob_task *t) {
 }
 
 static void notify_finished(aiob_task *t) {
+  if (t->on_finish)
+    t->on_finish(t->on_finish_arg, t);
   uintptr_t j = atomic_exchange(&t->joiner, JOIN_DONE);
   if (j && j != JOIN_DONE) {
     aiob_task *joiner = (aiob_task *)j;
@@ -318,6 +324,7 @@ static void task_finish(aiob_task *t, bool cancelled) {
       (s | AIOB__T_FINISHED) & ~(uint32_t)(AIOB__T_RUNNING | AIOB__T_NOTIFIED)))
     ;
   notify_finished(t);
+  aiob__task_unref(t); /* the live list's reference, taken in task_accept */
 }
 
 void aiob__task_finish_cancelled(aiob_task *t) {
@@ -330,6 +337,9 @@ static void task_accept(aiob_task *t) {
   if (atomic_load_explicit(&t->state, memory_order_relaxed) & AIOB__T_ACCEPTED)
     return;
   atomic_fetch_or(&t->state, AIOB__T_ACCEPTED);
+  /* An unfinished task is owned by its loop: armed leaves (a sleep, an fd
+   * wait) point at it without holding references. */
+  aiob_task_ref(t);
   live_insert(t->loop, t);
 }
 

@@ -1380,6 +1380,149 @@ static void test_sleep_many_short(void **state) {
 }
 
 /* ======================================================================== */
+/* detached_sleeper: a detached task (no handle, no waker) pending on a sleep
+ * or an fd wait is kept alive by its loop until it finishes.              */
+
+typedef struct ds2_task {
+  tbase b;
+  int co;
+  int fd;
+  aiob_sleep s;
+  aiob_io_wait w;
+  latch *done;
+} ds2_task;
+
+static aiob_poll ds2_poll(aiob_task *t, void *p) {
+  ds2_task *k = p;
+  int r = 0;
+  poll_enter(k);
+  AIOB_BEGIN(&k->co);
+  aiob_sleep_init(&k->s, 20 * AIOB_MSEC);
+  AIOB_AWAIT(&k->co, aiob_sleep_poll(t, &k->s, NULL));
+  if (k->fd >= 0) {
+    aiob_io_wait_init(&k->w, k->fd, AIOB_READABLE);
+    AIOB_AWAIT(&k->co, aiob_io_wait_poll(t, &k->w, &r));
+    CHECK(r > 0 && (r & AIOB_READABLE));
+  }
+  latch_add(k->done, 1);
+  AIOB_END(&k->co);
+}
+static const aiob_task_vtable ds2_vt = {.poll = ds2_poll, .drop = drop_count};
+
+static void test_detached_sleeper(void **state) {
+  aiob_runtime *rt = RT(state);
+  latch *done = xcalloc(1, sizeof *done);
+  latch_init(done);
+  int fds[2];
+  assert_int_equal(pipe(fds), 0);
+  ds2_task *a = xcalloc(1, sizeof *a);
+  ds2_task *b = xcalloc(1, sizeof *b);
+  a->fd = -1;
+  b->fd = fds[0];
+  a->done = b->done = done;
+  assert_rc(aiob_spawn(rt, &ds2_vt, a, NULL), 0);
+  assert_rc(aiob_spawn(rt, &ds2_vt, b, NULL), 0);
+  latch_ok(done, 1); /* a: after its sleep */
+  assert_int_equal(write(fds[1], "x", 1), 1);
+  latch_ok(done, 2);         /* b: after its sleep and its fd wait */
+  aiob_runtime_shutdown(rt); /* drops ran before shutdown returns */
+  assert_int_equal(drops_of(a), 1);
+  assert_int_equal(drops_of(b), 1);
+  close(fds[0]);
+  close(fds[1]);
+  free(a);
+  free(b);
+  latch_destroy(done);
+  free(done);
+}
+
+/* ======================================================================== */
+/* on_finish: the finish callback runs once, on the loop thread, after drop,
+ * with the output published; for cancelled tasks too; never when spawning
+ * fails.                                                                   */
+
+typedef struct of_ctx {
+  aiob_runtime *rt;
+  atomic_int calls;
+  atomic_int on_loop;
+  atomic_int finished;
+  atomic_int status;
+  atomic_int value;
+  atomic_int drops_seen;
+  tbase *k;
+  latch done;
+} of_ctx;
+
+static void of_cb(void *arg, aiob_task *t) {
+  of_ctx *c = arg;
+  atomic_fetch_add(&c->calls, 1);
+  atomic_store(&c->on_loop, aiob_runtime_current_loop(c->rt) >= 0);
+  atomic_store(&c->finished, aiob_task_is_finished(t));
+  atomic_store(&c->drops_seen, drops_of(c->k));
+  aiob_output out;
+  if (aiob_task_take_output(t, &out) == 0) {
+    atomic_store(&c->status, out.status);
+    atomic_store(&c->value, out.value ? *(int *)out.value : -1);
+    aiob_output_clear(&out);
+  }
+  latch_add(&c->done, 1);
+}
+
+static aiob_poll of_poll(aiob_task *t, void *p) {
+  poll_enter(p);
+  int *v = malloc(sizeof *v);
+  *v = 77;
+  aiob_task_return(t, v, free);
+  return AIOB_READY;
+}
+static const aiob_task_vtable of_vt = {.poll = of_poll, .drop = drop_count};
+
+static void test_on_finish(void **state) {
+  aiob_runtime *rt = RT(state);
+  of_ctx *c = xcalloc(1, sizeof *c);
+  c->rt = rt;
+  c->k = xcalloc(1, sizeof *c->k);
+  latch_init(&c->done);
+  aiob_spawn_opts o;
+  aiob_spawn_opts_init(&o);
+  o.on_finish = of_cb;
+  o.on_finish_arg = c;
+  assert_rc(aiob_spawn_ex(rt, &o, &of_vt, c->k, NULL), 0);
+  latch_ok(&c->done, 1);
+  assert_int_equal(atomic_load(&c->calls), 1);
+  assert_true(atomic_load(&c->on_loop));
+  assert_true(atomic_load(&c->finished));
+  assert_int_equal(atomic_load(&c->drops_seen), 1);
+  assert_int_equal(atomic_load(&c->status), 0);
+  assert_int_equal(atomic_load(&c->value), 77);
+
+  /* Cancelled while pending: called with AIOB_ECANCELED. */
+  tbase *first = c->k;
+  tbase *p = xcalloc(1, sizeof *p);
+  c->k = p;
+  aiob_task *h;
+  assert_rc(aiob_spawn_ex(rt, &o, &pend_vt, p, &h), 0);
+  aiob_task_cancel(h);
+  latch_ok(&c->done, 2);
+  assert_int_equal(atomic_load(&c->calls), 2);
+  assert_int_equal(atomic_load(&c->status), AIOB_ECANCELED);
+  assert_int_equal(atomic_load(&c->drops_seen), 1);
+  aiob_task_release(h);
+
+  /* Spawning fails: never called. */
+  aiob_runtime_shutdown(rt);
+  tbase *q = xcalloc(1, sizeof *q);
+  assert_rc(aiob_spawn_ex(rt, &o, &of_vt, q, NULL), AIOB_ESHUTDOWN);
+  assert_int_equal(atomic_load(&c->calls), 2);
+  assert_int_equal(polls_of(q), 0);
+  free(q);
+  free(p);
+  free(first);
+  latch_destroy(&c->done);
+  free(c);
+}
+
+/* ======================================================================== */
 /* cancel_before_first_poll: a queued task cancelled before it ever ran is
  * dropped without a poll; so is a woken task cancelled while re-queued.     */
 
@@ -3737,6 +3880,8 @@ int main(int argc, char **argv) {
       T1(sleep_order),
       T1(sleep_zero_yields),
       T1(sleep_many_short),
+      T1(detached_sleeper),
+      T1(on_finish),
       T1(cancel_before_first_poll),
       T1(cancel_pending),
       T1(cancel_after_completion),

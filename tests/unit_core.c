@@ -186,15 +186,16 @@ static void waker_references_keep_task_alive(void **unused) {
   while (atomic_load(&st.polls) == 0 ||
          (atomic_load(&t->state) & AIOB__T_RUNNING))
     assert_true(aiob_now_ns() < deadline);
-  /* Pending: handle + waker. The queue reference is gone. */
-  while (atomic_load(&t->refs) != 2)
+  /* Pending: handle + waker + its loop's. The queue reference is gone. */
+  while (atomic_load(&t->refs) != 3)
     assert_true(aiob_now_ns() < deadline);
   aiob_waker *w2 = aiob_waker_clone(st.waker);
-  assert_int_equal(atomic_load(&t->refs), 3);
+  assert_int_equal(atomic_load(&t->refs), 4);
   aiob_waker_wake(st.waker);
   assert_int_equal(aiob_task_wait(t, 10 * AIOB_SEC), 0);
   assert_int_equal(atomic_load(&st.drops), 1);
-  /* Waking a finished task is a no-op and takes no reference. */
+  /* Finished: the loop's reference is gone. Waking a finished task is a
+   * no-op and takes no reference. */
   aiob_waker_wake(w2);
   aiob_waker_wake(st.waker);
   assert_int_equal(atomic_load(&t->refs), 3);

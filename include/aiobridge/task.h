@@ -87,6 +87,11 @@ typedef struct aiob_spawn_opts {
    * the task owns the values; on failure the caller still does. */
   const aiob_local_init *locals;
   size_t nlocals;
+  /* Called once on the task's loop thread when it finished (completed or
+   * dropped), after its drop ran and its output was published, so
+   * aiob_task_take_output works in it. Not called if spawning fails. */
+  void (*on_finish)(void *arg, aiob_task *task);
+  void *on_finish_arg;
 } aiob_spawn_opts;
 
 AIOB_API void aiob_spawn_opts_init(aiob_spawn_opts *opts);
