@@ -396,7 +396,9 @@ void aiob__task_run(aiob_task *t) {
 
 void aiob_task_return(aiob_task *self, void *value,
                       void (*free_value)(void *value)) {
-  aiob_output_clear(&self->out);
+  /* Replaces the value only: a status set by aiob_task_fail stays. */
+  if (self->out.value && self->out.free_value)
+    self->out.free_value(self->out.value);
   self->out.value = value;
   self->out.free_value = free_value;
 }

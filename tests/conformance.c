@@ -2001,6 +2001,8 @@ static aiob_poll fail_poll(aiob_task *t, void *p) {
   fail_task *f = p;
   poll_enter(f);
   aiob_task_fail(t, f->err);
+  /* A value set after the status (an error detail) keeps the status. */
+  aiob_task_return(t, new_int(9), count_free);
   return AIOB_READY;
 }
 static const aiob_task_vtable fail_vt = {.poll = fail_poll, .drop = drop_count};
@@ -2057,6 +2059,7 @@ static void test_join(void **state) {
   assert_rc(atomic_load(&j3->join_status), AIOB_EIO);
   assert_rc(atomic_load(&j3->take_rc), 0);
   assert_rc(atomic_load(&j3->take_status), AIOB_EIO);
+  assert_int_equal(atomic_load(&j3->value), 9);
 
   /* Joining an already finished task: READY at first poll; its output was
    * taken already. */
