@@ -6,6 +6,7 @@
  *   wake rtt    two tasks on two loop threads waking each other (p50/p99)
  *   sleep 1ms   overshoot of sequential 1 ms sleeps (p50/p99)
  *   10k sleep   10k concurrent 10 ms sleepers: time until all finished
+ *   fd          ping-pong over a socketpair between two tasks on one loop
  */
 #include "aiobridge.h"
 
@@ -13,12 +14,15 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 static int runs = 5;
 static unsigned spawn_n = 1000000;
 static unsigned rtt_n = 20000;
 static unsigned sleep_n = 300;
 static unsigned sleepers_n = 10000;
+static unsigned fd_n = 100000;
 
 static int cmp_double(const void *a, const void *b) {
   double x = *(const double *)a, y = *(const double *)b;
@@ -216,9 +220,69 @@ static double bench_sleepers(const aiob_backend *b) {
   return ms;
 }
 
+/* ---- fd ping-pong over a socketpair ------------------------------------ */
+
+struct pinger {
+  int co;
+  int fd;
+  int serve; /* 1: echo what arrives; 0: send first, count round trips */
+  unsigned n;
+  aiob_io_wait w;
+  char byte;
+};
+
+static aiob_poll pinger_poll(aiob_task *t, void *p) {
+  struct pinger *pg = p;
+  int r;
+  AIOB_BEGIN(&pg->co);
+  if (!pg->serve && write(pg->fd, "x", 1) != 1)
+    return AIOB_READY;
+  for (pg->n = 0; pg->n < fd_n; pg->n++) {
+    aiob_io_wait_init(&pg->w, pg->fd, AIOB_READABLE);
+    AIOB_AWAIT(&pg->co, aiob_io_wait_poll(t, &pg->w, &r));
+    if (r < 0 || read(pg->fd, &pg->byte, 1) != 1)
+      return AIOB_READY;
+    if ((pg->serve || pg->n + 1 < fd_n) && write(pg->fd, "x", 1) != 1)
+      return AIOB_READY;
+  }
+  AIOB_END(&pg->co);
+}
+static const aiob_task_vtable pinger_vt = {.poll = pinger_poll};
+
+/* Messages (one-byte writes delivered) per second between two tasks on one
+ * loop thread: every hop is a readiness wait through the backend. */
+static double bench_fd(const aiob_backend *b) {
+  int sv[2];
+  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, sv) < 0) {
+    perror("socketpair");
+    exit(1);
+  }
+  aiob_runtime *rt = runtime(b, 1);
+  struct pinger a = {.fd = sv[0], .serve = 0};
+  struct pinger e = {.fd = sv[1], .serve = 1};
+  aiob_task *ta, *te;
+  uint64_t t0 = aiob_now_ns();
+  check(aiob_spawn(rt, &pinger_vt, &e, &te), "spawn");
+  check(aiob_spawn(rt, &pinger_vt, &a, &ta), "spawn");
+  check(aiob_task_wait(ta, 60 * AIOB_SEC), "wait");
+  double secs = (double)(aiob_now_ns() - t0) / 1e9;
+  if (a.n != fd_n) {
+    fprintf(stderr, "bench: fd ping-pong stopped after %u\n", a.n);
+    exit(1);
+  }
+  aiob_task_cancel(te);
+  check(aiob_task_wait(te, 60 * AIOB_SEC), "wait");
+  aiob_task_release(ta);
+  aiob_task_release(te);
+  aiob_runtime_free(rt);
+  close(sv[0]);
+  close(sv[1]);
+  return 2.0 * fd_n / secs;
+}
+
 /* ---- Table ------------------------------------------------------------- */
 
-enum { M_SPAWN, M_RTT50, M_RTT99, M_SLEEP50, M_SLEEP99, M_SLEEPERS, NM };
+enum { M_SPAWN, M_RTT50, M_RTT99, M_SLEEP50, M_SLEEP99, M_SLEEPERS, M_FD, NM };
 
 static const struct {
   const char *label, *unit;
@@ -230,6 +294,7 @@ static const struct {
     {"1 ms sleep overshoot p50", "us", 0},
     {"1 ms sleep overshoot p99", "us", 0},
     {"10k sleepers of 10 ms", "ms", 0},
+    {"fd ping-pong", "msg/s", 1},
 };
 
 #define MAX_BACKENDS 8
@@ -244,6 +309,7 @@ int main(int argc, char **argv) {
       spawn_n = 100000;
       rtt_n = 2000;
       sleep_n = 50;
+      fd_n = 10000;
     } else if (!strcmp(argv[i], "--backend") && i + 1 < argc)
       only = argv[++i];
     else {
@@ -275,6 +341,7 @@ int main(int argc, char **argv) {
       bench_rtt(bk[k], &samples[M_RTT50][r], &samples[M_RTT99][r]);
       bench_sleep(bk[k], &samples[M_SLEEP50][r], &samples[M_SLEEP99][r]);
       samples[M_SLEEPERS][r] = bench_sleepers(bk[k]);
+      samples[M_FD][r] = bench_fd(bk[k]);
     }
     for (int m = 0; m < NM; m++)
       result[k][m] = median(samples[m], (size_t)runs);

@@ -7,6 +7,8 @@ set -euo pipefail
 PACKAGES=(
   cmake make gcc g++ pkg-config   # build
   libuv1-dev                      # uv backend
+  libevent-dev                    # event backend
+  liburing-dev                    # uring backend
   libcmocka-dev                   # C tests
   clang-format                    # style check
 )

@@ -145,7 +145,8 @@ static void on_io(uv_poll_t *h, int status, int events) {
 }
 
 static int uv_events(unsigned events) {
-  return ((events & AIOB_READABLE) ? UV_READABLE : 0) |
+  /* UV_DISCONNECT: a peer's hang-up is reported as AIOB_IO_ERROR. */
+  return ((events & AIOB_READABLE) ? UV_READABLE | UV_DISCONNECT : 0) |
          ((events & AIOB_WRITABLE) ? UV_WRITABLE : 0);
 }
 
