@@ -11,6 +11,8 @@ PACKAGES=(
   liburing-dev                    # uring backend
   libcmocka-dev                   # C tests
   clang-format                    # style check
+  python3-dev python3-dbg         # the asyncio bridge, reference-leak checks
+  python3-uvloop                  # bridge tests on uvloop
 )
 
 missing=()

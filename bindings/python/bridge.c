@@ -1,0 +1,1236 @@
+/* The asyncio bridge.
+ *
+ * Runtime threads never take the GIL. Everything that crosses to Python is
+ * an item pushed onto the MPSC queue of the target asyncio loop's *port*;
+ * the pusher writes the port's eventfd only when the queue goes from idle to
+ * signalled, and the loop (watching the eventfd with add_reader) drains the
+ * queue in bounded chunks on its own thread, where it holds the GIL.
+ *
+ * Items: a finished C task (its Pending object), a request to await a Python
+ * awaitable for a C task, and a request to cancel such an await.
+ *
+ * Lifetimes: a port is a refcounted C struct (Pending objects, task locals
+ * and the Python-side Port object hold references). Python references held
+ * for C code are released only with the GIL: at once where it is held, else
+ * through the orphan list drained by the next port drain. */
+#include "aiobridge/python.h"
+
+#include "internal.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#define DRAIN_CHUNK 4096
+
+enum { ITEM_COMPLETION, ITEM_REQUEST, ITEM_CANCEL };
+
+typedef struct item {
+  aiob__mpsc_node node;
+  int kind;
+} item;
+
+/* ---- Deferred releases ------------------------------------------------- */
+
+static pthread_mutex_t orphan_mu = PTHREAD_MUTEX_INITIALIZER;
+static PyObject **orphans;
+static size_t norphans, corphans;
+
+void aiob_py_release(PyObject *obj) {
+  if (!obj)
+    return;
+  if (PyGILState_Check()) {
+    Py_DECREF(obj);
+    return;
+  }
+  pthread_mutex_lock(&orphan_mu);
+  if (norphans == corphans) {
+    size_t n = corphans ? corphans * 2 : 64;
+    PyObject **o = realloc(orphans, n * sizeof *o);
+    if (o) {
+      orphans = o;
+      corphans = n;
+    }
+  }
+  if (norphans < corphans)
+    orphans[norphans++] = obj; /* else leaked: better than a crash */
+  pthread_mutex_unlock(&orphan_mu);
+}
+
+static void release_orphans(void) {
+  for (;;) {
+    pthread_mutex_lock(&orphan_mu);
+    if (norphans == 0) {
+      pthread_mutex_unlock(&orphan_mu);
+      return;
+    }
+    PyObject *obj = orphans[--norphans];
+    pthread_mutex_unlock(&orphan_mu);
+    Py_DECREF(obj);
+  }
+}
+
+static void release_cb(void *obj) { aiob_py_release(obj); }
+
+/* ---- Errors carried in task outputs ------------------------------------ */
+
+typedef struct py_error {
+  PyObject *type; /* borrowed, static or module-held (aiob_py_task_raise) */
+  char *msg;
+  PyObject *exc; /* owned exception instance (from Python), or NULL */
+} py_error;
+
+static void py_error_free(void *p) {
+  py_error *e = p;
+  aiob_py_release(e->exc);
+  free(e->msg);
+  free(e);
+}
+
+int aiob_py_task_raise(aiob_task *self, PyObject *exc_type, const char *msg) {
+  py_error *e = calloc(1, sizeof *e);
+  if (!e || !(e->msg = strdup(msg ? msg : ""))) {
+    free(e);
+    return AIOB_ENOMEM;
+  }
+  e->type = exc_type;
+  aiob_task_fail(self, AIOB_PY_EXCEPTION);
+  aiob_task_return(self, e, py_error_free);
+  return 0;
+}
+
+/* A new exception object for a failed output (GIL). */
+static PyObject *exception_for(aiob_output *out) {
+  if (out->status == AIOB_PY_EXCEPTION && out->value) {
+    py_error *e = out->value;
+    if (e->exc) {
+      Py_INCREF(e->exc);
+      return e->exc;
+    }
+    return PyObject_CallFunction(e->type, "s", e->msg);
+  }
+  if (out->status == AIOB_PY_EXCEPTION)
+    return PyObject_CallFunction(PyExc_RuntimeError, "s", "unknown error");
+  /* OSError(errno, msg) returns the subclass Python uses for that errno. */
+  int err = -out->status;
+  return PyObject_CallFunction(PyExc_OSError, "is", err, strerror(err));
+}
+
+/* ---- Ports ------------------------------------------------------------- */
+
+typedef struct port {
+  _Atomic uint32_t refs;
+  aiob__mpsc queue;
+  _Atomic int signalled;
+  _Atomic unsigned pushers;
+  _Atomic int closed;
+  int efd;
+} port;
+
+static port *port_new(void) {
+  port *p = calloc(1, sizeof *p);
+  if (!p)
+    return NULL;
+  p->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (p->efd < 0) {
+    free(p);
+    return NULL;
+  }
+  atomic_init(&p->refs, 1);
+  aiob__mpsc_init(&p->queue);
+  return p;
+}
+
+static void port_ref(port *p) { atomic_fetch_add(&p->refs, 1); }
+
+static void port_unref(port *p) {
+  if (atomic_fetch_sub(&p->refs, 1) != 1)
+    return;
+  close(p->efd);
+  free(p);
+}
+
+/* Thread-safe, no GIL. Returns false once the port is closed (the Python
+ * loop is gone); the caller then keeps ownership of the item. */
+static bool port_push(port *p, item *it) {
+  atomic_fetch_add(&p->pushers, 1);
+  if (atomic_load(&p->closed)) {
+    atomic_fetch_sub(&p->pushers, 1);
+    return false;
+  }
+  aiob__mpsc_push(&p->queue, &it->node);
+  if (!atomic_exchange(&p->signalled, 1)) {
+    uint64_t one = 1;
+    ssize_t n = write(p->efd, &one, sizeof one);
+    (void)n; /* EAGAIN: the counter is already non-zero */
+  }
+  atomic_fetch_sub(&p->pushers, 1);
+  return true;
+}
+
+/* ---- Module-level bridge ----------------------------------------------- */
+
+struct aiob_py_bridge {
+  PyObject *module;           /* borrowed */
+  PyObject *ports;            /* dict: loop -> Port */
+  PyObject *get_running_loop; /* asyncio.events._get_running_loop */
+  PyObject *ensure_future;    /* asyncio.ensure_future */
+  PyObject *cancelled_error;  /* asyncio.CancelledError */
+  PyTypeObject *pending_type, *lazy_type, *port_type, *waiter_type;
+  aiob_local_key locals_key;
+  PyObject *s_create_future, *s_add_done_callback, *s_done, *s_cancel,
+      *s_cancelled, *s_set_result, *s_set_exception, *s_add_reader,
+      *s_remove_reader, *s_is_closed, *s_call_soon, *s_result, *s_exception;
+};
+
+static aiob_runtime *bridge_runtime(void) {
+  aiob_runtime *rt = NULL;
+  int rc = aiob_runtime_default(&rt);
+  if (rc < 0) {
+    PyErr_Format(PyExc_OSError, "aiobridge: cannot start the runtime: %s",
+                 aiob_strerror(rc));
+    return NULL;
+  }
+  return rt;
+}
+
+/* ---- Task locals: (port of the asyncio loop, contextvars context) ------- */
+
+typedef struct py_locals {
+  _Atomic uint32_t refs;
+  port *port;
+  PyObject *context; /* owned */
+  PyObject *loop;    /* owned */
+} py_locals;
+
+static void *locals_clone(void *v) {
+  py_locals *l = v;
+  atomic_fetch_add(&l->refs, 1);
+  return l;
+}
+
+static void locals_destroy(void *v) {
+  py_locals *l = v;
+  if (atomic_fetch_sub(&l->refs, 1) != 1)
+    return;
+  aiob_py_release(l->context);
+  aiob_py_release(l->loop);
+  port_unref(l->port);
+  free(l);
+}
+
+/* ---- Pending: one C task awaited through an asyncio future -------------- */
+
+typedef struct pending {
+  PyObject_HEAD item it;
+  aiob_py_bridge *b;
+  aiob_task *task;
+  port *port;
+  PyObject *fut_ref; /* weakref to the future */
+  aiob_py_converter conv;
+} pending;
+
+static void pending_dealloc(PyObject *self) {
+  pending *p = (pending *)self;
+  PyTypeObject *tp = Py_TYPE(self);
+  Py_CLEAR(p->fut_ref);
+  if (p->task) {
+    if (!aiob_task_is_finished(p->task))
+      aiob_task_cancel(p->task);
+    aiob_task_release(p->task);
+  }
+  if (p->port)
+    port_unref(p->port);
+  tp->tp_free(self);
+  Py_DECREF(tp);
+}
+
+/* Done callback of the future (arg: the future) and weakref callback (arg:
+ * the dead weakref): either way a future that did not get a result cancels
+ * the C task. */
+static PyObject *pending_call(PyObject *self, PyObject *args, PyObject *kw) {
+  (void)kw;
+  pending *p = (pending *)self;
+  PyObject *arg;
+  if (!PyArg_UnpackTuple(args, "pending", 1, 1, &arg))
+    return NULL;
+  if (!p->task || aiob_task_is_finished(p->task))
+    Py_RETURN_NONE;
+  if (PyWeakref_CheckRef(arg)) {
+    aiob_task_cancel(p->task);
+    Py_RETURN_NONE;
+  }
+  PyObject *c = PyObject_CallMethodObjArgs(arg, p->b->s_cancelled, NULL);
+  if (!c)
+    return NULL;
+  if (c == Py_True)
+    aiob_task_cancel(p->task);
+  Py_DECREF(c);
+  Py_RETURN_NONE;
+}
+
+static PyType_Slot pending_slots[] = {
+    {Py_tp_dealloc, pending_dealloc},
+    {Py_tp_call, pending_call},
+    {0, NULL},
+};
+
+static PyType_Spec pending_spec = {
+    .name = "aiobridge._Pending",
+    .basicsize = sizeof(pending),
+    .flags = Py_TPFLAGS_DEFAULT,
+    .slots = pending_slots,
+};
+
+/* on_finish of a C task started by the bridge: runtime thread, no GIL. */
+static void pending_finished(void *arg, aiob_task *task) {
+  (void)task;
+  pending *p = arg;
+  if (!port_push(p->port, &p->it)) {
+    /* The loop is gone: nobody awaits; the in-flight reference is released
+     * by whoever holds the GIL next. */
+    aiob_py_release((PyObject *)p);
+  }
+}
+
+/* A new reference to the weakref's referent, or NULL if it is gone. */
+static PyObject *weakref_get(PyObject *ref) {
+#if PY_VERSION_HEX >= 0x030D0000
+  PyObject *obj = NULL;
+  if (PyWeakref_GetRef(ref, &obj) < 0)
+    return NULL;
+  return obj;
+#else
+  PyObject *obj = PyWeakref_GetObject(ref); /* borrowed */
+  if (!obj || obj == Py_None)
+    return NULL;
+  Py_INCREF(obj);
+  return obj;
+#endif
+}
+
+/* Resolves the future of a finished task (loop thread, GIL). */
+static void complete_pending(aiob_py_bridge *b, pending *p) {
+  aiob_output out = {0};
+  aiob_task_take_output(p->task, &out);
+  PyObject *fut = weakref_get(p->fut_ref);
+  if (!fut) {
+    PyErr_Clear();
+    aiob_output_clear(&out);
+    return;
+  }
+  PyObject *r = PyObject_CallMethodObjArgs(fut, b->s_done, NULL);
+  if (!r || r == Py_True) { /* cancelled by Python: discard silently */
+    Py_XDECREF(r);
+    PyErr_Clear();
+    aiob_output_clear(&out);
+    Py_DECREF(fut);
+    return;
+  }
+  Py_DECREF(r);
+  if (out.status >= 0) {
+    PyObject *v;
+    if (p->conv) {
+      v = p->conv(&out); /* owns out.value */
+      out.value = NULL;
+    } else {
+      aiob_output_clear(&out);
+      v = Py_None;
+      Py_INCREF(v);
+    }
+    if (v) {
+      r = PyObject_CallMethodObjArgs(fut, b->s_set_result, v, NULL);
+      Py_DECREF(v);
+    } else {
+      PyObject *type, *value, *tb;
+      PyErr_Fetch(&type, &value, &tb);
+      PyErr_NormalizeException(&type, &value, &tb);
+      r = PyObject_CallMethodObjArgs(fut, b->s_set_exception,
+                                     value ? value : Py_None, NULL);
+      Py_XDECREF(type);
+      Py_XDECREF(value);
+      Py_XDECREF(tb);
+    }
+  } else if (out.status == AIOB_ECANCELED) {
+    r = PyObject_CallMethodObjArgs(fut, b->s_cancel, NULL);
+  } else {
+    PyObject *exc = exception_for(&out);
+    r = exc ? PyObject_CallMethodObjArgs(fut, b->s_set_exception, exc, NULL)
+            : NULL;
+    Py_XDECREF(exc);
+  }
+  aiob_output_clear(&out);
+  Py_XDECREF(r);
+  PyErr_Clear();
+  Py_DECREF(fut);
+}
+
+/* ---- Awaiting Python from C: requests ---------------------------------- */
+
+typedef struct request {
+  item it;
+  item cancel_it;
+  _Atomic uint32_t refs; /* the C leaf + the Python side */
+  _Atomic int cancelled;
+  aiob_promise *promise; /* completer side */
+  PyObject *object;      /* borrowed from the C task's state */
+  int is_factory;
+  py_locals *locals;  /* referenced */
+  PyObject *pyfuture; /* the running Python future (GIL) */
+  int cancel_pushed;
+} request;
+
+static void request_unref(request *r) {
+  if (atomic_fetch_sub(&r->refs, 1) != 1)
+    return;
+  if (r->promise)
+    aiob_promise_abandon(r->promise);
+  locals_destroy(r->locals);
+  free(r);
+}
+
+/* Waiter: the Python-side done callback of an awaited future. */
+typedef struct waiter {
+  PyObject_HEAD aiob_py_bridge *b;
+  request *req;
+} waiter;
+
+static void finish_request(aiob_py_bridge *b, request *r, PyObject *fut) {
+  aiob_promise *pr = r->promise;
+  r->promise = NULL;
+  if (!pr)
+    return;
+  PyObject *c = PyObject_CallMethodObjArgs(fut, b->s_cancelled, NULL);
+  if (!c || c == Py_True) {
+    PyErr_Clear();
+    Py_XDECREF(c);
+    aiob_promise_complete(pr, AIOB_ECANCELED, NULL, NULL);
+    return;
+  }
+  Py_DECREF(c);
+  PyObject *exc = PyObject_CallMethodObjArgs(fut, b->s_exception, NULL);
+  if (exc && exc != Py_None) {
+    py_error *e = calloc(1, sizeof *e);
+    if (e) {
+      e->exc = exc; /* owned */
+      aiob_promise_complete(pr, AIOB_PY_EXCEPTION, e, py_error_free);
+    } else {
+      Py_DECREF(exc);
+      aiob_promise_complete(pr, AIOB_ENOMEM, NULL, NULL);
+    }
+    return;
+  }
+  Py_XDECREF(exc);
+  PyErr_Clear();
+  PyObject *res = PyObject_CallMethodObjArgs(fut, b->s_result, NULL);
+  if (!res) {
+    PyErr_Clear();
+    aiob_promise_complete(pr, AIOB_EIO, NULL, NULL);
+    return;
+  }
+  aiob_promise_complete(pr, 0, res, release_cb);
+}
+
+static PyObject *waiter_call(PyObject *self, PyObject *args, PyObject *kw) {
+  (void)kw;
+  waiter *w = (waiter *)self;
+  PyObject *fut;
+  if (!PyArg_UnpackTuple(args, "waiter", 1, 1, &fut))
+    return NULL;
+  request *r = w->req;
+  if (r) {
+    w->req = NULL;
+    finish_request(w->b, r, fut);
+    Py_CLEAR(r->pyfuture);
+    request_unref(r);
+  }
+  Py_RETURN_NONE;
+}
+
+static void waiter_dealloc(PyObject *self) {
+  waiter *w = (waiter *)self;
+  PyTypeObject *tp = Py_TYPE(self);
+  if (w->req) {
+    Py_CLEAR(w->req->pyfuture);
+    request_unref(w->req);
+  }
+  tp->tp_free(self);
+  Py_DECREF(tp);
+}
+
+static PyType_Slot waiter_slots[] = {
+    {Py_tp_dealloc, waiter_dealloc},
+    {Py_tp_call, waiter_call},
+    {0, NULL},
+};
+
+static PyType_Spec waiter_spec = {
+    .name = "aiobridge._Waiter",
+    .basicsize = sizeof(waiter),
+    .flags = Py_TPFLAGS_DEFAULT,
+    .slots = waiter_slots,
+};
+
+/* Completes the promise with the current Python exception. */
+static void fail_request_with_current(request *r) {
+  PyObject *type, *value, *tb;
+  PyErr_Fetch(&type, &value, &tb);
+  PyErr_NormalizeException(&type, &value, &tb);
+  if (tb && value)
+    PyException_SetTraceback(value, tb);
+  Py_XDECREF(type);
+  Py_XDECREF(tb);
+  py_error *e = calloc(1, sizeof *e);
+  aiob_promise *pr = r->promise;
+  r->promise = NULL;
+  if (!e) {
+    Py_XDECREF(value);
+    aiob_promise_complete(pr, AIOB_ENOMEM, NULL, NULL);
+    return;
+  }
+  e->exc = value;
+  aiob_promise_complete(pr, AIOB_PY_EXCEPTION, e, py_error_free);
+}
+
+/* Starts an awaited Python awaitable on this loop (loop thread, GIL).
+ * Consumes the Python side's reference to r. */
+static void start_request(aiob_py_bridge *b, request *r) {
+  if (atomic_load(&r->cancelled)) {
+    request_unref(r);
+    return;
+  }
+  /* The C side cannot release `object` or the context before `cancelled`
+   * is set, and we hold the GIL from the check to these references. */
+  PyObject *obj = r->object, *ctx = r->locals->context;
+  Py_INCREF(obj);
+  Py_INCREF(ctx);
+  PyObject *aw = obj, *fut = NULL;
+  if (PyContext_Enter(ctx) == 0) {
+    if (r->is_factory) {
+      aw = PyObject_CallObject(obj, NULL);
+      Py_DECREF(obj);
+    }
+    if (aw)
+      fut = PyObject_CallFunctionObjArgs(b->ensure_future, aw, NULL);
+    PyContext_Exit(ctx);
+  }
+  Py_XDECREF(aw);
+  Py_DECREF(ctx);
+  if (!fut) {
+    fail_request_with_current(r);
+    request_unref(r);
+    return;
+  }
+  waiter *w = PyObject_New(waiter, b->waiter_type);
+  if (!w) {
+    Py_DECREF(fut);
+    fail_request_with_current(r);
+    request_unref(r);
+    return;
+  }
+  w->b = b;
+  w->req = r; /* the Python side's reference */
+  r->pyfuture = fut;
+  PyObject *ok =
+      PyObject_CallMethodObjArgs(fut, b->s_add_done_callback, w, NULL);
+  Py_DECREF(w);
+  if (!ok)
+    PyErr_Clear();
+  Py_XDECREF(ok);
+  if (atomic_load(&r->cancelled) && r->pyfuture) {
+    PyObject *c = PyObject_CallMethodObjArgs(r->pyfuture, b->s_cancel, NULL);
+    Py_XDECREF(c);
+    PyErr_Clear();
+  }
+}
+
+static void cancel_request(aiob_py_bridge *b, request *r) {
+  if (r->pyfuture) {
+    PyObject *c = PyObject_CallMethodObjArgs(r->pyfuture, b->s_cancel, NULL);
+    Py_XDECREF(c);
+    PyErr_Clear();
+  }
+  request_unref(r); /* the cancel item's reference */
+}
+
+/* ---- The leaf future --------------------------------------------------- */
+
+enum { AW_INIT, AW_SENT, AW_DONE };
+
+void aiob_py_await_init(aiob_py_await *aw, PyObject *awaitable) {
+  memset(aw, 0, sizeof *aw);
+  aw->leaf.next = aw->leaf.prev = &aw->leaf;
+  aw->object = awaitable;
+}
+
+void aiob_py_await_init_call(aiob_py_await *aw, PyObject *factory) {
+  aiob_py_await_init(aw, factory);
+  aw->is_factory = 1;
+}
+
+static void await_detach(struct aiob__leaf *leaf) {
+  aiob_py_await *aw = AIOB__CONTAINER_OF(leaf, aiob_py_await, leaf);
+  request *r = aw->request;
+  aw->request = NULL;
+  if (aw->promise) {
+    aiob_promise_release(aw->promise);
+    aw->promise = NULL;
+  }
+  aw->state = AW_DONE;
+  if (!r)
+    return;
+  atomic_store(&r->cancelled, 1);
+  atomic_fetch_add(&r->refs, 1); /* for the cancel item */
+  if (!port_push(r->locals->port, &r->cancel_it))
+    request_unref(r);
+  request_unref(r); /* the leaf's reference */
+}
+
+static aiob_poll await_ready(aiob_output *out, int status) {
+  if (out)
+    *out = (aiob_output){.status = status};
+  return AIOB_READY;
+}
+
+static aiob_local_key locals_key;
+static pthread_once_t locals_once = PTHREAD_ONCE_INIT;
+static int locals_key_rc;
+
+static void locals_key_create(void) {
+  locals_key_rc =
+      aiob_local_key_create(&locals_key, locals_clone, locals_destroy);
+}
+
+static int locals_key_get(aiob_local_key *key) {
+  pthread_once(&locals_once, locals_key_create);
+  *key = locals_key;
+  return locals_key_rc;
+}
+
+/* Sends the request to the task's asyncio loop (first poll). */
+static int await_send(aiob_task *self, aiob_py_await *aw) {
+  aiob_local_key key;
+  if (locals_key_get(&key) < 0)
+    return AIOB_EINVAL;
+  py_locals *l = aiob_task_local_get(self, key);
+  if (!l)
+    return AIOB_EINVAL; /* not a task of the bridge */
+  request *r = calloc(1, sizeof *r);
+  if (!r)
+    return AIOB_ENOMEM;
+  if (aiob_promise_new(&aw->promise) < 0) {
+    free(r);
+    return AIOB_ENOMEM;
+  }
+  atomic_init(&r->refs, 2); /* the leaf + the Python side */
+  r->it.kind = ITEM_REQUEST;
+  r->cancel_it.kind = ITEM_CANCEL;
+  r->object = aw->object;
+  r->is_factory = aw->is_factory;
+  r->promise = aw->promise; /* completer side */
+  r->locals = locals_clone(l);
+  if (!port_push(l->port, &r->it)) {
+    request_unref(r); /* the Python side's: never delivered */
+    request_unref(r); /* abandons the promise */
+    aiob_promise_release(aw->promise);
+    aw->promise = NULL;
+    return AIOB_ECANCELED; /* the asyncio loop is gone */
+  }
+  aw->request = r;
+  aw->leaf.detach = await_detach;
+  aiob__leaf_link(self, &aw->leaf);
+  aw->state = AW_SENT;
+  return 0;
+}
+
+aiob_poll aiob_py_await_poll(aiob_task *self, aiob_py_await *aw,
+                             aiob_output *out) {
+  if (aw->state == AW_DONE)
+    return await_ready(out, AIOB_EALREADY);
+  if (aw->state == AW_INIT) {
+    int rc = await_send(self, aw);
+    if (rc < 0) {
+      aw->state = AW_DONE;
+      return await_ready(out, rc);
+    }
+  }
+  aiob_output o;
+  if (aiob_promise_poll(self, aw->promise, &o) == AIOB_PENDING)
+    return AIOB_PENDING;
+  aiob__leaf_unlink(&aw->leaf);
+  request *r = aw->request;
+  aw->request = NULL;
+  aiob_promise_release(aw->promise);
+  aw->promise = NULL;
+  aw->state = AW_DONE;
+  request_unref(r);
+  if (out)
+    *out = o;
+  else
+    aiob_output_clear(&o);
+  return AIOB_READY;
+}
+
+/* ---- The Python side of a port ----------------------------------------- */
+
+typedef struct pyport {
+  PyObject_HEAD aiob_py_bridge *b;
+  port *port;
+  PyObject *loop;  /* owned */
+  PyObject *drain; /* bound method, for call_soon */
+  int reader;      /* eventfd registered with add_reader */
+} pyport;
+
+static void dispatch(aiob_py_bridge *b, item *it) {
+  switch (it->kind) {
+  case ITEM_COMPLETION: {
+    pending *p = AIOB__CONTAINER_OF(it, pending, it);
+    complete_pending(b, p);
+    Py_DECREF(p); /* the in-flight reference */
+    break;
+  }
+  case ITEM_REQUEST:
+    start_request(b, AIOB__CONTAINER_OF(it, request, it));
+    break;
+  case ITEM_CANCEL:
+    cancel_request(b, AIOB__CONTAINER_OF(it, request, cancel_it));
+    break;
+  }
+}
+
+/* Drains up to DRAIN_CHUNK items; reschedules itself if more remain. */
+static PyObject *pyport_drain(PyObject *self, PyObject *unused) {
+  (void)unused;
+  pyport *pp = (pyport *)self;
+  port *p = pp->port;
+  uint64_t v;
+  ssize_t n = read(p->efd, &v, sizeof v);
+  (void)n;
+  atomic_store(&p->signalled, 0);
+  Py_INCREF(self);
+  int done = 0;
+  aiob__mpsc_node *node;
+  while (done < DRAIN_CHUNK && (node = aiob__mpsc_pop(&p->queue))) {
+    dispatch(pp->b, AIOB__CONTAINER_OF(node, item, node));
+    done++;
+  }
+  if (done == DRAIN_CHUNK && !atomic_load(&p->closed)) {
+    PyObject *r = PyObject_CallMethodObjArgs(pp->loop, pp->b->s_call_soon,
+                                             pp->drain, NULL);
+    Py_XDECREF(r);
+    PyErr_Clear();
+  }
+  release_orphans();
+  Py_DECREF(self);
+  Py_RETURN_NONE;
+}
+
+/* Closes the port: no more pushes; pending items are released (GIL). */
+static void pyport_close(pyport *pp) {
+  port *p = pp->port;
+  if (!p || atomic_exchange(&p->closed, 1))
+    return;
+  while (atomic_load(&p->pushers))
+    ;
+  if (pp->reader && pp->loop) {
+    PyObject *closed =
+        PyObject_CallMethodObjArgs(pp->loop, pp->b->s_is_closed, NULL);
+    if (closed == Py_False) {
+      PyObject *fd = PyLong_FromLong(p->efd);
+      PyObject *r = fd ? PyObject_CallMethodObjArgs(
+                             pp->loop, pp->b->s_remove_reader, fd, NULL)
+                       : NULL;
+      Py_XDECREF(r);
+      Py_XDECREF(fd);
+    }
+    Py_XDECREF(closed);
+    PyErr_Clear();
+    pp->reader = 0;
+  }
+  aiob__mpsc_node *node;
+  while ((node = aiob__mpsc_pop(&p->queue))) {
+    item *it = AIOB__CONTAINER_OF(node, item, node);
+    if (it->kind == ITEM_COMPLETION) {
+      pending *pd = AIOB__CONTAINER_OF(it, pending, it);
+      Py_DECREF(pd);
+    } else if (it->kind == ITEM_REQUEST) {
+      request *r = AIOB__CONTAINER_OF(it, request, it);
+      atomic_store(&r->cancelled, 1);
+      request_unref(r);
+    } else {
+      request_unref(AIOB__CONTAINER_OF(it, request, cancel_it));
+    }
+  }
+}
+
+static void pyport_dealloc(PyObject *self) {
+  pyport *pp = (pyport *)self;
+  PyTypeObject *tp = Py_TYPE(self);
+  pyport_close(pp);
+  Py_CLEAR(pp->drain);
+  Py_CLEAR(pp->loop);
+  if (pp->port)
+    port_unref(pp->port);
+  tp->tp_free(self);
+  Py_DECREF(tp);
+}
+
+static PyMethodDef pyport_methods[] = {
+    {"drain", pyport_drain, METH_NOARGS, "Drain the completion queue."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot pyport_slots[] = {
+    {Py_tp_dealloc, pyport_dealloc},
+    {Py_tp_methods, pyport_methods},
+    {0, NULL},
+};
+
+static PyType_Spec pyport_spec = {
+    .name = "aiobridge._Port",
+    .basicsize = sizeof(pyport),
+    .flags = Py_TPFLAGS_DEFAULT,
+    .slots = pyport_slots,
+};
+
+/* Forgets ports of closed loops (their futures can never be resolved). */
+static void prune_ports(aiob_py_bridge *b) {
+  PyObject *key, *value;
+  Py_ssize_t pos = 0;
+  PyObject *dead = NULL;
+  while (PyDict_Next(b->ports, &pos, &key, &value)) {
+    PyObject *c = PyObject_CallMethodObjArgs(key, b->s_is_closed, NULL);
+    if (c == Py_True) {
+      if (!dead)
+        dead = PyList_New(0);
+      if (dead)
+        PyList_Append(dead, key);
+    }
+    Py_XDECREF(c);
+    PyErr_Clear();
+  }
+  for (Py_ssize_t i = 0; dead && i < PyList_GET_SIZE(dead); i++) {
+    PyObject *k = PyList_GET_ITEM(dead, i);
+    pyport *pp = (pyport *)PyDict_GetItem(b->ports, k);
+    if (pp)
+      pyport_close(pp);
+    PyDict_DelItem(b->ports, k);
+  }
+  Py_XDECREF(dead);
+  PyErr_Clear();
+}
+
+/* The port of `loop`, created on first use (borrowed; GIL). */
+static pyport *port_for(aiob_py_bridge *b, PyObject *loop) {
+  pyport *pp = (pyport *)PyDict_GetItem(b->ports, loop);
+  if (pp)
+    return pp;
+  prune_ports(b);
+  pp = PyObject_New(pyport, b->port_type);
+  if (!pp)
+    return NULL;
+  pp->b = b;
+  pp->loop = NULL;
+  pp->drain = NULL;
+  pp->reader = 0;
+  pp->port = port_new();
+  if (!pp->port) {
+    Py_DECREF(pp);
+    PyErr_SetFromErrno(PyExc_OSError);
+    return NULL;
+  }
+  Py_INCREF(loop);
+  pp->loop = loop;
+  pp->drain = PyObject_GetAttrString((PyObject *)pp, "drain");
+  PyObject *fd = PyLong_FromLong(pp->port->efd);
+  PyObject *r = pp->drain && fd
+                    ? PyObject_CallMethodObjArgs(loop, b->s_add_reader, fd,
+                                                 pp->drain, NULL)
+                    : NULL;
+  Py_XDECREF(fd);
+  if (!r) {
+    if (PyErr_ExceptionMatches(PyExc_NotImplementedError)) {
+      PyErr_Clear();
+      PyErr_SetString(PyExc_RuntimeError,
+                      "aiobridge needs an event loop with add_reader()");
+    }
+    Py_DECREF(pp);
+    return NULL;
+  }
+  Py_DECREF(r);
+  pp->reader = 1;
+  if (PyDict_SetItem(b->ports, loop, (PyObject *)pp) < 0) {
+    Py_DECREF(pp);
+    return NULL;
+  }
+  Py_DECREF(pp); /* the dict holds it */
+  return pp;
+}
+
+/* ---- Starting a C task for a loop -------------------------------------- */
+
+/* Spawns the task for `loop` and returns its future (GIL). On failure the
+ * caller keeps `state`. */
+static PyObject *start_on_loop(aiob_py_bridge *b, PyObject *loop,
+                               const aiob_task_vtable *vt, void *state,
+                               aiob_py_converter conv) {
+  aiob_runtime *rt = bridge_runtime();
+  if (!rt)
+    return NULL;
+  aiob_local_key key;
+  if (locals_key_get(&key) < 0) {
+    PyErr_SetString(PyExc_RuntimeError, "aiobridge: no task-local key left");
+    return NULL;
+  }
+  pyport *pp = port_for(b, loop);
+  if (!pp)
+    return NULL;
+  PyObject *fut = PyObject_CallMethodObjArgs(loop, b->s_create_future, NULL);
+  if (!fut)
+    return NULL;
+  pending *p = PyObject_New(pending, b->pending_type);
+  py_locals *l = calloc(1, sizeof *l);
+  PyObject *ctx = PyContext_CopyCurrent();
+  if (!p || !l || !ctx) {
+    Py_XDECREF(p);
+    free(l);
+    Py_XDECREF(ctx);
+    Py_DECREF(fut);
+    return PyErr_Occurred() ? NULL : PyErr_NoMemory();
+  }
+  p->b = b;
+  p->task = NULL;
+  p->conv = conv;
+  p->it.kind = ITEM_COMPLETION;
+  p->port = pp->port;
+  port_ref(p->port);
+  p->fut_ref = PyWeakref_NewRef(fut, (PyObject *)p);
+  atomic_init(&l->refs, 1);
+  l->port = pp->port;
+  port_ref(l->port);
+  l->context = ctx;
+  l->loop = loop;
+  Py_INCREF(loop);
+  if (!p->fut_ref) {
+    locals_destroy(l);
+    Py_DECREF(p);
+    Py_DECREF(fut);
+    return NULL;
+  }
+
+  aiob_local_init li = {.key = key, .value = l};
+  aiob_spawn_opts o;
+  aiob_spawn_opts_init(&o);
+  o.no_inherit = 1;
+  o.locals = &li;
+  o.nlocals = 1;
+  o.on_finish = pending_finished;
+  o.on_finish_arg = p;
+  Py_INCREF(p); /* in flight: released when its completion is drained */
+  int rc = aiob_spawn_ex(rt, &o, vt, state, &p->task);
+  if (rc < 0) {
+    Py_DECREF(p);
+    locals_destroy(l);
+    Py_DECREF(p);
+    Py_DECREF(fut);
+    PyErr_Format(PyExc_OSError, "aiobridge: cannot spawn: %s",
+                 aiob_strerror(rc));
+    return NULL;
+  }
+  PyObject *r =
+      PyObject_CallMethodObjArgs(fut, b->s_add_done_callback, p, NULL);
+  Py_DECREF(p);
+  if (!r) {
+    Py_DECREF(fut);
+    return NULL;
+  }
+  Py_DECREF(r);
+  return fut;
+}
+
+/* ---- The lazy coroutine (no running loop at call time) ------------------ */
+
+typedef struct lazy {
+  PyObject_HEAD aiob_py_bridge *b;
+  const aiob_task_vtable *vt;
+  void *state;
+  aiob_py_converter conv;
+  PyObject *it; /* the future's __await__ iterator once started */
+  int closed;
+} lazy;
+
+static PyObject *lazy_start(lazy *z) {
+  if (z->it)
+    return z->it;
+  if (z->closed) {
+    PyErr_SetString(PyExc_RuntimeError,
+                    "cannot reuse already awaited coroutine");
+    return NULL;
+  }
+  PyObject *loop = PyObject_CallObject(z->b->get_running_loop, NULL);
+  if (!loop)
+    return NULL;
+  if (loop == Py_None) {
+    Py_DECREF(loop);
+    PyErr_SetString(PyExc_RuntimeError,
+                    "aiobridge awaitable awaited outside a running event loop");
+    return NULL;
+  }
+  PyObject *fut = start_on_loop(z->b, loop, z->vt, z->state, z->conv);
+  Py_DECREF(loop);
+  if (!fut)
+    return NULL;
+  z->state = NULL; /* the task owns it now */
+  z->closed = 1;
+  z->it = PyObject_CallMethod(fut, "__await__", NULL);
+  Py_DECREF(fut);
+  return z->it;
+}
+
+static PyObject *lazy_send(PyObject *self, PyObject *arg) {
+  lazy *z = (lazy *)self;
+  PyObject *it = lazy_start(z);
+  if (!it)
+    return NULL;
+  return PyObject_CallMethod(it, "send", "O", arg);
+}
+
+static PyObject *lazy_iternext(PyObject *self) {
+  return lazy_send(self, Py_None);
+}
+
+static PyObject *lazy_throw(PyObject *self, PyObject *args) {
+  lazy *z = (lazy *)self;
+  if (!z->it) {
+    /* Not started: raise it here; the task never runs. */
+    PyObject *typ, *val = NULL, *tb = NULL;
+    if (!PyArg_UnpackTuple(args, "throw", 1, 3, &typ, &val, &tb))
+      return NULL;
+    z->closed = 1;
+    if (PyExceptionInstance_Check(typ))
+      PyErr_SetObject((PyObject *)Py_TYPE(typ), typ);
+    else
+      PyErr_SetObject(typ, val ? val : Py_None);
+    return NULL;
+  }
+  return PyObject_CallMethod(z->it, "throw", "O", args);
+}
+
+static void lazy_drop_state(lazy *z) {
+  if (z->state) {
+    void *st = z->state;
+    z->state = NULL;
+    if (z->vt->drop)
+      z->vt->drop(st); /* never spawned: released here, on this thread */
+  }
+}
+
+static PyObject *lazy_close(PyObject *self, PyObject *unused) {
+  (void)unused;
+  lazy *z = (lazy *)self;
+  z->closed = 1;
+  lazy_drop_state(z);
+  if (z->it) {
+    PyObject *r = PyObject_CallMethod(z->it, "close", NULL);
+    if (!r)
+      PyErr_Clear();
+    Py_XDECREF(r);
+  }
+  Py_RETURN_NONE;
+}
+
+static PyObject *lazy_await(PyObject *self) {
+  Py_INCREF(self);
+  return self;
+}
+
+static void lazy_dealloc(PyObject *self) {
+  lazy *z = (lazy *)self;
+  PyTypeObject *tp = Py_TYPE(self);
+  lazy_drop_state(z);
+  Py_CLEAR(z->it);
+  tp->tp_free(self);
+  Py_DECREF(tp);
+}
+
+static PyMethodDef lazy_methods[] = {
+    {"send", lazy_send, METH_O, "Start or resume."},
+    {"throw", lazy_throw, METH_VARARGS, "Raise inside."},
+    {"close", lazy_close, METH_NOARGS, "Close."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot lazy_slots[] = {
+    {Py_tp_dealloc, lazy_dealloc},   {Py_tp_iter, lazy_await},
+    {Py_tp_iternext, lazy_iternext}, {Py_am_await, lazy_await},
+    {Py_tp_methods, lazy_methods},   {0, NULL},
+};
+
+static PyType_Spec lazy_spec = {
+    .name = "aiobridge.CTask",
+    .basicsize = sizeof(lazy),
+    .flags = Py_TPFLAGS_DEFAULT,
+    .slots = lazy_slots,
+};
+
+PyObject *aiob_py_future_into_py(aiob_py_bridge *b, const aiob_task_vtable *vt,
+                                 void *state, aiob_py_converter conv) {
+  if (!b || !vt || !vt->poll) {
+    PyErr_SetString(PyExc_ValueError, "aiobridge: no task vtable");
+    return NULL;
+  }
+  PyObject *loop = PyObject_CallObject(b->get_running_loop, NULL);
+  if (!loop)
+    return NULL;
+  lazy *z = PyObject_New(lazy, b->lazy_type);
+  if (!z) {
+    Py_DECREF(loop);
+    return NULL;
+  }
+  z->b = b;
+  z->vt = vt;
+  z->state = state;
+  z->conv = conv;
+  z->it = NULL;
+  z->closed = 0;
+  if (loop != Py_None) {
+    /* A running loop: start now (like the peers), await the future. The
+     * result is still a coroutine, so create_task / TaskGroup accept it. */
+    z->state = NULL;
+    z->closed = 1;
+    PyObject *fut = start_on_loop(b, loop, vt, state, conv);
+    z->it = fut ? PyObject_CallMethod(fut, "__await__", NULL) : NULL;
+    Py_XDECREF(fut);
+    if (!z->it) {
+      Py_DECREF(loop);
+      Py_DECREF(z);
+      return NULL;
+    }
+  }
+  Py_DECREF(loop);
+  return (PyObject *)z;
+}
+
+/* ---- Bridge lifecycle -------------------------------------------------- */
+
+static void close_all_ports(aiob_py_bridge *b) {
+  PyObject *key, *value;
+  Py_ssize_t pos = 0;
+  while (b->ports && PyDict_Next(b->ports, &pos, &key, &value))
+    pyport_close((pyport *)value);
+  release_orphans();
+}
+
+/* atexit: runtime threads stop before the interpreter finalizes. They never
+ * take the GIL, so joining them with the GIL held cannot deadlock. */
+static PyObject *bridge_atexit(PyObject *self, PyObject *unused) {
+  (void)unused;
+  aiob_py_bridge *b = PyCapsule_GetPointer(self, "aiobridge.bridge");
+  aiob_runtime_default_shutdown();
+  if (b)
+    close_all_ports(b);
+  Py_RETURN_NONE;
+}
+
+static PyMethodDef atexit_def = {"_aiobridge_atexit", bridge_atexit,
+                                 METH_NOARGS, NULL};
+
+#define INTERN(field, text)                                                    \
+  do {                                                                         \
+    if (!(b->field = PyUnicode_InternFromString(text)))                        \
+      goto fail;                                                               \
+  } while (0)
+
+int aiob_py_bridge_init(PyObject *module, aiob_py_bridge **out) {
+  aiob_py_bridge *b = calloc(1, sizeof *b);
+  if (!b) {
+    PyErr_NoMemory();
+    return -1;
+  }
+  b->module = module;
+  aiob_local_key key;
+  if (locals_key_get(&key) < 0) {
+    PyErr_SetString(PyExc_RuntimeError, "aiobridge: no task-local key left");
+    goto fail;
+  }
+  PyObject *asyncio = PyImport_ImportModule("asyncio");
+  if (!asyncio)
+    goto fail;
+  PyObject *events = PyObject_GetAttrString(asyncio, "events");
+  b->ensure_future = PyObject_GetAttrString(asyncio, "ensure_future");
+  b->cancelled_error = PyObject_GetAttrString(asyncio, "CancelledError");
+  Py_DECREF(asyncio);
+  if (!events)
+    goto fail;
+  b->get_running_loop = PyObject_GetAttrString(events, "_get_running_loop");
+  Py_DECREF(events);
+  if (!b->ensure_future || !b->cancelled_error || !b->get_running_loop)
+    goto fail;
+  INTERN(s_create_future, "create_future");
+  INTERN(s_add_done_callback, "add_done_callback");
+  INTERN(s_done, "done");
+  INTERN(s_cancel, "cancel");
+  INTERN(s_cancelled, "cancelled");
+  INTERN(s_set_result, "set_result");
+  INTERN(s_set_exception, "set_exception");
+  INTERN(s_add_reader, "add_reader");
+  INTERN(s_remove_reader, "remove_reader");
+  INTERN(s_is_closed, "is_closed");
+  INTERN(s_call_soon, "call_soon");
+  INTERN(s_result, "result");
+  INTERN(s_exception, "exception");
+  if (!(b->ports = PyDict_New()))
+    goto fail;
+  b->pending_type = (PyTypeObject *)PyType_FromSpec(&pending_spec);
+  b->lazy_type = (PyTypeObject *)PyType_FromSpec(&lazy_spec);
+  b->port_type = (PyTypeObject *)PyType_FromSpec(&pyport_spec);
+  b->waiter_type = (PyTypeObject *)PyType_FromSpec(&waiter_spec);
+  if (!b->pending_type || !b->lazy_type || !b->port_type || !b->waiter_type)
+    goto fail;
+
+  PyObject *cap = PyCapsule_New(b, "aiobridge.bridge", NULL);
+  PyObject *fn = cap ? PyCFunction_New(&atexit_def, cap) : NULL;
+  Py_XDECREF(cap);
+  PyObject *atexit = fn ? PyImport_ImportModule("atexit") : NULL;
+  PyObject *r =
+      atexit ? PyObject_CallMethod(atexit, "register", "O", fn) : NULL;
+  Py_XDECREF(atexit);
+  Py_XDECREF(fn);
+  if (!r)
+    goto fail;
+  Py_DECREF(r);
+  *out = b;
+  return 0;
+fail:
+  aiob_py_bridge_free(b);
+  return -1;
+}
+
+void aiob_py_bridge_free(aiob_py_bridge *b) {
+  if (!b)
+    return;
+  close_all_ports(b);
+  Py_CLEAR(b->ports);
+  Py_CLEAR(b->get_running_loop);
+  Py_CLEAR(b->ensure_future);
+  Py_CLEAR(b->cancelled_error);
+  Py_CLEAR(b->pending_type);
+  Py_CLEAR(b->lazy_type);
+  Py_CLEAR(b->port_type);
+  Py_CLEAR(b->waiter_type);
+  Py_CLEAR(b->s_create_future);
+  Py_CLEAR(b->s_add_done_callback);
+  Py_CLEAR(b->s_done);
+  Py_CLEAR(b->s_cancel);
+  Py_CLEAR(b->s_cancelled);
+  Py_CLEAR(b->s_set_result);
+  Py_CLEAR(b->s_set_exception);
+  Py_CLEAR(b->s_add_reader);
+  Py_CLEAR(b->s_remove_reader);
+  Py_CLEAR(b->s_is_closed);
+  Py_CLEAR(b->s_call_soon);
+  Py_CLEAR(b->s_result);
+  Py_CLEAR(b->s_exception);
+  free(b);
+}

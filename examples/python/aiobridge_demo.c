@@ -1,0 +1,308 @@
+/* aiobridge_demo: a C extension whose functions return awaitables backed by
+ * C tasks on the aiobridge runtime. Its interface is fixed: tests and
+ * benchmarks rely on it. */
+#include "aiobridge/python.h"
+
+#include <stdlib.h>
+
+typedef struct demo_state {
+  aiob_py_bridge *bridge;
+} demo_state;
+
+static demo_state *state_of(PyObject *m) {
+  return (demo_state *)PyModule_GetState(m);
+}
+
+/* Converters: run on the asyncio loop thread with the GIL. */
+static PyObject *conv_object(aiob_output *out) {
+  PyObject *o = out->value; /* the task's reference, moved */
+  out->value = NULL;
+  if (!o)
+    Py_RETURN_NONE;
+  return o;
+}
+
+static PyObject *conv_long(aiob_output *out) {
+  return PyLong_FromLong((long)(intptr_t)out->value);
+}
+
+static void free_state(void *p) { free(p); }
+
+/* ---- ready() ----------------------------------------------------------- */
+
+static aiob_poll ready_poll(aiob_task *t, void *p) {
+  (void)t;
+  (void)p;
+  return AIOB_READY;
+}
+static const aiob_task_vtable ready_vt = {.poll = ready_poll};
+
+static PyObject *demo_ready(PyObject *m, PyObject *unused) {
+  (void)unused;
+  return aiob_py_future_into_py(state_of(m)->bridge, &ready_vt, NULL, NULL);
+}
+
+/* ---- echo(obj) --------------------------------------------------------- */
+
+typedef struct echo_state {
+  PyObject *obj;
+} echo_state;
+
+static aiob_poll echo_poll(aiob_task *t, void *p) {
+  echo_state *s = p;
+  aiob_task_return(t, s->obj, (void (*)(void *))aiob_py_release);
+  s->obj = NULL; /* the output owns it now */
+  return AIOB_READY;
+}
+
+static void echo_drop(void *p) {
+  echo_state *s = p;
+  aiob_py_release(s->obj);
+  free(s);
+}
+static const aiob_task_vtable echo_vt = {.poll = echo_poll, .drop = echo_drop};
+
+static PyObject *demo_echo(PyObject *m, PyObject *obj) {
+  echo_state *s = malloc(sizeof *s);
+  if (!s)
+    return PyErr_NoMemory();
+  Py_INCREF(obj);
+  s->obj = obj;
+  PyObject *r =
+      aiob_py_future_into_py(state_of(m)->bridge, &echo_vt, s, conv_object);
+  if (!r) {
+    Py_DECREF(obj);
+    free(s);
+  }
+  return r;
+}
+
+/* ---- sleep_ms(ms) ------------------------------------------------------ */
+
+typedef struct sleep_state {
+  uint64_t ns;
+  int armed;
+  aiob_sleep sleep;
+} sleep_state;
+
+static aiob_poll sleep_poll(aiob_task *t, void *p) {
+  sleep_state *s = p;
+  if (!s->armed) {
+    aiob_sleep_init(&s->sleep, s->ns);
+    s->armed = 1;
+  }
+  return aiob_sleep_poll(t, &s->sleep, NULL);
+}
+static const aiob_task_vtable sleep_vt = {.poll = sleep_poll,
+                                          .drop = free_state};
+
+static PyObject *demo_sleep_ms(PyObject *m, PyObject *arg) {
+  double ms = PyFloat_AsDouble(arg);
+  if (ms == -1.0 && PyErr_Occurred())
+    return NULL;
+  if (ms < 0) {
+    PyErr_SetString(PyExc_ValueError, "sleep_ms: negative duration");
+    return NULL;
+  }
+  sleep_state *s = calloc(1, sizeof *s);
+  if (!s)
+    return PyErr_NoMemory();
+  s->ns = (uint64_t)(ms * 1e6);
+  PyObject *r = aiob_py_future_into_py(state_of(m)->bridge, &sleep_vt, s, NULL);
+  if (!r)
+    free(s);
+  return r;
+}
+
+/* ---- await_py(awaitable) and await_py_n(factory, n) -------------------- */
+
+typedef struct await_state {
+  int co;
+  PyObject *obj; /* the awaitable or the factory (owned) */
+  long n, i;
+  aiob_py_await w;
+  aiob_output out;
+} await_state;
+
+/* Finishes the task with an awaited result or error (moves it). */
+static void finish_with(aiob_task *t, aiob_output *out) {
+  if (out->status < 0)
+    aiob_task_fail(t, out->status);
+  aiob_task_return(t, out->value, out->free_value);
+  out->value = NULL;
+  out->free_value = NULL;
+}
+
+static aiob_poll await_one_poll(aiob_task *t, void *p) {
+  await_state *s = p;
+  AIOB_BEGIN(&s->co);
+  aiob_py_await_init(&s->w, s->obj);
+  AIOB_AWAIT(&s->co, aiob_py_await_poll(t, &s->w, &s->out));
+  finish_with(t, &s->out);
+  AIOB_END(&s->co);
+}
+
+static aiob_poll await_n_poll(aiob_task *t, void *p) {
+  await_state *s = p;
+  AIOB_BEGIN(&s->co);
+  for (s->i = 0; s->i < s->n; s->i++) {
+    aiob_py_await_init_call(&s->w, s->obj);
+    AIOB_AWAIT(&s->co, aiob_py_await_poll(t, &s->w, &s->out));
+    if (s->out.status < 0) {
+      finish_with(t, &s->out);
+      return AIOB_READY;
+    }
+    aiob_output_clear(&s->out);
+  }
+  aiob_task_return(t, (void *)(intptr_t)s->n, NULL);
+  AIOB_END(&s->co);
+}
+
+static void await_drop(void *p) {
+  await_state *s = p;
+  aiob_output_clear(&s->out);
+  aiob_py_release(s->obj);
+  free(s);
+}
+
+static const aiob_task_vtable await_one_vt = {.poll = await_one_poll,
+                                              .drop = await_drop};
+static const aiob_task_vtable await_n_vt = {.poll = await_n_poll,
+                                            .drop = await_drop};
+
+static PyObject *spawn_await(PyObject *m, const aiob_task_vtable *vt,
+                             PyObject *obj, long n, aiob_py_converter conv) {
+  await_state *s = calloc(1, sizeof *s);
+  if (!s)
+    return PyErr_NoMemory();
+  Py_INCREF(obj);
+  s->obj = obj;
+  s->n = n;
+  PyObject *r = aiob_py_future_into_py(state_of(m)->bridge, vt, s, conv);
+  if (!r) {
+    Py_DECREF(obj);
+    free(s);
+  }
+  return r;
+}
+
+static PyObject *demo_await_py(PyObject *m, PyObject *aw) {
+  return spawn_await(m, &await_one_vt, aw, 1, conv_object);
+}
+
+static PyObject *demo_await_py_n(PyObject *m, PyObject *args) {
+  PyObject *factory;
+  long n;
+  if (!PyArg_ParseTuple(args, "Ol:await_py_n", &factory, &n))
+    return NULL;
+  if (!PyCallable_Check(factory)) {
+    PyErr_SetString(PyExc_TypeError, "await_py_n: factory must be callable");
+    return NULL;
+  }
+  if (n < 0) {
+    PyErr_SetString(PyExc_ValueError, "await_py_n: n must be >= 0");
+    return NULL;
+  }
+  return spawn_await(m, &await_n_vt, factory, n, conv_long);
+}
+
+/* ---- fail_errno(code) -------------------------------------------------- */
+
+static aiob_poll fail_poll(aiob_task *t, void *p) {
+  aiob_task_fail(t, -(int)(intptr_t)p);
+  return AIOB_READY;
+}
+static const aiob_task_vtable fail_vt = {.poll = fail_poll};
+
+static PyObject *demo_fail_errno(PyObject *m, PyObject *arg) {
+  long code = PyLong_AsLong(arg);
+  if (code == -1 && PyErr_Occurred())
+    return NULL;
+  if (code <= 0 || code > 4095) {
+    PyErr_SetString(PyExc_ValueError, "fail_errno: code must be in 1..4095");
+    return NULL;
+  }
+  return aiob_py_future_into_py(state_of(m)->bridge, &fail_vt,
+                                (void *)(intptr_t)code, NULL);
+}
+
+/* ---- stats() and backend() --------------------------------------------- */
+
+static PyObject *demo_stats(PyObject *m, PyObject *unused) {
+  (void)m;
+  (void)unused;
+  aiob_runtime *rt;
+  int rc = aiob_runtime_default(&rt);
+  if (rc < 0)
+    return PyErr_Format(PyExc_OSError, "runtime: %s", aiob_strerror(rc));
+  aiob_runtime_stats st;
+  aiob_runtime_stats_get(rt, &st);
+  return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K}", "tasks_live",
+                       (unsigned long long)st.tasks_live, "tasks_spawned",
+                       (unsigned long long)st.tasks_spawned, "tasks_completed",
+                       (unsigned long long)st.tasks_completed,
+                       "tasks_cancelled",
+                       (unsigned long long)st.tasks_cancelled, "polls",
+                       (unsigned long long)st.polls, "loop_wakes",
+                       (unsigned long long)st.loop_wakes);
+}
+
+static PyObject *demo_backend(PyObject *m, PyObject *unused) {
+  (void)m;
+  (void)unused;
+  aiob_runtime *rt;
+  int rc = aiob_runtime_default(&rt);
+  if (rc < 0)
+    return PyErr_Format(PyExc_OSError, "runtime: %s", aiob_strerror(rc));
+  return PyUnicode_FromString(aiob_runtime_backend_name(rt));
+}
+
+static PyMethodDef demo_methods[] = {
+    {"ready", demo_ready, METH_NOARGS, "Awaitable: None, on the runtime."},
+    {"echo", demo_echo, METH_O, "Awaitable: the same object."},
+    {"sleep_ms", demo_sleep_ms, METH_O, "Awaitable: None after ms ms."},
+    {"await_py", demo_await_py, METH_O,
+     "Awaitable: a C task awaits the given awaitable."},
+    {"await_py_n", demo_await_py_n, METH_VARARGS,
+     "Awaitable: a C task awaits factory() n times; resolves to n."},
+    {"fail_errno", demo_fail_errno, METH_O,
+     "Awaitable: raises the OSError subclass for that errno."},
+    {"stats", demo_stats, METH_NOARGS, "Counters of the runtime."},
+    {"backend", demo_backend, METH_NOARGS, "The runtime's backend name."},
+    {NULL, NULL, 0, NULL},
+};
+
+static int demo_exec(PyObject *m) {
+  return aiob_py_bridge_init(m, &state_of(m)->bridge);
+}
+
+static void demo_free(void *m) {
+  demo_state *s = state_of(m);
+  if (s) {
+    aiob_py_bridge_free(s->bridge);
+    s->bridge = NULL;
+  }
+}
+
+static PyModuleDef_Slot demo_slots[] = {
+    {Py_mod_exec, demo_exec},
+    {0, NULL},
+};
+
+static struct PyModuleDef demo_def = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "aiobridge_demo",
+    .m_doc = "aiobridge demo extension: C tasks as awaitables.",
+    .m_size = sizeof(demo_state),
+    .m_methods = demo_methods,
+    .m_slots = demo_slots,
+    .m_free = demo_free,
+};
+
+/* Exported explicitly: before 3.9 PyMODINIT_FUNC does not set visibility,
+ * and extensions are built with hidden symbols. */
+__attribute__((visibility("default"))) PyMODINIT_FUNC
+PyInit_aiobridge_demo(void);
+PyMODINIT_FUNC PyInit_aiobridge_demo(void) {
+  return PyModuleDef_Init(&demo_def);
+}

@@ -1,0 +1,110 @@
+/* aiobridge — the asyncio bridge, for C extensions.
+ *
+ * A C extension links the aiobridge core and this bridge statically (CMake:
+ * aiob_add_python_extension) and gets, per extension module:
+ *   - aiob_py_future_into_py: a C task as a Python awaitable;
+ *   - aiob_py_await: inside a C task, await any Python awaitable;
+ *   - completion without the GIL on runtime threads: finished C tasks go
+ *     into a per-asyncio-loop queue, and the loop is woken once per batch
+ *     through an eventfd watched with loop.add_reader.
+ *
+ * Threads: functions tagged "GIL" must be called with the GIL held on the
+ * thread that runs the asyncio loop concerned; the others are for C tasks
+ * on runtime threads and never need the GIL.
+ */
+#ifndef AIOBRIDGE_PYTHON_H
+#define AIOBRIDGE_PYTHON_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include "aiobridge.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* The bridge of one extension module: its runtime, its per-loop queues, its
+ * Python types. Owned by the module state. */
+typedef struct aiob_py_bridge aiob_py_bridge;
+
+/* Output status meaning: the value is a Python exception to raise (set by
+ * aiob_py_task_raise or by an awaited Python awaitable that raised). */
+#define AIOB_PY_EXCEPTION (-100000)
+
+/* Creates the bridge for `module` (call from its Py_mod_exec slot; GIL).
+ * The runtime is the process-wide default runtime of this extension's copy
+ * of aiobridge, created on first use. Registers an atexit hook that stops
+ * the runtime before the interpreter finalizes. Returns 0, or -1 with a
+ * Python exception set. */
+int aiob_py_bridge_init(PyObject *module, aiob_py_bridge **out);
+
+/* Releases the bridge (module free/clear; GIL). Idempotent on NULL. */
+void aiob_py_bridge_free(aiob_py_bridge *b);
+
+/* Converts a finished task's output (status >= 0) to a Python object: a new
+ * reference, or NULL with an exception set. Runs on the loop thread with the
+ * GIL; owns out->value (free it or keep it). NULL converter: None. */
+typedef PyObject *(*aiob_py_converter)(aiob_output *out);
+
+/* Spawns a C task and returns a coroutine object for its result (GIL), so it
+ * can be awaited, passed to create_task / ensure_future / gather / wait_for /
+ * shield, used in a TaskGroup, or given to asyncio.run.
+ * - Inside a running asyncio loop the task starts at once; the coroutine
+ *   awaits an asyncio.Future of that loop.
+ * - With no running loop, the coroutine binds to the loop that first awaits
+ *   it and starts the task then (so asyncio.run(ext.fn()) works).
+ * Cancelling the future cancels the C task; a future collected unawaited
+ * cancels it too. A negative status raises the OSError subclass for that
+ * errno (AIOB_ECANCELED: asyncio.CancelledError); AIOB_PY_EXCEPTION raises
+ * the carried exception. On failure returns NULL with an exception set and
+ * neither poll nor drop is ever called: the caller still owns `state`. */
+PyObject *aiob_py_future_into_py(aiob_py_bridge *b, const aiob_task_vtable *vt,
+                                 void *state, aiob_py_converter conv);
+
+/* Inside a C task: make the task finish with `exc_type(msg)`. exc_type must
+ * outlive the task (a built-in exception or one the module keeps). No GIL
+ * needed. Returns 0 or AIOB_ENOMEM. */
+int aiob_py_task_raise(aiob_task *self, PyObject *exc_type, const char *msg);
+
+/* Releases a Python reference from any thread: at once if this thread holds
+ * the GIL, otherwise on a later drain of the bridge's queues. */
+void aiob_py_release(PyObject *obj);
+
+/* ---- Awaiting Python from C ------------------------------------------- */
+
+typedef struct aiob_py_await {
+  struct aiob__leaf leaf;
+  aiob_promise *promise;
+  void *request;
+  PyObject *object; /* borrowed awaitable or factory */
+  int is_factory;
+  int state;
+} aiob_py_await;
+
+/* Prepares to await `awaitable` (a coroutine, Future, Task or object with
+ * __await__). Borrows the reference: keep it alive (in the task's state)
+ * until the task finished, and release it in the task's drop with
+ * aiob_py_release. No GIL needed. */
+void aiob_py_await_init(aiob_py_await *aw, PyObject *awaitable);
+
+/* Prepares to await `factory()`: the call happens on the task's asyncio loop
+ * thread, in the task's contextvars context. Borrows like
+ * aiob_py_await_init. No GIL needed. */
+void aiob_py_await_init_call(aiob_py_await *aw, PyObject *factory);
+
+/* Inside a C task spawned by aiob_py_future_into_py (or a descendant): runs
+ * the awaitable on the task's asyncio loop in the task's contextvars context.
+ * READY with *out filled: status 0 and value = the result (a PyObject
+ * reference; release with aiob_py_release, or hand it back as the task's
+ * value with free_value = aiob_py_release), or AIOB_PY_EXCEPTION (value is
+ * the exception to propagate), or AIOB_ECANCELED, or AIOB_EINVAL if the task
+ * has no asyncio loop. Cancelling the C task cancels the Python task. */
+aiob_poll aiob_py_await_poll(aiob_task *self, aiob_py_await *aw,
+                             aiob_output *out);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* AIOBRIDGE_PYTHON_H */

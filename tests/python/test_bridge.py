@@ -1,0 +1,332 @@
+"""The asyncio bridge, through the aiobridge_demo extension.
+
+Run with the extension's build directory on PYTHONPATH. AIOB_TEST_LOOP=uvloop
+runs every test on uvloop; AIOBRIDGE_BACKEND picks the runtime's backend.
+"""
+import asyncio
+import contextvars
+import errno
+import gc
+import os
+import random
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import unittest
+
+import aiobridge_demo as demo
+
+LOOP = os.environ.get("AIOB_TEST_LOOP", "asyncio")
+if LOOP == "uvloop":
+    import uvloop
+
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def wait_until(predicate, timeout=10.0):
+    """Polls a condition the C runtime makes true asynchronously, letting the
+    loop run (cancellation reaches the runtime through loop callbacks)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.001)
+    return True
+
+
+class BridgeCase(unittest.IsolatedAsyncioTestCase):
+    async def asyncSetUp(self):
+        self.loop_errors = []
+        asyncio.get_running_loop().set_exception_handler(
+            lambda loop, ctx: self.loop_errors.append(ctx)
+        )
+
+    async def asyncTearDown(self):
+        await asyncio.sleep(0.01)  # let late completions arrive
+        self.assertEqual(self.loop_errors, [], "the loop's exception handler fired")
+
+
+class TestCTaskAsAwaitable(BridgeCase):
+    async def test_backend_follows_environment(self):
+        want = os.environ.get("AIOBRIDGE_BACKEND")
+        if want:
+            self.assertEqual(demo.backend(), want)
+        self.assertIn(demo.backend(), ("uv", "event", "uring"))
+
+    async def test_ready_and_echo_identity(self):
+        self.assertIsNone(await demo.ready())
+        obj = object()
+        self.assertIs(await demo.echo(obj), obj)
+
+    async def test_sleep_ms_is_never_early(self):
+        t0 = time.monotonic()
+        await demo.sleep_ms(20)
+        self.assertGreaterEqual(time.monotonic() - t0, 0.019)
+
+    async def test_errno_maps_to_oserror_subclass(self):
+        cases = {
+            errno.ENOENT: FileNotFoundError,
+            errno.ECONNREFUSED: ConnectionRefusedError,
+            errno.EAGAIN: BlockingIOError,
+            errno.EACCES: PermissionError,
+            errno.ETIMEDOUT: TimeoutError,
+        }
+        for code, exc in cases.items():
+            with self.assertRaises(exc) as cm:
+                await demo.fail_errno(code)
+            self.assertEqual(cm.exception.errno, code)
+            self.assertEqual(cm.exception.strerror, os.strerror(code))
+
+    async def test_bad_arguments_raise_at_call(self):
+        with self.assertRaises(ValueError):
+            demo.sleep_ms(-1)
+        with self.assertRaises(ValueError):
+            demo.fail_errno(0)
+        with self.assertRaises(TypeError):
+            demo.await_py_n(42, 1)
+
+    async def test_gather_wait_for_shield_ensure_future(self):
+        res = await asyncio.gather(*(demo.echo(i) for i in range(1000)))
+        self.assertEqual(res, list(range(1000)))
+        self.assertEqual(await asyncio.wait_for(demo.echo(7), 5), 7)
+        self.assertEqual(await asyncio.shield(demo.echo(8)), 8)
+        fut = asyncio.ensure_future(demo.echo(9))
+        self.assertEqual(await fut, 9)
+        done, _ = await asyncio.wait([asyncio.ensure_future(demo.ready())])
+        self.assertEqual(len(done), 1)
+        with self.assertRaises(asyncio.TimeoutError):
+            await asyncio.wait_for(demo.sleep_ms(10000), 0.01)
+
+    @unittest.skipIf(sys.version_info < (3, 11), "asyncio.TaskGroup is new in 3.11")
+    async def test_taskgroup(self):
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(demo.echo(i)) for i in range(10)]
+        self.assertEqual([t.result() for t in tasks], list(range(10)))
+
+    async def test_cancel_drops_c_task(self):
+        before = demo.stats()["tasks_cancelled"]
+        fut = asyncio.ensure_future(demo.sleep_ms(60_000))
+        await asyncio.sleep(0.01)
+        fut.cancel()
+        with self.assertRaises(asyncio.CancelledError):
+            await fut
+        self.assertTrue(await wait_until(lambda: demo.stats()["tasks_cancelled"] > before))
+
+    async def test_unawaited_future_collected_cancels_c_task(self):
+        before = demo.stats()["tasks_cancelled"]
+        aw = demo.sleep_ms(60_000)
+        del aw
+        gc.collect()
+        self.assertTrue(await wait_until(lambda: demo.stats()["tasks_cancelled"] > before))
+
+    async def test_completion_racing_cancel_is_silent(self):
+        for i in range(300):
+            fut = asyncio.ensure_future(demo.sleep_ms(1))
+            await asyncio.sleep(random.uniform(0, 0.002))
+            fut.cancel()
+            try:
+                await fut
+            except asyncio.CancelledError:
+                pass
+
+
+class TestPythonAwaitableInC(BridgeCase):
+    async def test_result_comes_back(self):
+        async def coro():
+            await asyncio.sleep(0.001)
+            return {"x": 1}
+
+        self.assertEqual(await demo.await_py(coro()), {"x": 1})
+        fut = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_later(0.001, fut.set_result, "f")
+        self.assertEqual(await demo.await_py(fut), "f")
+
+    async def test_exception_propagates_unchanged(self):
+        class Boom(Exception):
+            pass
+
+        async def coro():
+            raise Boom("with this message")
+
+        with self.assertRaises(Boom) as cm:
+            await demo.await_py(coro())
+        self.assertEqual(str(cm.exception), "with this message")
+
+    async def test_non_awaitable_is_type_error(self):
+        with self.assertRaises(TypeError):
+            await demo.await_py(42)
+
+    async def test_object_with_await(self):
+        class Awaitable:
+            def __await__(self):
+                yield from asyncio.sleep(0).__await__()
+                return "custom"
+
+        self.assertEqual(await demo.await_py(Awaitable()), "custom")
+
+    async def test_contextvars_are_visible(self):
+        var = contextvars.ContextVar("var")
+        var.set("caller's value")
+
+        async def read():
+            return var.get()
+
+        self.assertEqual(await demo.await_py(read()), "caller's value")
+        seen = []
+
+        def factory():
+            seen.append(var.get())
+            return asyncio.sleep(0)
+
+        self.assertEqual(await demo.await_py_n(factory, 5), 5)
+        self.assertEqual(seen, ["caller's value"] * 5)
+
+    async def test_await_py_n(self):
+        self.assertEqual(await demo.await_py_n(lambda: asyncio.sleep(0), 1000), 1000)
+        self.assertEqual(await demo.await_py_n(lambda: asyncio.sleep(0), 0), 0)
+
+    async def test_cancelling_c_task_cancels_python_task(self):
+        started = asyncio.Event()
+        cancelled = asyncio.Event()
+
+        async def forever():
+            started.set()
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+        fut = asyncio.ensure_future(demo.await_py(forever()))
+        await asyncio.wait_for(started.wait(), 5)
+        fut.cancel()
+        await asyncio.wait_for(cancelled.wait(), 5)
+        with self.assertRaises(asyncio.CancelledError):
+            await fut
+
+
+class TestLoops(unittest.TestCase):
+    def test_asyncio_run_without_wrapper(self):
+        self.assertIsNone(asyncio.run(demo.sleep_ms(5)))
+        self.assertEqual(asyncio.run(demo.echo("x")), "x")
+
+    def test_several_asyncio_run_in_a_row(self):
+        for i in range(20):
+            self.assertEqual(asyncio.run(demo.echo(i)), i)
+
+    def test_loops_in_several_threads(self):
+        errors = []
+
+        def worker(k):
+            async def main():
+                res = await asyncio.gather(*(demo.echo((k, i)) for i in range(500)))
+                assert res == [(k, i) for i in range(500)]
+                await demo.await_py_n(lambda: asyncio.sleep(0), 50)
+
+            try:
+                asyncio.run(main())
+            except BaseException as e:  # reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        self.assertEqual(errors, [])
+
+    def test_thousand_loops_cancel_around_completion(self):
+        """Each fresh loop cancels a C sleep at a jittered moment around its
+        completion; the loop's exception handler must never fire."""
+        fired = []
+        rng = random.Random(1234)
+        for _ in range(1000):
+            loop = asyncio.new_event_loop()
+            loop.set_exception_handler(lambda l, ctx: fired.append(ctx))
+
+            async def one():
+                fut = asyncio.ensure_future(demo.sleep_ms(1))
+                await asyncio.sleep(rng.uniform(0.0005, 0.0015))
+                fut.cancel()
+                try:
+                    await fut
+                except asyncio.CancelledError:
+                    pass
+
+            loop.run_until_complete(one())
+            loop.close()
+        self.assertEqual(fired, [])
+
+
+class TestLifecycle(unittest.TestCase):
+    SCRIPT = textwrap.dedent(
+        """
+        import asyncio, os, sys
+        if os.environ.get("AIOB_TEST_LOOP") == "uvloop":
+            import uvloop
+            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        import aiobridge_demo as demo
+
+        async def main():
+            async def py():
+                await asyncio.sleep(0)
+                return 1
+            await demo.await_py(py())
+            keep = [asyncio.ensure_future(demo.sleep_ms(1000 + i)) for i in range(50)]
+            keep += [asyncio.ensure_future(demo.await_py(asyncio.sleep(10)))]
+            await asyncio.sleep(0.005)
+            sys.exit(0)  # exit with C tasks and Python awaits in flight
+
+        asyncio.run(main())
+        """
+    )
+
+    def test_exit_with_tasks_in_flight(self):
+        for i in range(10):
+            p = subprocess.run(
+                [sys.executable, "-c", self.SCRIPT],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            self.assertEqual(p.returncode, 0, p.stderr)
+            self.assertNotIn("Fatal Python error", p.stderr)
+            self.assertNotIn("Exception ignored", p.stderr)
+
+
+@unittest.skipUnless(hasattr(sys, "gettotalrefcount"), "needs a debug interpreter (python3-dbg)")
+class TestReferenceLeaks(unittest.TestCase):
+    def test_conversions_do_not_leak(self):
+        async def work():
+            obj = object()
+            for _ in range(200):
+                await demo.echo(obj)
+                await demo.await_py(asyncio.sleep(0))
+            await demo.await_py_n(lambda: asyncio.sleep(0), 100)
+            try:
+                await demo.fail_errno(errno.EIO)
+            except OSError:
+                pass
+
+        # A stock loop even under AIOB_TEST_LOOP=uvloop: Debian's uvloop is
+        # built for the release ABI, and its inline reference counting does
+        # not maintain the debug interpreter's total, so the count drifts.
+        loop = asyncio.SelectorEventLoop()
+        try:
+            for _ in range(3):  # warm up caches
+                loop.run_until_complete(work())
+            gc.collect()
+            before = sys.gettotalrefcount()
+            for _ in range(10):
+                loop.run_until_complete(work())
+            gc.collect()
+            delta = sys.gettotalrefcount() - before
+        finally:
+            loop.close()
+        self.assertLess(delta, 100, f"{delta} references leaked over ~5000 conversions")
+
+
+if __name__ == "__main__":
+    unittest.main()
