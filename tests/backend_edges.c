@@ -929,7 +929,7 @@ static void fw_probe_ring(void *arg) {
 }
 
 /* Loop thread: ring geometry and the kernel's count of dropped CQEs. */
-static void fw_ring_info(void *arg) {
+__attribute__((unused)) static void fw_ring_info(void *arg) {
   fw_ctx *ctx = arg;
 #ifdef AIOB_TEST_HAVE_URING
   if (!backend_is("uring"))
