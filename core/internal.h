@@ -25,7 +25,7 @@ typedef struct aiob__mpsc {
 } aiob__mpsc;
 
 void aiob__mpsc_init(aiob__mpsc *q);
-/* Thread-safe. Returns true if the queue may have been empty before. */
+/* Thread-safe, wait-free. */
 void aiob__mpsc_push(aiob__mpsc *q, aiob__mpsc_node *n);
 /* Consumer only. NULL when empty or when a producer is half-way through a
  * push (it will have notified the consumer, see aiob__loop_push_remote). */
@@ -159,7 +159,8 @@ void aiob__fds_close(aiob_loop *loop);
 /* Destroys every task-local value of t (loop thread). */
 void aiob__locals_destroy(aiob_task *t);
 void aiob__local_destroy(aiob_local_key key, void *value);
-/* Puts t in its loop's live list if it is not there yet (loop thread). */
+/* Puts t in its loop's live list if it is not there yet, with the loop's
+ * reference (loop thread). */
 void aiob__task_accept(aiob_task *t);
 
 /* Optional backend slot present? (size + NULL check, the SQLite VFS way) */

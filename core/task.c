@@ -324,7 +324,7 @@ static void task_finish(aiob_task *t, bool cancelled) {
       (s | AIOB__T_FINISHED) & ~(uint32_t)(AIOB__T_RUNNING | AIOB__T_NOTIFIED)))
     ;
   notify_finished(t);
-  aiob__task_unref(t); /* the live list's reference, taken in task_accept */
+  aiob__task_unref(t); /* the live list's reference (aiob__task_accept) */
 }
 
 void aiob__task_finish_cancelled(aiob_task *t) {
@@ -333,7 +333,7 @@ void aiob__task_finish_cancelled(aiob_task *t) {
 }
 
 /* Makes sure t is in its loop's live list (first sight on the loop). */
-static void task_accept(aiob_task *t) {
+void aiob__task_accept(aiob_task *t) {
   if (atomic_load_explicit(&t->state, memory_order_relaxed) & AIOB__T_ACCEPTED)
     return;
   atomic_fetch_or(&t->state, AIOB__T_ACCEPTED);
@@ -343,11 +343,9 @@ static void task_accept(aiob_task *t) {
   live_insert(t->loop, t);
 }
 
-void aiob__task_accept(aiob_task *t) { task_accept(t); }
-
 /* Consumes the queue reference. */
 void aiob__task_run(aiob_task *t) {
-  task_accept(t);
+  aiob__task_accept(t);
   uint32_t s = atomic_load_explicit(&t->state, memory_order_acquire);
   uint32_t n;
   do {

@@ -17,6 +17,7 @@
 
 #include "internal.h"
 
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -172,13 +173,10 @@ static bool port_push(port *p, item *it) {
 /* ---- Module-level bridge ----------------------------------------------- */
 
 struct aiob_py_bridge {
-  PyObject *module;           /* borrowed */
   PyObject *ports;            /* dict: loop -> Port */
   PyObject *get_running_loop; /* asyncio.events._get_running_loop */
   PyObject *ensure_future;    /* asyncio.ensure_future */
-  PyObject *cancelled_error;  /* asyncio.CancelledError */
   PyTypeObject *pending_type, *lazy_type, *port_type, *waiter_type;
-  aiob_local_key locals_key;
   PyObject *s_create_future, *s_add_done_callback, *s_done, *s_cancel,
       *s_cancelled, *s_set_result, *s_set_exception, *s_add_reader,
       *s_remove_reader, *s_is_closed, *s_call_soon, *s_result, *s_exception;
@@ -201,7 +199,6 @@ typedef struct py_locals {
   _Atomic uint32_t refs;
   port *port;
   PyObject *context; /* owned */
-  PyObject *loop;    /* owned */
 } py_locals;
 
 static void *locals_clone(void *v) {
@@ -215,7 +212,6 @@ static void locals_destroy(void *v) {
   if (atomic_fetch_sub(&l->refs, 1) != 1)
     return;
   aiob_py_release(l->context);
-  aiob_py_release(l->loop);
   port_unref(l->port);
   free(l);
 }
@@ -378,7 +374,6 @@ typedef struct request {
   int is_factory;
   py_locals *locals;  /* referenced */
   PyObject *pyfuture; /* the running Python future (GIL) */
-  int cancel_pushed;
 } request;
 
 static void request_unref(request *r) {
@@ -732,7 +727,7 @@ static void pyport_close(pyport *pp) {
   if (!p || atomic_exchange(&p->closed, 1))
     return;
   while (atomic_load(&p->pushers))
-    ;
+    sched_yield(); /* a runtime thread is between its check and its push */
   if (pp->reader && pp->loop) {
     PyObject *closed =
         PyObject_CallMethodObjArgs(pp->loop, pp->b->s_is_closed, NULL);
@@ -910,8 +905,6 @@ static PyObject *start_on_loop(aiob_py_bridge *b, PyObject *loop,
   l->port = pp->port;
   port_ref(l->port);
   l->context = ctx;
-  l->loop = loop;
-  Py_INCREF(loop);
   if (!p->fut_ref) {
     locals_destroy(l);
     Py_DECREF(p);
@@ -1143,12 +1136,12 @@ static PyMethodDef atexit_def = {"_aiobridge_atexit", bridge_atexit,
   } while (0)
 
 int aiob_py_bridge_init(PyObject *module, aiob_py_bridge **out) {
+  (void)module; /* the bridge needs no module attributes yet */
   aiob_py_bridge *b = calloc(1, sizeof *b);
   if (!b) {
     PyErr_NoMemory();
     return -1;
   }
-  b->module = module;
   aiob_local_key key;
   if (locals_key_get(&key) < 0) {
     PyErr_SetString(PyExc_RuntimeError, "aiobridge: no task-local key left");
@@ -1159,13 +1152,12 @@ int aiob_py_bridge_init(PyObject *module, aiob_py_bridge **out) {
     goto fail;
   PyObject *events = PyObject_GetAttrString(asyncio, "events");
   b->ensure_future = PyObject_GetAttrString(asyncio, "ensure_future");
-  b->cancelled_error = PyObject_GetAttrString(asyncio, "CancelledError");
   Py_DECREF(asyncio);
   if (!events)
     goto fail;
   b->get_running_loop = PyObject_GetAttrString(events, "_get_running_loop");
   Py_DECREF(events);
-  if (!b->ensure_future || !b->cancelled_error || !b->get_running_loop)
+  if (!b->ensure_future || !b->get_running_loop)
     goto fail;
   INTERN(s_create_future, "create_future");
   INTERN(s_add_done_callback, "add_done_callback");
@@ -1214,7 +1206,6 @@ void aiob_py_bridge_free(aiob_py_bridge *b) {
   Py_CLEAR(b->ports);
   Py_CLEAR(b->get_running_loop);
   Py_CLEAR(b->ensure_future);
-  Py_CLEAR(b->cancelled_error);
   Py_CLEAR(b->pending_type);
   Py_CLEAR(b->lazy_type);
   Py_CLEAR(b->port_type);

@@ -228,13 +228,23 @@ static PyObject *demo_fail_errno(PyObject *m, PyObject *arg) {
 
 /* ---- stats() and backend() --------------------------------------------- */
 
+/* This extension's runtime, or NULL with OSError set. */
+static aiob_runtime *demo_runtime(void) {
+  aiob_runtime *rt;
+  int rc = aiob_runtime_default(&rt);
+  if (rc < 0) {
+    PyErr_Format(PyExc_OSError, "runtime: %s", aiob_strerror(rc));
+    return NULL;
+  }
+  return rt;
+}
+
 static PyObject *demo_stats(PyObject *m, PyObject *unused) {
   (void)m;
   (void)unused;
-  aiob_runtime *rt;
-  int rc = aiob_runtime_default(&rt);
-  if (rc < 0)
-    return PyErr_Format(PyExc_OSError, "runtime: %s", aiob_strerror(rc));
+  aiob_runtime *rt = demo_runtime();
+  if (!rt)
+    return NULL;
   aiob_runtime_stats st;
   aiob_runtime_stats_get(rt, &st);
   return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K}", "tasks_live",
@@ -250,11 +260,8 @@ static PyObject *demo_stats(PyObject *m, PyObject *unused) {
 static PyObject *demo_backend(PyObject *m, PyObject *unused) {
   (void)m;
   (void)unused;
-  aiob_runtime *rt;
-  int rc = aiob_runtime_default(&rt);
-  if (rc < 0)
-    return PyErr_Format(PyExc_OSError, "runtime: %s", aiob_strerror(rc));
-  return PyUnicode_FromString(aiob_runtime_backend_name(rt));
+  aiob_runtime *rt = demo_runtime();
+  return rt ? PyUnicode_FromString(aiob_runtime_backend_name(rt)) : NULL;
 }
 
 static PyMethodDef demo_methods[] = {
