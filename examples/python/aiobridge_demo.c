@@ -114,6 +114,43 @@ static PyObject *demo_sleep_ms(PyObject *m, PyObject *arg) {
   return r;
 }
 
+/* ---- sleep_stamp_ms(ms) ------------------------------------------------ */
+
+/* Like sleep_ms, and resolves to the CLOCK_MONOTONIC time (ns, comparable to
+ * time.monotonic_ns()) at which the timer fired on the runtime thread: lets
+ * a benchmark see whether runtime threads ever wait for the GIL. */
+static aiob_poll stamp_poll(aiob_task *t, void *p) {
+  if (sleep_poll(t, p) == AIOB_PENDING)
+    return AIOB_PENDING;
+  aiob_task_return(t, (void *)(uintptr_t)aiob_now_ns(), NULL);
+  return AIOB_READY;
+}
+static const aiob_task_vtable stamp_vt = {.poll = stamp_poll,
+                                          .drop = free_state};
+
+static PyObject *conv_u64(aiob_output *out) {
+  return PyLong_FromUnsignedLongLong((uintptr_t)out->value);
+}
+
+static PyObject *demo_sleep_stamp_ms(PyObject *m, PyObject *arg) {
+  double ms = PyFloat_AsDouble(arg);
+  if (ms == -1.0 && PyErr_Occurred())
+    return NULL;
+  if (ms < 0) {
+    PyErr_SetString(PyExc_ValueError, "sleep_stamp_ms: negative duration");
+    return NULL;
+  }
+  sleep_state *s = calloc(1, sizeof *s);
+  if (!s)
+    return PyErr_NoMemory();
+  s->ns = (uint64_t)(ms * 1e6);
+  PyObject *r =
+      aiob_py_future_into_py(state_of(m)->bridge, &stamp_vt, s, conv_u64);
+  if (!r)
+    free(s);
+  return r;
+}
+
 /* ---- await_py(awaitable) and await_py_n(factory, n) -------------------- */
 
 typedef struct await_state {
@@ -268,6 +305,8 @@ static PyMethodDef demo_methods[] = {
     {"ready", demo_ready, METH_NOARGS, "Awaitable: None, on the runtime."},
     {"echo", demo_echo, METH_O, "Awaitable: the same object."},
     {"sleep_ms", demo_sleep_ms, METH_O, "Awaitable: None after ms ms."},
+    {"sleep_stamp_ms", demo_sleep_stamp_ms, METH_O,
+     "Awaitable: the monotonic ns at which a runtime timer of ms fired."},
     {"await_py", demo_await_py, METH_O,
      "Awaitable: a C task awaits the given awaitable."},
     {"await_py_n", demo_await_py_n, METH_VARARGS,
