@@ -23,6 +23,7 @@ static unsigned rtt_n = 20000;
 static unsigned sleep_n = 300;
 static unsigned sleepers_n = 10000;
 static unsigned fd_n = 100000;
+static unsigned spin_us = AIOB_SPIN_US_DEFAULT;
 
 static int cmp_double(const void *a, const void *b) {
   double x = *(const double *)a, y = *(const double *)b;
@@ -49,6 +50,7 @@ static aiob_runtime *runtime(const aiob_backend *b, unsigned threads) {
   aiob_runtime_config_init(&cfg);
   cfg.backend_table = b;
   cfg.threads = threads;
+  cfg.spin_us = spin_us;
   aiob_runtime *rt;
   check(aiob_runtime_new(&rt, &cfg), b->name);
   return rt;
@@ -312,8 +314,11 @@ int main(int argc, char **argv) {
       fd_n = 10000;
     } else if (!strcmp(argv[i], "--backend") && i + 1 < argc)
       only = argv[++i];
+    else if (!strcmp(argv[i], "--spin-us") && i + 1 < argc)
+      spin_us = (unsigned)atoi(argv[++i]);
     else {
-      printf("usage: %s [--runs N] [--quick] [--backend NAME]\n", argv[0]);
+      printf("usage: %s [--runs N] [--quick] [--backend NAME] [--spin-us N]\n",
+             argv[0]);
       return strcmp(argv[i], "--help") ? 2 : 0;
     }
   }
@@ -347,9 +352,9 @@ int main(int argc, char **argv) {
       result[k][m] = median(samples[m], (size_t)runs);
   }
 
-  printf("aiobridge backend benchmark: median of %d run(s); ratio = this "
-         "backend / %s\n\n",
-         runs, bk[0]->name);
+  printf("aiobridge backend benchmark: median of %d run(s), spin_us %u; "
+         "ratio = this backend / %s\n\n",
+         runs, spin_us, bk[0]->name);
   printf("%-26s %-8s", "metric", "unit");
   for (int k = 0; k < nb; k++)
     printf(" %14s", bk[k]->name);

@@ -107,8 +107,12 @@ struct aiob_loop {
   struct aiob__fd_rec **fds; /* indexed by fd */
   size_t nfds;
 
+  /* Spin-before-block budget (loop thread only), ns. */
+  uint64_t spin_budget;
+
   /* Counters (single writer per counter except spawned). */
   _Atomic uint64_t n_spawned, n_completed, n_cancelled, n_polls, n_wakes;
+  _Atomic uint64_t n_spins, n_spin_hits, n_spin_ns;
 
   /* Start-up handshake. */
   int init_status;
@@ -121,6 +125,7 @@ struct aiob_runtime {
   bool shutdown_done;
   const aiob_backend *backend;
   aiob_backend_options options;
+  uint64_t spin_max_ns; /* 0: never spin */
   unsigned nloops;
   _Atomic unsigned next_loop;
   aiob_loop *loops;

@@ -4,13 +4,16 @@
  *   1. accept everything other threads pushed (remote MPSC queue),
  *   2. run up to BUDGET ready tasks (a self-waking task goes to the back),
  *   3. re-arm the backend timer for the earliest sleep,
- *   4. run one backend iteration: blocking only when nothing is ready,
- *   5. fire expired sleeps.
+ *   4. with nothing ready, spin a bounded, adaptive while for remote pushes
+ *      (see aiob_runtime_config.spin_us),
+ *   5. run one backend iteration: blocking only when nothing is ready,
+ *   6. fire expired sleeps.
  * Remote pushers set `notified` and call the backend's wake only on its
  * 0 -> 1 transition; the loop clears it before draining, so a push that the
  * drain misses always wakes the loop again. */
 #include "internal.h"
 
+#include <errno.h>
 #include <sched.h>
 #include <stdlib.h>
 #include <string.h>
@@ -99,14 +102,71 @@ static void loop_drain_shutdown(aiob_loop *loop) {
     abort(); /* a push after `closed` would be a core bug */
 }
 
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  __asm__ __volatile__("yield");
+#endif
+}
+
+/* Spins until a remote push arrives (true) or the budget, the next timer or
+ * a stop request ends it (false). While spinning `notified` stays set, so
+ * pushers skip the backend wake: a push is complete (linked) before its
+ * pusher reads `notified`, so one the spin misses finds `notified` cleared
+ * by the next accept_remote and wakes the loop. */
+static bool spin(aiob_loop *loop) {
+  uint64_t start = aiob_now_ns(), end = start + loop->spin_budget;
+  aiob_sleep *top = aiob__heap_top(&loop->timers);
+  if (top && top->deadline < end)
+    end = top->deadline;
+  bool hit = atomic_exchange(&loop->notified, 1) != 0;
+  uint64_t now = start;
+  while (!hit && now < end &&
+         !atomic_load_explicit(&loop->stop, memory_order_relaxed)) {
+    if (!aiob__mpsc_empty(&loop->remote)) {
+      hit = true;
+      break;
+    }
+    cpu_relax();
+    now = aiob_now_ns();
+  }
+  if (!hit && !aiob__mpsc_empty(&loop->remote))
+    hit = true;
+  now = aiob_now_ns();
+  atomic_fetch_add_explicit(&loop->n_spins, 1, memory_order_relaxed);
+  atomic_fetch_add_explicit(&loop->n_spin_ns, now - start,
+                            memory_order_relaxed);
+  if (hit)
+    atomic_fetch_add_explicit(&loop->n_spin_hits, 1, memory_order_relaxed);
+  else if ((loop->spin_budget /= 2) < 1000)
+    loop->spin_budget = 0; /* pushes come rarely: stop spinning */
+  return hit;
+}
+
 static void loop_main(aiob_loop *loop) {
+  uint64_t max = loop->rt->spin_max_ns;
+  bool spun = false;
+  loop->spin_budget = max;
   while (!atomic_load_explicit(&loop->stop, memory_order_acquire)) {
     accept_remote(loop);
     run_ready(loop);
     aiob__timers_rearm(loop);
     unsigned flags = loop->local_head ? AIOB_RUN_NOWAIT : 0;
+    if (!flags && !spun && loop->spin_budget) {
+      /* Either way accept again; after a miss, block without spinning. */
+      spun = !spin(loop);
+      continue;
+    }
+    spun = false;
+    uint64_t before = max && !flags ? aiob_now_ns() : 0;
     if (loop->backend->run(loop->bl, flags) < 0)
       break;
+    /* A blocking wait that a push ended sooner than a full spin would have
+     * been caught by spinning: restore the budget. */
+    if (before && !aiob__mpsc_empty(&loop->remote) &&
+        aiob_now_ns() - before <= max)
+      loop->spin_budget = max;
     if (aiob__heap_top(&loop->timers))
       aiob__timers_process(loop, aiob_now_ns());
   }
@@ -149,6 +209,7 @@ static void *loop_thread(void *arg) {
 void aiob_runtime_config_init(aiob_runtime_config *cfg) {
   memset(cfg, 0, sizeof *cfg);
   cfg->threads = 1;
+  cfg->spin_us = AIOB_SPIN_US_DEFAULT;
 }
 
 static int resolve_backend(const aiob_runtime_config *cfg,
@@ -187,7 +248,8 @@ int aiob_runtime_new(aiob_runtime **out, const aiob_runtime_config *cfg) {
     aiob_runtime_config_init(&defaults);
     cfg = &defaults;
   }
-  if (cfg->threads < 1 || cfg->threads > MAX_THREADS)
+  if (cfg->threads < 1 || cfg->threads > MAX_THREADS ||
+      cfg->spin_us > AIOB_SPIN_US_MAX)
     return AIOB_EINVAL;
   const aiob_backend *backend;
   int rc = resolve_backend(cfg, &backend);
@@ -204,6 +266,7 @@ int aiob_runtime_new(aiob_runtime **out, const aiob_runtime_config *cfg) {
   atomic_init(&rt->refs, 1);
   rt->backend = backend;
   rt->options = cfg->backend_options;
+  rt->spin_max_ns = (uint64_t)cfg->spin_us * 1000;
   rt->nloops = cfg->threads;
   rt->loops = loops;
   pthread_mutex_init(&rt->shutdown_mu, NULL);
@@ -281,6 +344,10 @@ const char *aiob_runtime_backend_name(const aiob_runtime *rt) {
 
 unsigned aiob_runtime_threads(const aiob_runtime *rt) { return rt->nloops; }
 
+unsigned aiob_runtime_spin_us(const aiob_runtime *rt) {
+  return (unsigned)(rt->spin_max_ns / 1000);
+}
+
 void *aiob_runtime_native(aiob_runtime *rt, unsigned index) {
   if (!rt || index >= rt->nloops || atomic_load(&rt->shut))
     return NULL;
@@ -299,6 +366,10 @@ void aiob_runtime_stats_get(const aiob_runtime *rt, aiob_runtime_stats *st) {
         atomic_load_explicit(&l->n_cancelled, memory_order_relaxed);
     st->polls += atomic_load_explicit(&l->n_polls, memory_order_relaxed);
     st->loop_wakes += atomic_load_explicit(&l->n_wakes, memory_order_relaxed);
+    st->spins += atomic_load_explicit(&l->n_spins, memory_order_relaxed);
+    st->spin_hits +=
+        atomic_load_explicit(&l->n_spin_hits, memory_order_relaxed);
+    st->spin_ns += atomic_load_explicit(&l->n_spin_ns, memory_order_relaxed);
   }
   uint64_t done = st->tasks_completed + st->tasks_cancelled;
   st->tasks_live = st->tasks_spawned > done ? st->tasks_spawned - done : 0;
@@ -357,7 +428,8 @@ static bool default_configured;
 static bool default_used; /* stays set: the choice never changes after use */
 
 int aiob_runtime_default_configure(const aiob_runtime_config *cfg) {
-  if (!cfg || cfg->threads < 1 || cfg->threads > MAX_THREADS)
+  if (!cfg || cfg->threads < 1 || cfg->threads > MAX_THREADS ||
+      cfg->spin_us > AIOB_SPIN_US_MAX)
     return AIOB_EINVAL;
   pthread_mutex_lock(&default_mu);
   int rc = 0;
@@ -387,7 +459,17 @@ int aiob_runtime_default(aiob_runtime **out) {
       cfg.backend = env;
       cfg.backend_table = NULL;
     }
-    rc = aiob_runtime_new(&default_rt, &cfg);
+    env = getenv("AIOBRIDGE_SPIN_US");
+    if (env && env[0]) {
+      char *end;
+      errno = 0;
+      unsigned long us = strtoul(env, &end, 10);
+      if (errno || *end || env[0] == '-' || us > AIOB_SPIN_US_MAX)
+        rc = AIOB_EINVAL;
+      cfg.spin_us = (unsigned)us;
+    }
+    if (rc == 0)
+      rc = aiob_runtime_new(&default_rt, &cfg);
     default_used = default_used || rc == 0;
   }
   if (rc == 0)

@@ -3070,6 +3070,80 @@ static void test_stats(void **state) {
 }
 
 /* ======================================================================== */
+/* spin_policy: spin_us bounds; 0 never spins; a spinning loop catches
+ * back-to-back pushes without blocking; an idle loop stops spinning.        */
+
+static void spin_stats(aiob_runtime *rt, aiob_runtime_stats *st) {
+  /* Counters are relaxed; the loop writes them before it blocks. */
+  uint64_t deadline = aiob_now_ns() + WAIT_TIMEOUT, spins = UINT64_MAX;
+  for (;;) {
+    aiob_runtime_stats_get(rt, st);
+    if (st->spins == spins || aiob_now_ns() > deadline)
+      return;
+    spins = st->spins;
+    sleep_thread_ns(5 * AIOB_MSEC);
+  }
+}
+
+static void round_trips(aiob_runtime *rt, int n) {
+  tbase *b = xcalloc((size_t)n, sizeof *b);
+  for (int i = 0; i < n; i++) {
+    aiob_task *h = spawn_h(rt, &ready_vt, &b[i]);
+    wait_ok(h);
+    aiob_task_release(h);
+  }
+  free(b);
+}
+
+static void test_spin_policy(void **state) {
+  (void)state;
+  aiob_runtime_config cfg;
+  aiob_runtime *rt = NULL;
+  aiob_runtime_stats st;
+
+  config_for_backend(&cfg, 1);
+  assert_int_equal(cfg.spin_us, AIOB_SPIN_US_DEFAULT);
+  cfg.spin_us = AIOB_SPIN_US_MAX + 1;
+  assert_rc(aiob_runtime_new(&rt, &cfg), AIOB_EINVAL);
+  assert_rc(aiob_runtime_default_configure(&cfg), AIOB_EINVAL);
+
+  cfg.spin_us = 0;
+  assert_rc(aiob_runtime_new(&rt, &cfg), 0);
+  assert_int_equal(aiob_runtime_spin_us(rt), 0);
+  round_trips(rt, 200);
+  spin_stats(rt, &st);
+  assert_int_equal(st.spins, 0);
+  assert_int_equal(st.spin_ns, 0);
+  aiob_runtime_free(rt);
+
+  /* A generous budget: even a slow (sanitized) waiter spawns the next task
+   * within it, so some spins must catch it. */
+  cfg.spin_us = 2000;
+  assert_rc(aiob_runtime_new(&rt, &cfg), 0);
+  assert_int_equal(aiob_runtime_spin_us(rt), 2000);
+  round_trips(rt, 200);
+  spin_stats(rt, &st);
+  print_message("spin_policy[%s]: %llu spins, %llu hits, %.1f ms spinning\n",
+                g_backend, (unsigned long long)st.spins,
+                (unsigned long long)st.spin_hits, (double)st.spin_ns / 1e6);
+  assert_true(st.spins > 0);
+  assert_true(st.spin_hits > 0);
+  assert_true(st.spin_hits <= st.spins);
+
+  /* Idle for 200 ms: at most one more budget is spent, then it blocks. */
+  aiob_runtime_stats before = st;
+  sleep_thread_ns(200 * AIOB_MSEC);
+  spin_stats(rt, &st);
+  if (st.spins - before.spins > 1 ||
+      st.spin_ns - before.spin_ns > 2 * 2000 * AIOB_USEC)
+    fail_msg("idle loop spun %llu times for %.2f ms",
+             (unsigned long long)(st.spins - before.spins),
+             (double)(st.spin_ns - before.spin_ns) / 1e6);
+  aiob_runtime_free(rt);
+  assert_clean();
+}
+
+/* ======================================================================== */
 /* cancel_wake_race: wakes and cancels racing from two threads; every task
  * is dropped exactly once and never polled after its drop.                  */
 
@@ -3748,6 +3822,7 @@ int main(int argc, char **argv) {
       T1(sleep_forever),
       T0(backend_contract),
       T0(runtime_new_partial_failure),
+      T0(spin_policy),
   };
 #undef T0
 #undef T1

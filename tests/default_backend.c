@@ -1,7 +1,9 @@
-/* The default runtime follows AIOBRIDGE_BACKEND (a testing and benchmarking
- * knob). Usage: default_backend <expected backend name | error name>
- * e.g. `AIOBRIDGE_BACKEND=event default_backend event`, or
- * `AIOBRIDGE_BACKEND=nope default_backend ENOENT`. */
+/* The default runtime follows AIOBRIDGE_BACKEND and AIOBRIDGE_SPIN_US
+ * (testing and benchmarking knobs).
+ * Usage: default_backend <expected backend name | error name> [spin_us]
+ * e.g. `AIOBRIDGE_BACKEND=event default_backend event`,
+ * `AIOBRIDGE_BACKEND=nope default_backend ENOENT`, or
+ * `AIOBRIDGE_SPIN_US=7 default_backend uv 7`. */
 #include "aiobridge.h"
 
 #include <stdio.h>
@@ -15,21 +17,24 @@ static aiob_poll ready(aiob_task *t, void *p) {
 }
 
 int main(int argc, char **argv) {
-  if (argc != 2) {
-    fprintf(stderr, "usage: %s <backend | error name>\n", argv[0]);
+  if (argc != 2 && argc != 3) {
+    fprintf(stderr, "usage: %s <backend | error name> [spin_us]\n", argv[0]);
     return 2;
   }
   const char *env = getenv("AIOBRIDGE_BACKEND");
   aiob_runtime *rt;
   int rc = aiob_runtime_default(&rt);
   if (rc < 0) {
-    printf("AIOBRIDGE_BACKEND=%s: %s (%s)\n", env ? env : "", aiob_err_name(rc),
+    const char *spin = getenv("AIOBRIDGE_SPIN_US");
+    printf("AIOBRIDGE_BACKEND=%s AIOBRIDGE_SPIN_US=%s: %s (%s)\n",
+           env ? env : "", spin ? spin : "", aiob_err_name(rc),
            aiob_strerror(rc));
     return strcmp(aiob_err_name(rc), argv[1]) == 0 ? 0 : 1;
   }
   const char *name = aiob_runtime_backend_name(rt);
-  printf("AIOBRIDGE_BACKEND=%s: default runtime on \"%s\"\n", env ? env : "",
-         name);
+  unsigned spin = aiob_runtime_spin_us(rt);
+  printf("AIOBRIDGE_BACKEND=%s: default runtime on \"%s\", spin %u us\n",
+         env ? env : "", name, spin);
   /* The runtime works, not just exists. */
   static const aiob_task_vtable vt = {.poll = ready};
   aiob_task *t;
@@ -39,5 +44,6 @@ int main(int argc, char **argv) {
     aiob_task_release(t);
   }
   aiob_runtime_default_shutdown();
-  return rc == 0 && strcmp(name, argv[1]) == 0 ? 0 : 1;
+  unsigned want = argc == 3 ? (unsigned)atoi(argv[2]) : AIOB_SPIN_US_DEFAULT;
+  return rc == 0 && strcmp(name, argv[1]) == 0 && spin == want ? 0 : 1;
 }

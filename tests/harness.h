@@ -22,6 +22,13 @@
 
 #define WAIT_TIMEOUT (10 * AIOB_SEC)
 
+/* Sleeps the calling (non-loop) thread. */
+static inline void sleep_thread_ns(uint64_t ns) {
+  struct timespec ts = {(time_t)(ns / AIOB_SEC), (long)(ns % AIOB_SEC)};
+  while (nanosleep(&ts, &ts) != 0)
+    ;
+}
+
 /* ---- Failures recorded off the test thread ----------------------------- */
 
 static atomic_int g_bad;
