@@ -73,9 +73,23 @@ foreach(py IN LISTS candidates)
   message(STATUS "python: ${py}: CPython ${ver} (${tag})")
 endforeach()
 
+# The `aiobridge` module itself (exception types, runtime introspection):
+# every aiobridge extension imports it. Target aiobridge_module_<tag>.
+foreach(tag IN LISTS AIOB_PY_TAGS)
+  set(target aiobridge_module_${tag})
+  add_library(${target} MODULE ${PROJECT_SOURCE_DIR}/bindings/python/aiobridge_module.c)
+  target_include_directories(${target} PRIVATE ${AIOB_PY_INC_${tag}})
+  set_target_properties(${target} PROPERTIES
+      OUTPUT_NAME aiobridge PREFIX "" SUFFIX "${AIOB_PY_SUFFIX_${tag}}"
+      LIBRARY_OUTPUT_DIRECTORY "${AIOB_PY_DIR_${tag}}"
+      C_VISIBILITY_PRESET hidden)
+  aiob_target_flags(${target})
+endforeach()
+
 # aiob_add_python_extension(<module name> SOURCES <files...>)
 # Each extension carries its own copy of the core and the bridge (hidden
-# symbols), like a Rust extension carries its own runtime.
+# symbols), like a Rust extension carries its own runtime; at import it
+# registers that runtime with the `aiobridge` module (built next to it).
 function(aiob_add_python_extension name)
   cmake_parse_arguments(ARG "" "" "SOURCES" ${ARGN})
   foreach(tag IN LISTS AIOB_PY_TAGS)
@@ -92,5 +106,6 @@ function(aiob_add_python_extension name)
         LIBRARY_OUTPUT_DIRECTORY "${AIOB_PY_DIR_${tag}}"
         C_VISIBILITY_PRESET hidden)
     aiob_target_flags(${target})
+    add_dependencies(${target} aiobridge_module_${tag})
   endforeach()
 endfunction()

@@ -478,6 +478,18 @@ int aiob_runtime_default(aiob_runtime **out) {
   return rc;
 }
 
+int aiob_runtime_default_peek(void (*fn)(aiob_runtime *rt, void *arg),
+                              void *arg) {
+  if (!fn)
+    return AIOB_EINVAL;
+  pthread_mutex_lock(&default_mu);
+  aiob_runtime *rt = default_rt;
+  if (rt)
+    fn(rt, arg);
+  pthread_mutex_unlock(&default_mu);
+  return rt ? 0 : AIOB_ENOENT;
+}
+
 int aiob_runtime_default_shutdown(void) {
   pthread_mutex_lock(&default_mu);
   aiob_runtime *rt = default_rt;

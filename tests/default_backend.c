@@ -16,6 +16,20 @@ static aiob_poll ready(aiob_task *t, void *p) {
   return AIOB_READY;
 }
 
+static void peek_fn(aiob_runtime *rt, void *arg) { *(aiob_runtime **)arg = rt; }
+
+/* aiob_runtime_default_peek never creates the runtime. */
+static int peek(aiob_runtime *want) {
+  aiob_runtime *seen = NULL;
+  int rc = aiob_runtime_default_peek(peek_fn, &seen);
+  if (want ? rc != 0 || seen != want : rc != AIOB_ENOENT || seen != NULL) {
+    printf("aiob_runtime_default_peek: %s, runtime %p, expected %p\n",
+           aiob_err_name(rc), (void *)seen, (void *)want);
+    return 1;
+  }
+  return 0;
+}
+
 int main(int argc, char **argv) {
   if (argc != 2 && argc != 3) {
     fprintf(stderr, "usage: %s <backend | error name> [spin_us]\n", argv[0]);
@@ -23,6 +37,8 @@ int main(int argc, char **argv) {
   }
   const char *env = getenv("AIOBRIDGE_BACKEND");
   aiob_runtime *rt;
+  if (peek(NULL))
+    return 1;
   int rc = aiob_runtime_default(&rt);
   if (rc < 0) {
     const char *spin = getenv("AIOBRIDGE_SPIN_US");
@@ -43,7 +59,11 @@ int main(int argc, char **argv) {
     rc = aiob_task_wait(t, 10 * AIOB_SEC);
     aiob_task_release(t);
   }
+  if (peek(rt))
+    return 1;
   aiob_runtime_default_shutdown();
+  if (peek(NULL))
+    return 1;
   unsigned want = argc == 3 ? (unsigned)atoi(argv[2]) : AIOB_SPIN_US_DEFAULT;
   return rc == 0 && strcmp(name, argv[1]) == 0 && spin == want ? 0 : 1;
 }

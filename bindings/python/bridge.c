@@ -18,6 +18,7 @@
 #include "internal.h"
 
 #include <sched.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -173,7 +174,13 @@ static bool port_push(port *p, item *it) {
 /* ---- Module-level bridge ----------------------------------------------- */
 
 struct aiob_py_bridge {
-  PyObject *ports;            /* dict: loop -> Port */
+  PyObject *ports;          /* dict: loop -> Port */
+  PyObject *shutdown_error; /* aiobridge.ShutdownError */
+  PyObject *backend_error;  /* aiobridge.BackendError */
+  PyObject *reg;            /* capsule of a bridge_reg (hub, atexit) */
+  int exited;               /* the atexit hook stopped the runtime */
+  /* Counters (loop threads, GIL held). */
+  unsigned long long completions, py_wakes, py_awaits;
   PyObject *get_running_loop; /* asyncio.events._get_running_loop */
   PyObject *ensure_future;    /* asyncio.ensure_future */
   PyTypeObject *pending_type, *lazy_type, *port_type, *waiter_type;
@@ -182,12 +189,30 @@ struct aiob_py_bridge {
       *s_remove_reader, *s_is_closed, *s_call_soon, *s_result, *s_exception;
 };
 
-static aiob_runtime *bridge_runtime(void) {
+/* The runtime, started if needed (GIL), or NULL with aiobridge.ShutdownError
+ * (after the interpreter-exit hook) or aiobridge.BackendError set. */
+static aiob_runtime *bridge_runtime(aiob_py_bridge *b) {
+  if (b->exited) {
+    PyErr_SetString(b->shutdown_error,
+                    "aiobridge: the runtime was stopped at interpreter exit");
+    return NULL;
+  }
   aiob_runtime *rt = NULL;
   int rc = aiob_runtime_default(&rt);
   if (rc < 0) {
-    PyErr_Format(PyExc_OSError, "aiobridge: cannot start the runtime: %s",
-                 aiob_strerror(rc));
+    /* An OSError subclass: errno and a message naming the knob in use. */
+    const char *env = getenv("AIOBRIDGE_BACKEND");
+    PyObject *e = Py_BuildValue(
+        "(iN)", -rc,
+        env && env[0]
+            ? PyUnicode_FromFormat("aiobridge: cannot start the runtime "
+                                   "(AIOBRIDGE_BACKEND=%s): %s",
+                                   env, aiob_strerror(rc))
+            : PyUnicode_FromFormat("aiobridge: cannot start the runtime: %s",
+                                   aiob_strerror(rc)));
+    if (e)
+      PyErr_SetObject(b->backend_error, e);
+    Py_XDECREF(e);
     return NULL;
   }
   return rt;
@@ -309,6 +334,7 @@ static PyObject *weakref_get(PyObject *ref) {
 /* Resolves the future of a finished task (loop thread, GIL). */
 static void complete_pending(aiob_py_bridge *b, pending *p) {
   aiob_output out = {0};
+  b->completions++;
   aiob_task_take_output(p->task, &out);
   PyObject *fut = weakref_get(p->fut_ref);
   if (!fut) {
@@ -495,6 +521,7 @@ static void start_request(aiob_py_bridge *b, request *r) {
     request_unref(r);
     return;
   }
+  b->py_awaits++;
   /* The C side cannot release `object` or the context before `cancelled`
    * is set, and we hold the GIL from the check to these references. */
   PyObject *obj = r->object, *ctx = r->locals->context;
@@ -669,13 +696,31 @@ aiob_poll aiob_py_await_poll(aiob_task *self, aiob_py_await *aw,
 
 /* ---- The Python side of a port ----------------------------------------- */
 
+/* The ports dict maps a loop's weak reference to its pyport, so a loop that
+ * is dropped without close() is not kept alive by the bridge. The loop's
+ * selector holds the pyport (through the bound drain method) while the
+ * eventfd is registered. */
 typedef struct pyport {
   PyObject_HEAD aiob_py_bridge *b;
   port *port;
-  PyObject *loop;  /* owned */
-  PyObject *drain; /* bound method, for call_soon */
-  int reader;      /* eventfd registered with add_reader */
+  PyObject *loop_ref; /* weak reference to the loop (the dict key) */
+  int reader;         /* eventfd registered with add_reader */
 } pyport;
+
+/* Calls loop.<name>(args...) if the loop is alive; NULL with an exception
+ * set otherwise. */
+static PyObject *pyport_call(pyport *pp, PyObject *name, PyObject *arg1,
+                             PyObject *arg2) {
+  PyObject *loop = weakref_get(pp->loop_ref);
+  if (!loop) {
+    if (!PyErr_Occurred())
+      PyErr_SetString(PyExc_RuntimeError, "aiobridge: the loop is gone");
+    return NULL;
+  }
+  PyObject *r = PyObject_CallMethodObjArgs(loop, name, arg1, arg2, NULL);
+  Py_DECREF(loop);
+  return r;
+}
 
 static void dispatch(aiob_py_bridge *b, item *it) {
   switch (it->kind) {
@@ -703,6 +748,7 @@ static PyObject *pyport_drain(PyObject *self, PyObject *unused) {
   ssize_t n = read(p->efd, &v, sizeof v);
   (void)n;
   atomic_store(&p->signalled, 0);
+  pp->b->py_wakes++;
   Py_INCREF(self);
   int done = 0;
   aiob__mpsc_node *node;
@@ -711,9 +757,11 @@ static PyObject *pyport_drain(PyObject *self, PyObject *unused) {
     done++;
   }
   if (done == DRAIN_CHUNK && !atomic_load(&p->closed)) {
-    PyObject *r = PyObject_CallMethodObjArgs(pp->loop, pp->b->s_call_soon,
-                                             pp->drain, NULL);
+    PyObject *drain = PyObject_GetAttrString(self, "drain");
+    PyObject *r =
+        drain ? pyport_call(pp, pp->b->s_call_soon, drain, NULL) : NULL;
     Py_XDECREF(r);
+    Py_XDECREF(drain);
     PyErr_Clear();
   }
   release_orphans();
@@ -728,14 +776,12 @@ static void pyport_close(pyport *pp) {
     return;
   while (atomic_load(&p->pushers))
     sched_yield(); /* a runtime thread is between its check and its push */
-  if (pp->reader && pp->loop) {
-    PyObject *closed =
-        PyObject_CallMethodObjArgs(pp->loop, pp->b->s_is_closed, NULL);
+  if (pp->reader) {
+    PyObject *closed = pyport_call(pp, pp->b->s_is_closed, NULL, NULL);
     if (closed == Py_False) {
       PyObject *fd = PyLong_FromLong(p->efd);
-      PyObject *r = fd ? PyObject_CallMethodObjArgs(
-                             pp->loop, pp->b->s_remove_reader, fd, NULL)
-                       : NULL;
+      PyObject *r =
+          fd ? pyport_call(pp, pp->b->s_remove_reader, fd, NULL) : NULL;
       Py_XDECREF(r);
       Py_XDECREF(fd);
     }
@@ -763,8 +809,7 @@ static void pyport_dealloc(PyObject *self) {
   pyport *pp = (pyport *)self;
   PyTypeObject *tp = Py_TYPE(self);
   pyport_close(pp);
-  Py_CLEAR(pp->drain);
-  Py_CLEAR(pp->loop);
+  Py_CLEAR(pp->loop_ref);
   if (pp->port)
     port_unref(pp->port);
   tp->tp_free(self);
@@ -789,14 +834,15 @@ static PyType_Spec pyport_spec = {
     .slots = pyport_slots,
 };
 
-/* Forgets ports of closed loops (their futures can never be resolved). */
+/* Forgets ports of closed or collected loops (their futures can never be
+ * resolved; their C tasks are cancelled when the futures are collected). */
 static void prune_ports(aiob_py_bridge *b) {
   PyObject *key, *value;
   Py_ssize_t pos = 0;
   PyObject *dead = NULL;
   while (PyDict_Next(b->ports, &pos, &key, &value)) {
-    PyObject *c = PyObject_CallMethodObjArgs(key, b->s_is_closed, NULL);
-    if (c == Py_True) {
+    PyObject *c = pyport_call((pyport *)value, b->s_is_closed, NULL, NULL);
+    if (c != Py_False) {
       if (!dead)
         dead = PyList_New(0);
       if (dead)
@@ -818,32 +864,36 @@ static void prune_ports(aiob_py_bridge *b) {
 
 /* The port of `loop`, created on first use (borrowed; GIL). */
 static pyport *port_for(aiob_py_bridge *b, PyObject *loop) {
-  pyport *pp = (pyport *)PyDict_GetItem(b->ports, loop);
-  if (pp)
+  PyObject *ref = PyWeakref_NewRef(loop, NULL); /* the loop's basic ref */
+  if (!ref)
+    return NULL;
+  pyport *pp = (pyport *)PyDict_GetItemWithError(b->ports, ref);
+  if (pp || PyErr_Occurred()) {
+    Py_DECREF(ref);
     return pp;
+  }
   prune_ports(b);
   pp = PyObject_New(pyport, b->port_type);
-  if (!pp)
+  if (!pp) {
+    Py_DECREF(ref);
     return NULL;
+  }
   pp->b = b;
-  pp->loop = NULL;
-  pp->drain = NULL;
+  pp->loop_ref = ref; /* moved */
   pp->reader = 0;
   pp->port = port_new();
   if (!pp->port) {
-    Py_DECREF(pp);
     PyErr_SetFromErrno(PyExc_OSError);
+    Py_DECREF(pp);
     return NULL;
   }
-  Py_INCREF(loop);
-  pp->loop = loop;
-  pp->drain = PyObject_GetAttrString((PyObject *)pp, "drain");
+  PyObject *drain = PyObject_GetAttrString((PyObject *)pp, "drain");
   PyObject *fd = PyLong_FromLong(pp->port->efd);
-  PyObject *r = pp->drain && fd
-                    ? PyObject_CallMethodObjArgs(loop, b->s_add_reader, fd,
-                                                 pp->drain, NULL)
-                    : NULL;
+  PyObject *r = drain && fd ? PyObject_CallMethodObjArgs(loop, b->s_add_reader,
+                                                         fd, drain, NULL)
+                            : NULL;
   Py_XDECREF(fd);
+  Py_XDECREF(drain);
   if (!r) {
     if (PyErr_ExceptionMatches(PyExc_NotImplementedError)) {
       PyErr_Clear();
@@ -855,7 +905,8 @@ static pyport *port_for(aiob_py_bridge *b, PyObject *loop) {
   }
   Py_DECREF(r);
   pp->reader = 1;
-  if (PyDict_SetItem(b->ports, loop, (PyObject *)pp) < 0) {
+  if (PyDict_SetItem(b->ports, pp->loop_ref, (PyObject *)pp) < 0) {
+    pyport_close(pp);
     Py_DECREF(pp);
     return NULL;
   }
@@ -870,7 +921,7 @@ static pyport *port_for(aiob_py_bridge *b, PyObject *loop) {
 static PyObject *start_on_loop(aiob_py_bridge *b, PyObject *loop,
                                const aiob_task_vtable *vt, void *state,
                                aiob_py_converter conv) {
-  aiob_runtime *rt = bridge_runtime();
+  aiob_runtime *rt = bridge_runtime(b);
   if (!rt)
     return NULL;
   aiob_local_key key;
@@ -927,8 +978,12 @@ static PyObject *start_on_loop(aiob_py_bridge *b, PyObject *loop,
     locals_destroy(l);
     Py_DECREF(p);
     Py_DECREF(fut);
-    PyErr_Format(PyExc_OSError, "aiobridge: cannot spawn: %s",
-                 aiob_strerror(rc));
+    if (rc == AIOB_ESHUTDOWN)
+      PyErr_SetString(b->shutdown_error,
+                      "aiobridge: the runtime is shutting down");
+    else
+      PyErr_Format(PyExc_OSError, "aiobridge: cannot spawn: %s",
+                   aiob_strerror(rc));
     return NULL;
   }
   PyObject *r =
@@ -1105,7 +1160,140 @@ PyObject *aiob_py_future_into_py(aiob_py_bridge *b, const aiob_task_vtable *vt,
   return (PyObject *)z;
 }
 
-/* ---- Bridge lifecycle -------------------------------------------------- */
+/* ---- Introspection ---------------------------------------------------- */
+
+static void stats_fn(aiob_runtime *rt, void *arg) {
+  aiob_runtime_stats_get(rt, arg);
+}
+
+PyObject *aiob_py_bridge_stats(aiob_py_bridge *b) {
+  aiob_runtime_stats st;
+  memset(&st, 0, sizeof st);
+  aiob_runtime_default_peek(stats_fn, &st); /* zeros when not running */
+  return Py_BuildValue(
+      "{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:n}", "tasks_live",
+      (unsigned long long)st.tasks_live, "tasks_spawned",
+      (unsigned long long)st.tasks_spawned, "tasks_completed",
+      (unsigned long long)st.tasks_completed, "tasks_cancelled",
+      (unsigned long long)st.tasks_cancelled, "polls",
+      (unsigned long long)st.polls, "loop_wakes",
+      (unsigned long long)st.loop_wakes, "spins", (unsigned long long)st.spins,
+      "spin_hits", (unsigned long long)st.spin_hits, "spin_ns",
+      (unsigned long long)st.spin_ns, "completions", b->completions,
+      "py_loop_wakes", b->py_wakes, "py_awaits", b->py_awaits, "ports",
+      b->ports ? PyDict_Size(b->ports) : (Py_ssize_t)0);
+}
+
+PyObject *aiob_py_bridge_backend(aiob_py_bridge *b) {
+  aiob_runtime *rt = bridge_runtime(b);
+  return rt ? PyUnicode_FromString(aiob_runtime_backend_name(rt)) : NULL;
+}
+
+typedef struct info_snap {
+  const char *backend;
+  unsigned threads, spin_us;
+} info_snap;
+
+static void info_fn(aiob_runtime *rt, void *arg) {
+  info_snap *i = arg;
+  i->backend = aiob_runtime_backend_name(rt);
+  i->threads = aiob_runtime_threads(rt);
+  i->spin_us = aiob_runtime_spin_us(rt);
+}
+
+/* {module, running, backend, threads, spin_us, default_backend, backends};
+ * never starts the runtime (GIL). */
+static PyObject *bridge_info(aiob_py_bridge *b, const char *module) {
+  info_snap i = {0};
+  int running = aiob_runtime_default_peek(info_fn, &i) == 0;
+  PyObject *names = PyList_New(0);
+  const aiob_backend *bk;
+  for (unsigned k = 0; names && (bk = aiob_backend_at(k)); k++) {
+    PyObject *n = PyUnicode_FromString(bk->name);
+    if (!n || PyList_Append(names, n) < 0)
+      Py_CLEAR(names);
+    Py_XDECREF(n);
+  }
+  if (!names)
+    return NULL;
+  PyObject *threads = Py_None, *spin = Py_None;
+  if (running) {
+    threads = PyLong_FromUnsignedLong(i.threads);
+    spin = PyLong_FromUnsignedLong(i.spin_us);
+  }
+  PyObject *d = Py_BuildValue(
+      "{s:s,s:O,s:s,s:O,s:O,s:O,s:s}", "module", module, "running",
+      running ? Py_True : Py_False, "backend", running ? i.backend : NULL,
+      "threads", threads ? threads : Py_None, "spin_us", spin ? spin : Py_None,
+      "backends", names, "default_backend", aiob_backend_at(0)->name);
+  if (running) {
+    Py_XDECREF(threads);
+    Py_XDECREF(spin);
+  }
+  Py_DECREF(names);
+  (void)b;
+  return d;
+}
+
+/* ---- Registration with the aiobridge module, and the exit hook ---------- */
+
+/* Outlives the bridge: the hub's callables and the atexit hook hold its
+ * capsule; aiob_py_bridge_free clears `b`. */
+typedef struct bridge_reg {
+  aiob_py_bridge *b;
+  char module[128];
+} bridge_reg;
+
+#define REG_NAME "aiobridge.bridge"
+
+static void reg_destroy(PyObject *cap) {
+  free(PyCapsule_GetPointer(cap, REG_NAME));
+}
+
+/* The live bridge of a registration, or NULL with ShutdownError-like
+ * RuntimeError set (its module was freed). */
+static bridge_reg *reg_of(PyObject *cap) {
+  return PyCapsule_GetPointer(cap, REG_NAME);
+}
+
+static aiob_py_bridge *reg_bridge(PyObject *cap) {
+  bridge_reg *r = reg_of(cap);
+  if (r && !r->b)
+    PyErr_Format(PyExc_RuntimeError, "aiobridge: module %s was freed",
+                 r->module);
+  return r ? r->b : NULL;
+}
+
+static PyObject *reg_info(PyObject *cap, PyObject *unused) {
+  (void)unused;
+  bridge_reg *r = reg_of(cap);
+  aiob_py_bridge *b = reg_bridge(cap);
+  return b ? bridge_info(b, r->module) : NULL;
+}
+
+static PyObject *reg_stats(PyObject *cap, PyObject *unused) {
+  (void)unused;
+  aiob_py_bridge *b = reg_bridge(cap);
+  return b ? aiob_py_bridge_stats(b) : NULL;
+}
+
+static PyObject *reg_backend(PyObject *cap, PyObject *unused) {
+  (void)unused;
+  aiob_py_bridge *b = reg_bridge(cap);
+  return b ? aiob_py_bridge_backend(b) : NULL;
+}
+
+/* Stops the runtime; C tasks in flight are cancelled, their completions
+ * reach the loops' ports and cancel the futures. Runtime threads never take
+ * the GIL, so joining them with it held cannot deadlock. */
+static PyObject *reg_shutdown(PyObject *cap, PyObject *unused) {
+  (void)unused;
+  if (!reg_bridge(cap))
+    return NULL;
+  aiob_runtime_default_shutdown();
+  release_orphans();
+  Py_RETURN_NONE;
+}
 
 static void close_all_ports(aiob_py_bridge *b) {
   PyObject *key, *value;
@@ -1115,19 +1303,81 @@ static void close_all_ports(aiob_py_bridge *b) {
   release_orphans();
 }
 
-/* atexit: runtime threads stop before the interpreter finalizes. They never
- * take the GIL, so joining them with the GIL held cannot deadlock. */
-static PyObject *bridge_atexit(PyObject *self, PyObject *unused) {
+/* atexit: runtime threads stop before the interpreter finalizes, and no
+ * runtime starts again in this process. */
+static PyObject *reg_atexit(PyObject *cap, PyObject *unused) {
   (void)unused;
-  aiob_py_bridge *b = PyCapsule_GetPointer(self, "aiobridge.bridge");
+  bridge_reg *r = reg_of(cap);
+  if (!r)
+    return NULL;
+  if (r->b)
+    r->b->exited = 1;
   aiob_runtime_default_shutdown();
-  if (b)
-    close_all_ports(b);
+  if (r->b)
+    close_all_ports(r->b);
+  release_orphans();
   Py_RETURN_NONE;
 }
 
-static PyMethodDef atexit_def = {"_aiobridge_atexit", bridge_atexit,
-                                 METH_NOARGS, NULL};
+static PyMethodDef reg_defs[] = {
+    {"_aiobridge_info", reg_info, METH_NOARGS, NULL},
+    {"_aiobridge_stats", reg_stats, METH_NOARGS, NULL},
+    {"_aiobridge_shutdown", reg_shutdown, METH_NOARGS, NULL},
+    {"_aiobridge_backend", reg_backend, METH_NOARGS, NULL},
+    {"_aiobridge_atexit", reg_atexit, METH_NOARGS, NULL},
+};
+
+/* Imports the aiobridge module, takes its exception types, registers this
+ * bridge there and the exit hook with atexit. */
+static int bridge_register(aiob_py_bridge *b, PyObject *module) {
+  const char *name = PyModule_GetName(module);
+  if (!name)
+    return -1;
+  PyObject *hub = PyImport_ImportModule("aiobridge");
+  if (!hub) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_Format(PyExc_ImportError,
+                 "%s needs the aiobridge module (built and installed with "
+                 "aiobridge) on sys.path",
+                 name);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+    return -1;
+  }
+  b->shutdown_error = PyObject_GetAttrString(hub, "ShutdownError");
+  b->backend_error = PyObject_GetAttrString(hub, "BackendError");
+  bridge_reg *r = calloc(1, sizeof *r);
+  if (!r) {
+    Py_DECREF(hub);
+    PyErr_NoMemory();
+    return -1;
+  }
+  r->b = b;
+  snprintf(r->module, sizeof r->module, "%s", name);
+  b->reg = PyCapsule_New(r, REG_NAME, reg_destroy);
+  if (!b->reg)
+    free(r);
+  PyObject *fn[5] = {NULL};
+  int ok = b->shutdown_error && b->backend_error && b->reg;
+  for (int i = 0; ok && i < 5; i++)
+    ok = (fn[i] = PyCFunction_New(&reg_defs[i], b->reg)) != NULL;
+  PyObject *rv = ok ? PyObject_CallMethod(hub, "_register", "sOOOO", name,
+                                          fn[0], fn[1], fn[2], fn[3])
+                    : NULL;
+  Py_XDECREF(rv);
+  PyObject *atexit = rv ? PyImport_ImportModule("atexit") : NULL;
+  rv = atexit ? PyObject_CallMethod(atexit, "register", "O", fn[4]) : NULL;
+  Py_XDECREF(atexit);
+  for (int i = 0; i < 5; i++)
+    Py_XDECREF(fn[i]);
+  Py_DECREF(hub);
+  if (!rv)
+    return -1;
+  Py_DECREF(rv);
+  return 0;
+}
 
 #define INTERN(field, text)                                                    \
   do {                                                                         \
@@ -1136,7 +1386,6 @@ static PyMethodDef atexit_def = {"_aiobridge_atexit", bridge_atexit,
   } while (0)
 
 int aiob_py_bridge_init(PyObject *module, aiob_py_bridge **out) {
-  (void)module; /* the bridge needs no module attributes yet */
   aiob_py_bridge *b = calloc(1, sizeof *b);
   if (!b) {
     PyErr_NoMemory();
@@ -1180,18 +1429,8 @@ int aiob_py_bridge_init(PyObject *module, aiob_py_bridge **out) {
   b->waiter_type = (PyTypeObject *)PyType_FromSpec(&waiter_spec);
   if (!b->pending_type || !b->lazy_type || !b->port_type || !b->waiter_type)
     goto fail;
-
-  PyObject *cap = PyCapsule_New(b, "aiobridge.bridge", NULL);
-  PyObject *fn = cap ? PyCFunction_New(&atexit_def, cap) : NULL;
-  Py_XDECREF(cap);
-  PyObject *atexit = fn ? PyImport_ImportModule("atexit") : NULL;
-  PyObject *r =
-      atexit ? PyObject_CallMethod(atexit, "register", "O", fn) : NULL;
-  Py_XDECREF(atexit);
-  Py_XDECREF(fn);
-  if (!r)
+  if (bridge_register(b, module) < 0)
     goto fail;
-  Py_DECREF(r);
   *out = b;
   return 0;
 fail:
@@ -1203,7 +1442,16 @@ void aiob_py_bridge_free(aiob_py_bridge *b) {
   if (!b)
     return;
   close_all_ports(b);
+  if (b->reg) {
+    bridge_reg *r = reg_of(b->reg);
+    if (r)
+      r->b = NULL;
+    PyErr_Clear();
+    Py_CLEAR(b->reg);
+  }
   Py_CLEAR(b->ports);
+  Py_CLEAR(b->shutdown_error);
+  Py_CLEAR(b->backend_error);
   Py_CLEAR(b->get_running_loop);
   Py_CLEAR(b->ensure_future);
   Py_CLEAR(b->pending_type);

@@ -265,40 +265,14 @@ static PyObject *demo_fail_errno(PyObject *m, PyObject *arg) {
 
 /* ---- stats() and backend() --------------------------------------------- */
 
-/* This extension's runtime, or NULL with OSError set. */
-static aiob_runtime *demo_runtime(void) {
-  aiob_runtime *rt;
-  int rc = aiob_runtime_default(&rt);
-  if (rc < 0) {
-    PyErr_Format(PyExc_OSError, "runtime: %s", aiob_strerror(rc));
-    return NULL;
-  }
-  return rt;
-}
-
 static PyObject *demo_stats(PyObject *m, PyObject *unused) {
-  (void)m;
   (void)unused;
-  aiob_runtime *rt = demo_runtime();
-  if (!rt)
-    return NULL;
-  aiob_runtime_stats st;
-  aiob_runtime_stats_get(rt, &st);
-  return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K}", "tasks_live",
-                       (unsigned long long)st.tasks_live, "tasks_spawned",
-                       (unsigned long long)st.tasks_spawned, "tasks_completed",
-                       (unsigned long long)st.tasks_completed,
-                       "tasks_cancelled",
-                       (unsigned long long)st.tasks_cancelled, "polls",
-                       (unsigned long long)st.polls, "loop_wakes",
-                       (unsigned long long)st.loop_wakes);
+  return aiob_py_bridge_stats(state_of(m)->bridge);
 }
 
 static PyObject *demo_backend(PyObject *m, PyObject *unused) {
-  (void)m;
   (void)unused;
-  aiob_runtime *rt = demo_runtime();
-  return rt ? PyUnicode_FromString(aiob_runtime_backend_name(rt)) : NULL;
+  return aiob_py_bridge_backend(state_of(m)->bridge);
 }
 
 static PyMethodDef demo_methods[] = {

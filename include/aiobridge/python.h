@@ -34,13 +34,29 @@ typedef struct aiob_py_bridge aiob_py_bridge;
 
 /* Creates the bridge for `module` (call from its Py_mod_exec slot; GIL).
  * The runtime is the process-wide default runtime of this extension's copy
- * of aiobridge, created on first use. Registers an atexit hook that stops
- * the runtime before the interpreter finalizes. Returns 0, or -1 with a
- * Python exception set. */
+ * of aiobridge, created on first use. Imports the `aiobridge` module (an
+ * ImportError if it is missing), takes its exception types and registers
+ * this runtime there under the module's name, so aiobridge.stats(),
+ * runtime_info(), backend() and shutdown() cover it. Registers an atexit
+ * hook that stops the runtime before the interpreter finalizes; afterwards
+ * new C tasks raise aiobridge.ShutdownError. Returns 0, or -1 with a Python
+ * exception set. */
 int aiob_py_bridge_init(PyObject *module, aiob_py_bridge **out);
 
 /* Releases the bridge (module free/clear; GIL). Idempotent on NULL. */
 void aiob_py_bridge_free(aiob_py_bridge *b);
+
+/* Counters of the bridge's runtime and of the bridge, as a new dict (GIL):
+ * tasks_live, tasks_spawned, tasks_completed, tasks_cancelled, polls,
+ * loop_wakes, spins, spin_hits, spin_ns (runtime; zeros while it is not
+ * running), completions (C results delivered to asyncio futures),
+ * py_loop_wakes (asyncio loops woken to drain their queue), py_awaits
+ * (Python awaitables started for C tasks), ports (asyncio loops known). */
+PyObject *aiob_py_bridge_stats(aiob_py_bridge *b);
+
+/* The runtime's backend name as a new str, starting the runtime if needed
+ * (GIL); NULL with aiobridge.BackendError or ShutdownError set. */
+PyObject *aiob_py_bridge_backend(aiob_py_bridge *b);
 
 /* Converts a finished task's output (status >= 0) to a Python object: a new
  * reference, or NULL with an exception set. Runs on the loop thread with the

@@ -87,6 +87,14 @@ AIOB_API int aiob_runtime_default_configure(const aiob_runtime_config *cfg);
  * Returns 0, or AIOB_EDEADLK when called from one of its loop threads. */
 AIOB_API int aiob_runtime_default_shutdown(void);
 
+/* Calls fn(rt, arg) with the default runtime if it exists, holding the lock
+ * that keeps it from being shut down meanwhile; never creates it. fn must
+ * not call the aiob_runtime_default* functions. Returns 0, or AIOB_ENOENT
+ * (fn not called) when there is no default runtime: never used yet, or shut
+ * down. For reporting (stats, info) without starting threads. */
+AIOB_API int aiob_runtime_default_peek(void (*fn)(aiob_runtime *rt, void *arg),
+                                       void *arg);
+
 /* The backend name ("uv", ...). The string lives as long as the backend. */
 AIOB_API const char *aiob_runtime_backend_name(const aiob_runtime *rt);
 

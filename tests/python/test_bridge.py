@@ -16,6 +16,7 @@ import threading
 import time
 import unittest
 
+import aiobridge
 import aiobridge_demo as demo
 
 LOOP = os.environ.get("AIOB_TEST_LOOP", "asyncio")
@@ -294,6 +295,188 @@ class TestLifecycle(unittest.TestCase):
             self.assertEqual(p.returncode, 0, p.stderr)
             self.assertNotIn("Fatal Python error", p.stderr)
             self.assertNotIn("Exception ignored", p.stderr)
+
+
+def run_python(script, env=None, timeout=30):
+    """Runs a fresh interpreter on `script` with this test's loop choice."""
+    prelude = textwrap.dedent(
+        """
+        import asyncio, os
+        if os.environ.get("AIOB_TEST_LOOP") == "uvloop":
+            import uvloop
+            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        """
+    )
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-c", prelude + textwrap.dedent(script)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+    )
+
+
+class TestAiobridgeModule(BridgeCase):
+    STATS_KEYS = {
+        "tasks_live", "tasks_spawned", "tasks_completed", "tasks_cancelled",
+        "polls", "loop_wakes", "spins", "spin_hits", "spin_ns",
+        "completions", "py_loop_wakes", "py_awaits", "ports",
+    }
+
+    async def test_exception_types(self):
+        self.assertTrue(issubclass(aiobridge.ShutdownError, aiobridge.Error))
+        self.assertTrue(issubclass(aiobridge.ShutdownError, RuntimeError))
+        self.assertTrue(issubclass(aiobridge.BackendError, aiobridge.Error))
+        self.assertTrue(issubclass(aiobridge.BackendError, OSError))
+
+    async def test_stats_keys_and_counts(self):
+        self.assertEqual(set(demo.stats()), self.STATS_KEYS)
+        self.assertEqual(set(aiobridge.stats()), self.STATS_KEYS)
+        before = aiobridge.stats(demo)
+        await asyncio.gather(*(demo.ready() for _ in range(100)))
+        await demo.await_py_n(lambda: asyncio.sleep(0), 10)
+        ok = await wait_until(
+            lambda: aiobridge.stats(demo)["tasks_completed"] >= before["tasks_completed"] + 101
+        )
+        self.assertTrue(ok, aiobridge.stats(demo))
+        after = aiobridge.stats("aiobridge_demo")
+        self.assertGreaterEqual(after["tasks_spawned"] - before["tasks_spawned"], 101)
+        self.assertGreaterEqual(after["completions"] - before["completions"], 101)
+        self.assertGreaterEqual(after["py_awaits"] - before["py_awaits"], 10)
+        self.assertGreater(after["py_loop_wakes"], before["py_loop_wakes"])
+        self.assertGreaterEqual(after["ports"], 1)
+        # One imported extension: the totals are its counters.
+        self.assertEqual(aiobridge.stats()["tasks_spawned"], aiobridge.stats(demo)["tasks_spawned"])
+
+    async def test_backend_and_runtime_info(self):
+        await demo.ready()
+        want = os.environ.get("AIOBRIDGE_BACKEND") or aiobridge.runtime_info(demo)["default_backend"]
+        self.assertEqual(aiobridge.backend(), want)
+        self.assertEqual(aiobridge.backend(demo), want)
+        self.assertEqual(demo.backend(), want)
+        info = aiobridge.runtime_info(demo)
+        self.assertEqual(info["module"], "aiobridge_demo")
+        self.assertTrue(info["running"])
+        self.assertEqual(info["backend"], want)
+        self.assertEqual(info["threads"], 1)
+        self.assertIsInstance(info["spin_us"], int)
+        self.assertIn(want, info["backends"])
+        self.assertEqual(aiobridge.runtime_info(), [info])
+
+    async def test_bad_module_argument(self):
+        with self.assertRaises(TypeError):
+            aiobridge.stats(42)
+        with self.assertRaises(LookupError):
+            aiobridge.stats("no_such_extension")
+        with self.assertRaises(LookupError):
+            aiobridge.shutdown(asyncio)  # a module, but not an aiobridge one
+
+    async def test_shutdown_cancels_in_flight_and_restarts(self):
+        sleeper = asyncio.ensure_future(demo.sleep_ms(60_000))
+
+        async def forever():
+            await asyncio.sleep(3600)
+
+        awaiting = asyncio.ensure_future(demo.await_py(forever()))
+        await asyncio.sleep(0.02)
+        self.assertGreaterEqual(aiobridge.stats(demo)["tasks_live"], 2)
+        aiobridge.shutdown(demo)
+        self.assertFalse(aiobridge.runtime_info(demo)["running"])
+        for fut in (sleeper, awaiting):
+            with self.assertRaises(asyncio.CancelledError):
+                await asyncio.wait_for(fut, 5)
+        # The next call starts a fresh runtime.
+        self.assertEqual(await demo.echo("again"), "again")
+        self.assertTrue(aiobridge.runtime_info(demo)["running"])
+        self.assertEqual(aiobridge.stats(demo)["tasks_spawned"], 1)
+
+    def test_unknown_backend_is_backend_error(self):
+        p = run_python(
+            """
+            import errno, aiobridge, aiobridge_demo as demo
+            try:
+                asyncio.run(demo.ready())
+            except aiobridge.BackendError as e:
+                assert e.errno == errno.ENOENT, e.errno
+                assert "AIOBRIDGE_BACKEND=nope" in str(e), str(e)
+                print("ok")
+            """,
+            env={"AIOBRIDGE_BACKEND": "nope"},
+        )
+        self.assertEqual((p.returncode, p.stdout.strip()), (0, "ok"), p.stderr)
+
+    def test_missing_aiobridge_module_is_import_error(self):
+        p = run_python(
+            """
+            import sys
+            sys.modules["aiobridge"] = None  # makes `import aiobridge` fail
+            try:
+                import aiobridge_demo
+            except ImportError as e:
+                assert "needs the aiobridge module" in str(e), str(e)
+                print("ok")
+            """
+        )
+        self.assertEqual((p.returncode, p.stdout.strip()), (0, "ok"), p.stderr)
+
+    def test_calls_after_interpreter_exit_hook_raise_shutdown_error(self):
+        # atexit runs handlers last-registered first: this one, registered
+        # before the extension is imported, runs after the bridge's hook.
+        p = run_python(
+            """
+            import atexit
+
+            def late():
+                import aiobridge, aiobridge_demo as demo
+                try:
+                    asyncio.run(demo.ready())
+                except aiobridge.ShutdownError:
+                    print("ShutdownError")
+
+            atexit.register(late)
+            import aiobridge_demo as demo
+            asyncio.run(demo.ready())
+            """
+        )
+        self.assertEqual((p.returncode, p.stdout.strip()), (0, "ShutdownError"), p.stderr)
+
+
+class TestLoopGoesAway(unittest.TestCase):
+    def test_loop_closed_with_c_tasks_in_flight(self):
+        """Closing (then dropping) a loop with C tasks in flight: no crash, no
+        "Exception ignored" noise, and the C tasks are cancelled."""
+        p = run_python(
+            """
+            import gc, time, aiobridge, aiobridge_demo as demo
+            base = aiobridge.stats(demo)
+            loop = asyncio.new_event_loop()
+            async def start():
+                fut = loop.create_future()
+                return [demo.sleep_ms(60_000) for _ in range(20)] + [demo.await_py(fut)], fut
+            aws, fut = loop.run_until_complete(start())
+            time.sleep(0.05)
+            assert aiobridge.stats(demo)["tasks_live"] == 21, aiobridge.stats(demo)
+            loop.close()
+            del aws, fut, start, loop
+            gc.collect()
+            deadline = time.monotonic() + 10
+            while aiobridge.stats(demo)["tasks_live"] and time.monotonic() < deadline:
+                time.sleep(0.01)
+            st = aiobridge.stats(demo)
+            assert st["tasks_live"] == 0, st
+            assert st["tasks_cancelled"] - base["tasks_cancelled"] == 21, st
+            # Another loop still works, and the closed one's port is gone.
+            assert asyncio.run(demo.echo(5)) == 5
+            assert aiobridge.stats(demo)["ports"] == 1, aiobridge.stats(demo)
+            print("ok")
+            """
+        )
+        self.assertEqual(p.stdout.strip(), "ok", p.stderr)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertNotIn("Exception ignored", p.stderr)
+        self.assertNotIn("Traceback", p.stderr)
 
 
 @unittest.skipUnless(hasattr(sys, "gettotalrefcount"), "needs a debug interpreter (python3-dbg)")
