@@ -218,13 +218,16 @@ static aiob_runtime *bridge_runtime(aiob_py_bridge *b) {
   return rt;
 }
 
-/* ---- Task locals: (port of the asyncio loop, contextvars context) ------- */
+/* ---- Task locals: (asyncio loop, contextvars context) ------------------ */
 
-typedef struct py_locals {
+/* Immutable after creation; refcounted from any thread. */
+struct aiob_py_locals {
   _Atomic uint32_t refs;
-  port *port;
+  port *port;        /* the loop's queue (referenced) */
+  PyObject *loop;    /* owned */
   PyObject *context; /* owned */
-} py_locals;
+};
+typedef aiob_py_locals py_locals;
 
 static void *locals_clone(void *v) {
   py_locals *l = v;
@@ -237,9 +240,23 @@ static void locals_destroy(void *v) {
   if (atomic_fetch_sub(&l->refs, 1) != 1)
     return;
   aiob_py_release(l->context);
+  aiob_py_release(l->loop);
   port_unref(l->port);
   free(l);
 }
+
+aiob_py_locals *aiob_py_locals_clone(aiob_py_locals *l) {
+  return l ? locals_clone(l) : NULL;
+}
+
+void aiob_py_locals_release(aiob_py_locals *l) {
+  if (l)
+    locals_destroy(l);
+}
+
+PyObject *aiob_py_locals_loop(aiob_py_locals *l) { return l->loop; }
+
+PyObject *aiob_py_locals_context(aiob_py_locals *l) { return l->context; }
 
 /* ---- Pending: one C task awaited through an asyncio future -------------- */
 
@@ -398,7 +415,8 @@ typedef struct request {
   aiob_promise *promise; /* completer side */
   PyObject *object;      /* borrowed from the C task's state */
   int is_factory;
-  py_locals *locals;  /* referenced */
+  py_locals *locals; /* referenced */
+  aiob_py_result_converter conv;
   PyObject *pyfuture; /* the running Python future (GIL) */
 } request;
 
@@ -416,6 +434,8 @@ typedef struct waiter {
   PyObject_HEAD aiob_py_bridge *b;
   request *req;
 } waiter;
+
+static void fail_request_with_current(request *r);
 
 static void finish_request(aiob_py_bridge *b, request *r, PyObject *fut) {
   aiob_promise *pr = r->promise;
@@ -448,6 +468,19 @@ static void finish_request(aiob_py_bridge *b, request *r, PyObject *fut) {
   if (!res) {
     PyErr_Clear();
     aiob_promise_complete(pr, AIOB_EIO, NULL, NULL);
+    return;
+  }
+  if (r->conv) {
+    aiob_output o = {0};
+    int rc = r->conv(res, &o);
+    Py_DECREF(res);
+    if (rc < 0) {
+      aiob_output_clear(&o);
+      r->promise = pr;
+      fail_request_with_current(r);
+      return;
+    }
+    aiob_promise_complete(pr, 0, o.value, o.free_value);
     return;
   }
   aiob_promise_complete(pr, 0, res, release_cb);
@@ -591,6 +624,15 @@ void aiob_py_await_init_call(aiob_py_await *aw, PyObject *factory) {
   aw->is_factory = 1;
 }
 
+void aiob_py_await_set_locals(aiob_py_await *aw, aiob_py_locals *locals) {
+  aw->locals = locals;
+}
+
+void aiob_py_await_set_converter(aiob_py_await *aw,
+                                 aiob_py_result_converter conv) {
+  aw->conv = conv;
+}
+
 static void await_detach(struct aiob__leaf *leaf) {
   aiob_py_await *aw = AIOB__CONTAINER_OF(leaf, aiob_py_await, leaf);
   request *r = aw->request;
@@ -635,9 +677,9 @@ static int await_send(aiob_task *self, aiob_py_await *aw) {
   aiob_local_key key;
   if (locals_key_get(&key) < 0)
     return AIOB_EINVAL;
-  py_locals *l = aiob_task_local_get(self, key);
+  py_locals *l = aw->locals ? aw->locals : aiob_task_local_get(self, key);
   if (!l)
-    return AIOB_EINVAL; /* not a task of the bridge */
+    return AIOB_EINVAL; /* no locals given, and not a task of the bridge */
   request *r = calloc(1, sizeof *r);
   if (!r)
     return AIOB_ENOMEM;
@@ -650,6 +692,7 @@ static int await_send(aiob_task *self, aiob_py_await *aw) {
   r->cancel_it.kind = ITEM_CANCEL;
   r->object = aw->object;
   r->is_factory = aw->is_factory;
+  r->conv = aw->conv;
   r->promise = aw->promise; /* completer side */
   r->locals = locals_clone(l);
   if (!port_push(l->port, &r->it)) {
@@ -816,8 +859,35 @@ static void pyport_dealloc(PyObject *self) {
   Py_DECREF(tp);
 }
 
+/* Watches the eventfd (loop thread): immediately for a port created on its
+ * loop's thread, else through call_soon_threadsafe. */
+static PyObject *pyport_register(PyObject *self, PyObject *unused) {
+  (void)unused;
+  pyport *pp = (pyport *)self;
+  if (pp->reader || atomic_load(&pp->port->closed))
+    Py_RETURN_NONE;
+  PyObject *drain = PyObject_GetAttrString(self, "drain");
+  PyObject *fd = PyLong_FromLong(pp->port->efd);
+  PyObject *r =
+      drain && fd ? pyport_call(pp, pp->b->s_add_reader, fd, drain) : NULL;
+  Py_XDECREF(fd);
+  Py_XDECREF(drain);
+  if (!r) {
+    if (PyErr_ExceptionMatches(PyExc_NotImplementedError)) {
+      PyErr_Clear();
+      PyErr_SetString(PyExc_RuntimeError,
+                      "aiobridge needs an event loop with add_reader()");
+    }
+    return NULL;
+  }
+  Py_DECREF(r);
+  pp->reader = 1;
+  Py_RETURN_NONE;
+}
+
 static PyMethodDef pyport_methods[] = {
     {"drain", pyport_drain, METH_NOARGS, "Drain the completion queue."},
+    {"register", pyport_register, METH_NOARGS, "Watch the eventfd."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -862,8 +932,11 @@ static void prune_ports(aiob_py_bridge *b) {
   PyErr_Clear();
 }
 
-/* The port of `loop`, created on first use (borrowed; GIL). */
-static pyport *port_for(aiob_py_bridge *b, PyObject *loop) {
+/* The port of `loop`, created on first use (borrowed; GIL). `on_thread`:
+ * the caller runs that loop; otherwise the eventfd is registered on the
+ * loop's thread later (loop methods are not thread-safe), and items pushed
+ * meanwhile wait in the queue. */
+static pyport *port_for(aiob_py_bridge *b, PyObject *loop, int on_thread) {
   PyObject *ref = PyWeakref_NewRef(loop, NULL); /* the loop's basic ref */
   if (!ref)
     return NULL;
@@ -887,24 +960,20 @@ static pyport *port_for(aiob_py_bridge *b, PyObject *loop) {
     Py_DECREF(pp);
     return NULL;
   }
-  PyObject *drain = PyObject_GetAttrString((PyObject *)pp, "drain");
-  PyObject *fd = PyLong_FromLong(pp->port->efd);
-  PyObject *r = drain && fd ? PyObject_CallMethodObjArgs(loop, b->s_add_reader,
-                                                         fd, drain, NULL)
-                            : NULL;
-  Py_XDECREF(fd);
-  Py_XDECREF(drain);
+  PyObject *r;
+  if (on_thread) {
+    r = pyport_register((PyObject *)pp, NULL);
+  } else {
+    PyObject *reg = PyObject_GetAttrString((PyObject *)pp, "register");
+    r = reg ? PyObject_CallMethod(loop, "call_soon_threadsafe", "O", reg)
+            : NULL;
+    Py_XDECREF(reg);
+  }
   if (!r) {
-    if (PyErr_ExceptionMatches(PyExc_NotImplementedError)) {
-      PyErr_Clear();
-      PyErr_SetString(PyExc_RuntimeError,
-                      "aiobridge needs an event loop with add_reader()");
-    }
     Py_DECREF(pp);
     return NULL;
   }
   Py_DECREF(r);
-  pp->reader = 1;
   if (PyDict_SetItem(b->ports, pp->loop_ref, (PyObject *)pp) < 0) {
     pyport_close(pp);
     Py_DECREF(pp);
@@ -914,13 +983,108 @@ static pyport *port_for(aiob_py_bridge *b, PyObject *loop) {
   return pp;
 }
 
+/* ---- Task locals from Python ------------------------------------------- */
+
+/* The running loop of this thread (new reference), or NULL: with an
+ * exception set on error, without one when no loop runs. */
+static PyObject *running_loop(aiob_py_bridge *b) {
+  PyObject *loop = PyObject_CallObject(b->get_running_loop, NULL);
+  if (loop == Py_None) {
+    Py_DECREF(loop);
+    return NULL;
+  }
+  return loop;
+}
+
+/* New locals for `loop` and `context` (NULL: a copy of the current one). */
+static py_locals *locals_make(aiob_py_bridge *b, PyObject *loop,
+                              PyObject *context) {
+  if (!loop || loop == Py_None) {
+    PyErr_SetString(PyExc_TypeError, "aiobridge: an event loop is needed");
+    return NULL;
+  }
+  if (context && !PyContext_CheckExact(context)) {
+    PyErr_SetString(PyExc_TypeError,
+                    "aiobridge: context must be a contextvars.Context");
+    return NULL;
+  }
+  PyObject *running = running_loop(b);
+  if (!running && PyErr_Occurred())
+    return NULL;
+  int on_thread = running == loop;
+  Py_XDECREF(running);
+  pyport *pp = port_for(b, loop, on_thread);
+  if (!pp)
+    return NULL;
+  py_locals *l = calloc(1, sizeof *l);
+  if (!l) {
+    PyErr_NoMemory();
+    return NULL;
+  }
+  l->context =
+      context ? (Py_INCREF(context), context) : PyContext_CopyCurrent();
+  if (!l->context) {
+    free(l);
+    return NULL;
+  }
+  atomic_init(&l->refs, 1);
+  l->port = pp->port;
+  port_ref(l->port);
+  Py_INCREF(loop);
+  l->loop = loop;
+  return l;
+}
+
+aiob_py_locals *aiob_py_locals_new(aiob_py_bridge *b, PyObject *loop,
+                                   PyObject *context) {
+  return locals_make(b, loop, context);
+}
+
+aiob_py_locals *aiob_py_task_locals(aiob_task *self) {
+  aiob_local_key key;
+  if (!self || locals_key_get(&key) < 0)
+    return NULL;
+  py_locals *l = aiob_task_local_get(self, key);
+  return l ? locals_clone(l) : NULL;
+}
+
+aiob_py_locals *aiob_py_get_current_locals(aiob_py_bridge *b) {
+  py_locals *l = aiob_py_task_locals(aiob__current_task);
+  if (l)
+    return l;
+  PyObject *loop = running_loop(b);
+  if (!loop) {
+    if (!PyErr_Occurred())
+      PyErr_SetString(PyExc_RuntimeError, "no running event loop");
+    return NULL;
+  }
+  l = locals_make(b, loop, NULL);
+  Py_DECREF(loop);
+  return l;
+}
+
+PyObject *aiob_py_get_current_loop(aiob_py_bridge *b) {
+  py_locals *l = aiob_py_task_locals(aiob__current_task);
+  if (l) {
+    PyObject *loop = l->loop;
+    Py_INCREF(loop);
+    locals_destroy(l);
+    return loop;
+  }
+  PyObject *loop = running_loop(b);
+  if (!loop && !PyErr_Occurred())
+    PyErr_SetString(PyExc_RuntimeError, "no running event loop");
+  return loop;
+}
+
 /* ---- Starting a C task for a loop -------------------------------------- */
 
-/* Spawns the task for `loop` and returns its future (GIL). On failure the
- * caller keeps `state`. */
-static PyObject *start_on_loop(aiob_py_bridge *b, PyObject *loop,
-                               const aiob_task_vtable *vt, void *state,
-                               aiob_py_converter conv) {
+/* Spawns the task with locals `l` (the task takes its own reference) and
+ * returns the future on l's loop (GIL). On failure the caller keeps
+ * `state`. */
+static PyObject *start_task(aiob_py_bridge *b, py_locals *l,
+                            const aiob_task_vtable *vt, void *state,
+                            aiob_py_converter conv) {
   aiob_runtime *rt = bridge_runtime(b);
   if (!rt)
     return NULL;
@@ -929,41 +1093,28 @@ static PyObject *start_on_loop(aiob_py_bridge *b, PyObject *loop,
     PyErr_SetString(PyExc_RuntimeError, "aiobridge: no task-local key left");
     return NULL;
   }
-  pyport *pp = port_for(b, loop);
-  if (!pp)
-    return NULL;
-  PyObject *fut = PyObject_CallMethodObjArgs(loop, b->s_create_future, NULL);
+  PyObject *fut = PyObject_CallMethodObjArgs(l->loop, b->s_create_future, NULL);
   if (!fut)
     return NULL;
   pending *p = PyObject_New(pending, b->pending_type);
-  py_locals *l = calloc(1, sizeof *l);
-  PyObject *ctx = PyContext_CopyCurrent();
-  if (!p || !l || !ctx) {
-    Py_XDECREF(p);
-    free(l);
-    Py_XDECREF(ctx);
+  if (!p) {
     Py_DECREF(fut);
-    return PyErr_Occurred() ? NULL : PyErr_NoMemory();
+    return NULL;
   }
   p->b = b;
   p->task = NULL;
   p->conv = conv;
   p->it.kind = ITEM_COMPLETION;
-  p->port = pp->port;
+  p->port = l->port;
   port_ref(p->port);
   p->fut_ref = PyWeakref_NewRef(fut, (PyObject *)p);
-  atomic_init(&l->refs, 1);
-  l->port = pp->port;
-  port_ref(l->port);
-  l->context = ctx;
   if (!p->fut_ref) {
-    locals_destroy(l);
     Py_DECREF(p);
     Py_DECREF(fut);
     return NULL;
   }
 
-  aiob_local_init li = {.key = key, .value = l};
+  aiob_local_init li = {.key = key, .value = locals_clone(l)};
   aiob_spawn_opts o;
   aiob_spawn_opts_init(&o);
   o.no_inherit = 1;
@@ -994,6 +1145,18 @@ static PyObject *start_on_loop(aiob_py_bridge *b, PyObject *loop,
     return NULL;
   }
   Py_DECREF(r);
+  return fut;
+}
+
+/* Spawns the task for the running `loop` in a copy of the current context. */
+static PyObject *start_on_loop(aiob_py_bridge *b, PyObject *loop,
+                               const aiob_task_vtable *vt, void *state,
+                               aiob_py_converter conv) {
+  py_locals *l = locals_make(b, loop, NULL);
+  if (!l)
+    return NULL;
+  PyObject *fut = start_task(b, l, vt, state, conv);
+  locals_destroy(l);
   return fut;
 }
 
@@ -1122,42 +1285,77 @@ static PyType_Spec lazy_spec = {
     .slots = lazy_slots,
 };
 
-PyObject *aiob_py_future_into_py(aiob_py_bridge *b, const aiob_task_vtable *vt,
-                                 void *state, aiob_py_converter conv) {
-  if (!b || !vt || !vt->poll) {
-    PyErr_SetString(PyExc_ValueError, "aiobridge: no task vtable");
-    return NULL;
-  }
-  PyObject *loop = PyObject_CallObject(b->get_running_loop, NULL);
-  if (!loop)
-    return NULL;
+static lazy *lazy_new(aiob_py_bridge *b, const aiob_task_vtable *vt,
+                      void *state, aiob_py_converter conv) {
   lazy *z = PyObject_New(lazy, b->lazy_type);
-  if (!z) {
-    Py_DECREF(loop);
+  if (!z)
     return NULL;
-  }
   z->b = b;
   z->vt = vt;
   z->state = state;
   z->conv = conv;
   z->it = NULL;
   z->closed = 0;
-  if (loop != Py_None) {
-    /* A running loop: start now (like the peers), await the future. The
-     * result is still a coroutine, so create_task / TaskGroup accept it. */
-    z->state = NULL;
-    z->closed = 1;
-    PyObject *fut = start_on_loop(b, loop, vt, state, conv);
-    z->it = fut ? PyObject_CallMethod(fut, "__await__", NULL) : NULL;
-    Py_XDECREF(fut);
-    if (!z->it) {
-      Py_DECREF(loop);
-      Py_DECREF(z);
-      return NULL;
-    }
+  return z;
+}
+
+/* Makes z await `fut` (a new reference, or NULL on error: then z is
+ * released and NULL returned). */
+static PyObject *lazy_started(lazy *z, PyObject *fut) {
+  z->state = NULL; /* the task owns it, or the caller does again */
+  z->closed = 1;
+  z->it = fut ? PyObject_CallMethod(fut, "__await__", NULL) : NULL;
+  Py_XDECREF(fut);
+  if (!z->it) {
+    Py_DECREF(z);
+    return NULL;
   }
-  Py_DECREF(loop);
   return (PyObject *)z;
+}
+
+static int check_vt(aiob_py_bridge *b, const aiob_task_vtable *vt) {
+  if (!b || !vt || !vt->poll) {
+    PyErr_SetString(PyExc_ValueError, "aiobridge: no task vtable");
+    return -1;
+  }
+  return 0;
+}
+
+PyObject *aiob_py_future_into_py(aiob_py_bridge *b, const aiob_task_vtable *vt,
+                                 void *state, aiob_py_converter conv) {
+  if (check_vt(b, vt) < 0)
+    return NULL;
+  PyObject *loop = running_loop(b);
+  if (!loop && PyErr_Occurred())
+    return NULL;
+  lazy *z = lazy_new(b, vt, state, conv);
+  if (!z || !loop) {
+    /* No running loop: binds to the loop that first awaits it. */
+    Py_XDECREF(loop);
+    return (PyObject *)z;
+  }
+  /* A running loop: start now (like the peers), await the future. The
+   * result is still a coroutine, so create_task / TaskGroup accept it. */
+  PyObject *fut = start_on_loop(b, loop, vt, state, conv);
+  Py_DECREF(loop);
+  return lazy_started(z, fut);
+}
+
+PyObject *aiob_py_future_into_py_with_locals(aiob_py_bridge *b,
+                                             aiob_py_locals *locals,
+                                             const aiob_task_vtable *vt,
+                                             void *state,
+                                             aiob_py_converter conv) {
+  if (check_vt(b, vt) < 0)
+    return NULL;
+  if (!locals) {
+    PyErr_SetString(PyExc_ValueError, "aiobridge: no task locals");
+    return NULL;
+  }
+  lazy *z = lazy_new(b, vt, state, conv);
+  if (!z)
+    return NULL;
+  return lazy_started(z, start_task(b, locals, vt, state, conv));
 }
 
 /* ---- Introspection ---------------------------------------------------- */

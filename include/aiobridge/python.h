@@ -27,6 +27,7 @@ extern "C" {
 /* The bridge of one extension module: its runtime, its per-loop queues, its
  * Python types. Owned by the module state. */
 typedef struct aiob_py_bridge aiob_py_bridge;
+typedef struct aiob_py_locals aiob_py_locals;
 
 /* Output status meaning: the value is a Python exception to raise (set by
  * aiob_py_task_raise or by an awaited Python awaitable that raised). */
@@ -78,6 +79,54 @@ typedef PyObject *(*aiob_py_converter)(aiob_output *out);
 PyObject *aiob_py_future_into_py(aiob_py_bridge *b, const aiob_task_vtable *vt,
                                  void *state, aiob_py_converter conv);
 
+/* ---- Task locals ------------------------------------------------------ */
+
+/* Task locals: the asyncio loop and the contextvars context a C task's
+ * Python work runs in. Every C task started by the bridge has them; child
+ * tasks it spawns inherit them (task-local storage), so they can await
+ * Python too. Immutable and reference-counted; clone and release from any
+ * thread. */
+
+/* The current task locals, a new reference (GIL):
+ * - called while a C task that has locals is being polled on this thread:
+ *   that task's locals;
+ * - otherwise: the running asyncio loop and a copy of the current context.
+ * NULL with RuntimeError("no running event loop") if neither holds. */
+aiob_py_locals *aiob_py_get_current_locals(aiob_py_bridge *b);
+
+/* The loop of aiob_py_get_current_locals, a new reference (GIL); NULL with
+ * RuntimeError if there is none. */
+PyObject *aiob_py_get_current_loop(aiob_py_bridge *b);
+
+/* Explicit locals (GIL, any thread, for callers off the loop thread):
+ * `loop` and `context` (a contextvars.Context; NULL = a copy of the current
+ * one). NULL with TypeError for a missing loop or a bad context. */
+aiob_py_locals *aiob_py_locals_new(aiob_py_bridge *b, PyObject *loop,
+                                   PyObject *context);
+
+/* A C task's locals as a new reference, or NULL if it has none. No GIL. */
+aiob_py_locals *aiob_py_task_locals(aiob_task *self);
+
+/* New reference to the same locals (NULL gives NULL). Any thread. */
+aiob_py_locals *aiob_py_locals_clone(aiob_py_locals *l);
+
+/* Releases a reference (NULL is a no-op). Any thread, no GIL needed. */
+void aiob_py_locals_release(aiob_py_locals *l);
+
+/* Borrowed loop and context of `l` (GIL to use them). */
+PyObject *aiob_py_locals_loop(aiob_py_locals *l);
+PyObject *aiob_py_locals_context(aiob_py_locals *l);
+
+/* Like aiob_py_future_into_py, for the loop and context of `locals`: the C
+ * task starts at once even when the caller is not on that loop's thread
+ * (GIL held); the returned awaitable must be awaited on that loop. The
+ * locals are not consumed. */
+PyObject *aiob_py_future_into_py_with_locals(aiob_py_bridge *b,
+                                             aiob_py_locals *locals,
+                                             const aiob_task_vtable *vt,
+                                             void *state,
+                                             aiob_py_converter conv);
+
 /* Inside a C task: make the task finish with `exc_type(msg)`. exc_type must
  * outlive the task (a built-in exception or one the module keeps). No GIL
  * needed. Returns 0 or AIOB_ENOMEM. */
@@ -89,6 +138,13 @@ void aiob_py_release(PyObject *obj);
 
 /* ---- Awaiting Python from C ------------------------------------------- */
 
+/* Converts the result of an awaited Python awaitable to plain C data, on
+ * the asyncio loop thread with the GIL, so the C task never needs it: fill
+ * out->value (and out->free_value, called from any thread without the GIL)
+ * and return 0, or return -1 with a Python exception set, which the C task
+ * then receives as AIOB_PY_EXCEPTION. `result` is borrowed. */
+typedef int (*aiob_py_result_converter)(PyObject *result, aiob_output *out);
+
 typedef struct aiob_py_await {
   struct aiob__leaf leaf;
   aiob_promise *promise;
@@ -96,6 +152,8 @@ typedef struct aiob_py_await {
   PyObject *object; /* borrowed awaitable or factory */
   int is_factory;
   int state;
+  aiob_py_locals *locals; /* borrowed; NULL: the task's */
+  aiob_py_result_converter conv;
 } aiob_py_await;
 
 /* Prepares to await `awaitable` (a coroutine, Future, Task or object with
@@ -109,13 +167,25 @@ void aiob_py_await_init(aiob_py_await *aw, PyObject *awaitable);
  * aiob_py_await_init. No GIL needed. */
 void aiob_py_await_init_call(aiob_py_await *aw, PyObject *factory);
 
+/* Awaits on the loop and context of `locals` instead of the task's own
+ * (for C tasks not started by the bridge, e.g. spawned with aiob_spawn on
+ * the runtime). Borrowed: keep them alive until the await finished. Call
+ * after init, before the first poll. */
+void aiob_py_await_set_locals(aiob_py_await *aw, aiob_py_locals *locals);
+
+/* The result reaches the C task through `conv` (see above) instead of as a
+ * PyObject reference. Call after init, before the first poll. */
+void aiob_py_await_set_converter(aiob_py_await *aw,
+                                 aiob_py_result_converter conv);
+
 /* Inside a C task spawned by aiob_py_future_into_py (or a descendant): runs
  * the awaitable on the task's asyncio loop in the task's contextvars context.
  * READY with *out filled: status 0 and value = the result (a PyObject
- * reference; release with aiob_py_release, or hand it back as the task's
- * value with free_value = aiob_py_release), or AIOB_PY_EXCEPTION (value is
- * the exception to propagate), or AIOB_ECANCELED, or AIOB_EINVAL if the task
- * has no asyncio loop. Cancelling the C task cancels the Python task. */
+ * reference, free_value releases it from any thread; or what the converter
+ * produced), or AIOB_PY_EXCEPTION (value is the exception to propagate), or
+ * AIOB_ECANCELED (the Python side was cancelled, or its loop is gone), or
+ * AIOB_EINVAL if neither aiob_py_await_set_locals nor the task gave locals.
+ * Cancelling the C task cancels the Python task. */
 aiob_poll aiob_py_await_poll(aiob_task *self, aiob_py_await *aw,
                              aiob_output *out);
 
