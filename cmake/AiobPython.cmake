@@ -5,6 +5,8 @@
 #
 # For each usable interpreter (CPython >= 3.8 with headers) this defines
 #   AIOB_PY_TAGS                 list of tags (cp311, cp311d, ...)
+#   AIOB_PY_TEST_EXES/_TAGS/_NAMES  every interpreter to test, its tag, and
+#                                its name for test names (debian-python3)
 #   AIOB_PY_EXE_<tag>            the interpreter
 #   AIOB_PY_DIR_<tag>            where its extensions are written
 # and aiob_add_python_extension(<name> SOURCES ...) builds <name> for each.
@@ -28,6 +30,7 @@ endif()
 set(AIOB_PY_TAGS)
 set(AIOB_PY_TEST_EXES)
 set(AIOB_PY_TEST_TAGS)
+set(AIOB_PY_TEST_NAMES)  # test-name form of each interpreter
 foreach(py IN LISTS candidates)
   if(NOT EXISTS "${py}")
     message(STATUS "python: ${py}: not present, skipped")
@@ -59,8 +62,15 @@ foreach(py IN LISTS candidates)
     set(tag "${tag}d")
   endif()
   # Every interpreter is tested; one build serves interpreters of one ABI.
+  if(py MATCHES "/versions/([^/]+)/bin/")
+    set(pyname "pyenv-${CMAKE_MATCH_1}")
+  else()
+    get_filename_component(pyname ${py} NAME)
+    set(pyname "debian-${pyname}")
+  endif()
   list(APPEND AIOB_PY_TEST_EXES "${py}")
   list(APPEND AIOB_PY_TEST_TAGS ${tag})
+  list(APPEND AIOB_PY_TEST_NAMES ${pyname})
   if(tag IN_LIST AIOB_PY_TAGS)
     message(STATUS "python: ${py}: CPython ${ver} (${tag}, built once for this ABI)")
     continue()
