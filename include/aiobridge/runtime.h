@@ -37,7 +37,7 @@ typedef struct aiob_runtime_config {
 } aiob_runtime_config;
 
 /* Default and upper bound of aiob_runtime_config.spin_us. */
-#define AIOB_SPIN_US_DEFAULT 50
+#define AIOB_SPIN_US_DEFAULT 200
 #define AIOB_SPIN_US_MAX 10000
 
 /* Fills *cfg with defaults: build's default backend, one thread, a spin of
