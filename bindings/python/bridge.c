@@ -1137,14 +1137,15 @@ static PyObject *start_task(aiob_py_bridge *b, py_locals *l,
                    aiob_strerror(rc));
     return NULL;
   }
+  /* The task owns `state` now: no failure may be reported from here on.
+   * Without the done callback (out of memory) a Python cancel() would not
+   * reach the C task; collecting the future still cancels it. */
   PyObject *r =
       PyObject_CallMethodObjArgs(fut, b->s_add_done_callback, p, NULL);
   Py_DECREF(p);
-  if (!r) {
-    Py_DECREF(fut);
-    return NULL;
-  }
-  Py_DECREF(r);
+  if (!r)
+    PyErr_Clear();
+  Py_XDECREF(r);
   return fut;
 }
 
@@ -1167,13 +1168,24 @@ typedef struct lazy {
   const aiob_task_vtable *vt;
   void *state;
   aiob_py_converter conv;
-  PyObject *it; /* the future's __await__ iterator once started */
+  PyObject *it;  /* the future's __await__ iterator once awaited */
+  PyObject *fut; /* the future, started but not yet awaited */
   int closed;
 } lazy;
 
+/* The __await__ iterator of a started future (NULL if not started). */
+static PyObject *lazy_iter(lazy *z) {
+  if (!z->it && z->fut) {
+    z->it = PyObject_CallMethod(z->fut, "__await__", NULL);
+    if (z->it)
+      Py_CLEAR(z->fut);
+  }
+  return z->it;
+}
+
 static PyObject *lazy_start(lazy *z) {
-  if (z->it)
-    return z->it;
+  if (z->it || z->fut)
+    return lazy_iter(z);
   if (z->closed) {
     PyErr_SetString(PyExc_RuntimeError,
                     "cannot reuse already awaited coroutine");
@@ -1213,7 +1225,7 @@ static PyObject *lazy_iternext(PyObject *self) {
 
 static PyObject *lazy_throw(PyObject *self, PyObject *args) {
   lazy *z = (lazy *)self;
-  if (!z->it) {
+  if (!z->it && !z->fut) {
     /* Not started: raise it here; the task never runs. */
     PyObject *typ, *val = NULL, *tb = NULL;
     if (!PyArg_UnpackTuple(args, "throw", 1, 3, &typ, &val, &tb))
@@ -1225,7 +1237,8 @@ static PyObject *lazy_throw(PyObject *self, PyObject *args) {
       PyErr_SetObject(typ, val ? val : Py_None);
     return NULL;
   }
-  return PyObject_CallMethod(z->it, "throw", "O", args);
+  PyObject *it = lazy_iter(z);
+  return it ? PyObject_CallMethod(it, "throw", "O", args) : NULL;
 }
 
 static void lazy_drop_state(lazy *z) {
@@ -1261,6 +1274,7 @@ static void lazy_dealloc(PyObject *self) {
   PyTypeObject *tp = Py_TYPE(self);
   lazy_drop_state(z);
   Py_CLEAR(z->it);
+  Py_CLEAR(z->fut);
   tp->tp_free(self);
   Py_DECREF(tp);
 }
@@ -1295,21 +1309,23 @@ static lazy *lazy_new(aiob_py_bridge *b, const aiob_task_vtable *vt,
   z->state = state;
   z->conv = conv;
   z->it = NULL;
+  z->fut = NULL;
   z->closed = 0;
   return z;
 }
 
-/* Makes z await `fut` (a new reference, or NULL on error: then z is
- * released and NULL returned). */
+/* Makes z await `fut`, a new reference to a started future; NULL (the
+ * start failed before spawning: the caller keeps the state) releases z and
+ * returns NULL. Once the task is spawned this cannot fail: the await
+ * iterator is made at first await. */
 static PyObject *lazy_started(lazy *z, PyObject *fut) {
   z->state = NULL; /* the task owns it, or the caller does again */
   z->closed = 1;
-  z->it = fut ? PyObject_CallMethod(fut, "__await__", NULL) : NULL;
-  Py_XDECREF(fut);
-  if (!z->it) {
+  if (!fut) {
     Py_DECREF(z);
     return NULL;
   }
+  z->fut = fut;
   return (PyObject *)z;
 }
 

@@ -75,7 +75,8 @@ typedef PyObject *(*aiob_py_converter)(aiob_output *out);
  * cancels it too. A negative status raises the OSError subclass for that
  * errno (AIOB_ECANCELED: asyncio.CancelledError); AIOB_PY_EXCEPTION raises
  * the carried exception. On failure returns NULL with an exception set and
- * neither poll nor drop is ever called: the caller still owns `state`. */
+ * neither poll nor drop is ever called: the caller still owns `state`;
+ * once the task is spawned nothing fails any more. */
 PyObject *aiob_py_future_into_py(aiob_py_bridge *b, const aiob_task_vtable *vt,
                                  void *state, aiob_py_converter conv);
 
@@ -87,10 +88,11 @@ PyObject *aiob_py_future_into_py(aiob_py_bridge *b, const aiob_task_vtable *vt,
  * Python too. Immutable and reference-counted; clone and release from any
  * thread. */
 
-/* The current task locals, a new reference (GIL):
+/* The current task locals, a new reference:
  * - called while a C task that has locals is being polled on this thread:
- *   that task's locals;
- * - otherwise: the running asyncio loop and a copy of the current context.
+ *   that task's locals (no GIL needed: this case never touches Python);
+ * - otherwise (GIL held): the running asyncio loop and a copy of the
+ *   current context.
  * NULL with RuntimeError("no running event loop") if neither holds. */
 aiob_py_locals *aiob_py_get_current_locals(aiob_py_bridge *b);
 
