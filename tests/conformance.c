@@ -76,33 +76,9 @@ static int runtime_new(aiob_runtime **out, unsigned threads) {
   return aiob_runtime_new(out, &cfg);
 }
 
-/* ---- Task building blocks ---------------------------------------------- */
+#include "blocks.h"
 
-/* Every task state in this file starts with a tbase. */
-typedef struct tbase {
-  atomic_int polls;
-  atomic_int drops;
-} tbase;
-
-/* Counts a poll and checks the contract "poll never runs after drop". */
-static int poll_enter(void *state) {
-  tbase *b = state;
-  CHECK_INT(atomic_load(&b->drops), ==, 0);
-  return atomic_fetch_add(&b->polls, 1) + 1;
-}
-
-/* The counting drop. */
-static void drop_count(void *state) {
-  tbase *b = state;
-  CHECK_INT(atomic_fetch_add(&b->drops, 1), ==, 0);
-}
-
-static int polls_of(void *state) {
-  return atomic_load(&((tbase *)state)->polls);
-}
-static int drops_of(void *state) {
-  return atomic_load(&((tbase *)state)->drops);
-}
+/* ---- Task building blocks of this suite -------------------------------- */
 
 /* Completes at once. */
 static aiob_poll ready_poll(aiob_task *t, void *p) {
@@ -219,44 +195,6 @@ static void wk_free(wk_task *k) {
   free(k);
 }
 
-/* Waits once on fd for `events`; signals `pending` after its first
- * PENDING; result holds the ready bits or a negative code. */
-typedef struct io_task {
-  tbase b;
-  int fd;
-  unsigned events;
-  latch *pending;
-  int inited;
-  aiob_io_wait w;
-  atomic_int result;
-} io_task;
-
-static aiob_poll io_poll(aiob_task *t, void *p) {
-  io_task *k = p;
-  int n = poll_enter(k);
-  if (!k->inited) {
-    k->inited = 1;
-    aiob_io_wait_init(&k->w, k->fd, k->events);
-  }
-  int res = 0;
-  if (aiob_io_wait_poll(t, &k->w, &res) == AIOB_PENDING) {
-    if (n == 1 && k->pending)
-      latch_add(k->pending, 1);
-    return AIOB_PENDING;
-  }
-  atomic_store(&k->result, res);
-  return AIOB_READY;
-}
-static const aiob_task_vtable io_vt = {.poll = io_poll, .drop = drop_count};
-
-static void io_task_init(io_task *k, int fd, unsigned events, latch *pending) {
-  memset(k, 0, sizeof *k);
-  k->fd = fd;
-  k->events = events;
-  k->pending = pending;
-  atomic_store(&k->result, 12345);
-}
-
 /* Awaits a promise; records status and the int value. The promise's waiter
  * side is released in drop when release_in_drop is set. */
 typedef struct pw_task {
@@ -300,108 +238,6 @@ static void pw_init(pw_task *k, aiob_promise *p, int release_in_drop,
   atomic_store(&k->status, 12345);
   atomic_store(&k->value, -2);
 }
-
-/* Gate: occupies one loop thread inside a poll until the test opens it
- * (bounded), so the test can queue work behind it deterministically. */
-typedef struct gate {
-  tbase b;
-  latch entered, open;
-} gate;
-
-static aiob_poll gate_poll(aiob_task *t, void *p) {
-  (void)t;
-  gate *g = p;
-  poll_enter(g);
-  latch_add(&g->entered, 1);
-  CHECK(latch_wait(&g->open, 1, WAIT_TIMEOUT) == 0);
-  return AIOB_READY;
-}
-static const aiob_task_vtable gate_vt = {.poll = gate_poll, .drop = drop_count};
-
-/* Spawns a gate on loop `loop` and returns once that loop is blocked in it. */
-static gate *gate_close(aiob_runtime *rt, int loop, aiob_task **h) {
-  gate *g = xcalloc(1, sizeof *g);
-  latch_init(&g->entered);
-  latch_init(&g->open);
-  aiob_spawn_opts o;
-  aiob_spawn_opts_init(&o);
-  o.loop = loop;
-  assert_rc(aiob_spawn_ex(rt, &o, &gate_vt, g, h), 0);
-  latch_ok(&g->entered, 1);
-  return g;
-}
-
-static void gate_open(gate *g) { latch_add(&g->open, 1); }
-
-static void gate_finish(gate *g, aiob_task *h) {
-  wait_ok(h);
-  aiob_task_release(h);
-  assert_int_equal(drops_of(g), 1);
-  latch_destroy(&g->entered);
-  latch_destroy(&g->open);
-  free(g);
-}
-
-static aiob_task *spawn_on(aiob_runtime *rt, int loop,
-                           const aiob_task_vtable *vt, void *state) {
-  aiob_spawn_opts o;
-  aiob_spawn_opts_init(&o);
-  o.loop = loop;
-  aiob_task *h = NULL;
-  assert_rc(aiob_spawn_ex(rt, &o, vt, state, &h), 0);
-  assert_non_null(h);
-  return h;
-}
-
-static aiob_task *spawn_h(aiob_runtime *rt, const aiob_task_vtable *vt,
-                          void *state) {
-  aiob_task *h = NULL;
-  assert_rc(aiob_spawn(rt, vt, state, &h), 0);
-  assert_non_null(h);
-  return h;
-}
-
-/* ---- Fixtures ---------------------------------------------------------- */
-
-typedef struct fx {
-  aiob_runtime *rt;
-} fx;
-
-static int fx_setup(void **state, unsigned threads) {
-  reset_checks();
-  fx *f = calloc(1, sizeof *f);
-  if (!f)
-    return -1;
-  int rc = runtime_new(&f->rt, threads);
-  if (rc) {
-    fprintf(stderr, "aiob_runtime_new(%s, %u threads): %s\n", g_backend,
-            threads, aiob_strerror(rc));
-    free(f);
-    return -1;
-  }
-  *state = f;
-  return 0;
-}
-
-static int setup1(void **state) { return fx_setup(state, 1); }
-static int setup2(void **state) { return fx_setup(state, 2); }
-
-static int setup_none(void **state) {
-  reset_checks();
-  *state = NULL;
-  return 0;
-}
-
-static int teardown(void **state) {
-  fx *f = *state;
-  if (f) {
-    aiob_runtime_free(f->rt);
-    free(f);
-  }
-  return 0;
-}
-
-#define RT(state) (((fx *)*(state))->rt)
 
 /* ======================================================================== */
 /* fifo: tasks spawned from one non-loop thread run in spawn order.          */
@@ -797,7 +633,7 @@ static void test_wake_coalescing(void **state) {
   c->a = a;
 
   aiob_task *hg;
-  gate *g = gate_close(rt, 0, &hg);
+  gate *g = gate_close(rt, 0, NULL, NULL, &hg);
   aiob_task *ha = spawn_h(rt, &wc_a_vt, a);
   aiob_task *hb = spawn_h(rt, &wc_b_vt, b);
   aiob_task *hc = spawn_h(rt, &wc_c_vt, c);
@@ -1144,7 +980,7 @@ static void test_sleep_zero_yields(void **state) {
   z->ctx = o->ctx = ctx;
 
   aiob_task *hg;
-  gate *g = gate_close(rt, 0, &hg);
+  gate *g = gate_close(rt, 0, NULL, NULL, &hg);
   aiob_task *hz = spawn_h(rt, &sz_z_vt, z);
   aiob_task *ho = spawn_h(rt, &sz_o_vt, o);
   gate_open(g);
@@ -1375,7 +1211,7 @@ static void test_cancel_before_first_poll(void **state) {
   latch_ok(&y->handed, 1);
 
   aiob_task *hg;
-  gate *g = gate_close(rt, 0, &hg);
+  gate *g = gate_close(rt, 0, NULL, NULL, &hg);
   aiob_task *hx = spawn_h(rt, &ready_vt, x);
   aiob_task_cancel(hx);
   aiob_task_cancel(hx); /* idempotent */
@@ -1412,8 +1248,6 @@ static void test_cancel_before_first_poll(void **state) {
 /* ======================================================================== */
 /* cancel_pending: cancelling a task armed on a sleep or an fd wait drops it
  * promptly and disarms the leaf.                                            */
-
-static int pipe_nb(int fds[2]) { return pipe2(fds, O_NONBLOCK | O_CLOEXEC); }
 
 static void test_cancel_pending(void **state) {
   aiob_runtime *rt = RT(state);
@@ -2464,8 +2298,8 @@ static void test_shutdown_with_pending(void **state) {
 
   /* Block both loops, queue work behind the gates, then shut down. */
   aiob_task *hg0, *hg1;
-  gate *g0 = gate_close(rt, 0, &hg0);
-  gate *g1 = gate_close(rt, 1, &hg1);
+  gate *g0 = gate_close(rt, 0, NULL, NULL, &hg0);
+  gate *g1 = gate_close(rt, 1, NULL, NULL, &hg1);
   for (int i = 0; i < SD_N; i++)
     c->hq[i] = spawn_h(rt, &pend_vt, &c->queued[i]);
   for (int l = 0; l < 2; l++) {
