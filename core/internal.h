@@ -28,10 +28,62 @@ void aiob__mpsc_init(aiob__mpsc *q);
 /* Thread-safe, wait-free. */
 void aiob__mpsc_push(aiob__mpsc *q, aiob__mpsc_node *n);
 /* Consumer only. NULL when empty or when a producer is half-way through a
- * push (it will have notified the consumer, see aiob__loop_push_remote). */
+ * push (it will have notified the consumer, see aiob__inbox). */
 aiob__mpsc_node *aiob__mpsc_pop(aiob__mpsc *q);
 /* Consumer only: true when no node is queued (a racing push may follow). */
 bool aiob__mpsc_empty(aiob__mpsc *q);
+
+/* ---- Inbox: an MPSC queue whose consumer is woken once per batch -------
+ *
+ * Producers push from any thread and call the wake function only when the
+ * inbox goes from idle to signalled; the consumer clears `signalled` before
+ * it drains, so a push the drain misses wakes it again (a push is complete
+ * before its producer reads `signalled`). Closing refuses further pushes
+ * and waits for those in flight: afterwards nothing the wake function uses
+ * is touched by producers any more, and the consumer may free it. Used by
+ * the loops' remote queues and by the Python bridge's per-loop ports. */
+
+typedef struct aiob__inbox {
+  aiob__mpsc queue;
+  _Atomic int signalled;    /* consumer owes a drain */
+  _Atomic unsigned pushers; /* producers inside the guard */
+  _Atomic int closed;       /* no more pushes accepted */
+} aiob__inbox;
+
+void aiob__inbox_init(aiob__inbox *in);
+
+/* Thread-safe. Pushes n and, on the idle -> signalled transition, calls
+ * wake(arg) inside the guard. false once closed: n was not queued and the
+ * caller keeps it. */
+static inline bool aiob__inbox_push(aiob__inbox *in, aiob__mpsc_node *n,
+                                    void (*wake)(void *), void *arg) {
+  atomic_fetch_add(&in->pushers, 1);
+  if (atomic_load(&in->closed)) {
+    atomic_fetch_sub(&in->pushers, 1);
+    return false;
+  }
+  aiob__mpsc_push(&in->queue, n);
+  if (!atomic_exchange(&in->signalled, 1))
+    wake(arg);
+  atomic_fetch_sub(&in->pushers, 1);
+  return true;
+}
+
+/* Thread-safe: calls wake(arg) unless the inbox is closed (same guard). */
+void aiob__inbox_wake(aiob__inbox *in, void (*wake)(void *), void *arg);
+
+/* Consumer: clears `signalled`; call before draining. */
+static inline void aiob__inbox_rearm(aiob__inbox *in) {
+  atomic_store(&in->signalled, 0);
+}
+
+/* Consumer: closes the inbox and returns once no push is in flight. false
+ * if it was already closed. */
+bool aiob__inbox_close(aiob__inbox *in);
+
+static inline bool aiob__inbox_closed(aiob__inbox *in) {
+  return atomic_load(&in->closed) != 0;
+}
 
 /* ---- Timer heap (per loop, loop thread only) --------------------------- */
 
@@ -91,11 +143,8 @@ struct aiob_loop {
   void *native; /* backend's native handle, read once on the loop thread */
   pthread_t thread;
 
-  /* Remote ready queue and its wake coalescing flag. */
-  aiob__mpsc remote;
-  _Atomic int notified;
-  _Atomic unsigned pushers; /* remote pushes in flight */
-  _Atomic int closed;       /* no more remote pushes accepted */
+  /* Ready tasks pushed by other threads; closed at shutdown. */
+  aiob__inbox remote;
   _Atomic int stop;
 
   /* Loop thread only. */

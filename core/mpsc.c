@@ -6,6 +6,8 @@
  * after pushing, so the consumer always runs again. */
 #include "internal.h"
 
+#include <sched.h>
+
 void aiob__mpsc_init(aiob__mpsc *q) {
   atomic_store_explicit(&q->stub.next, NULL, memory_order_relaxed);
   q->head = &q->stub;
@@ -49,4 +51,28 @@ bool aiob__mpsc_empty(aiob__mpsc *q) {
   return q->head == &q->stub &&
          atomic_load_explicit(&q->stub.next, memory_order_acquire) == NULL &&
          atomic_load_explicit(&q->tail, memory_order_acquire) == &q->stub;
+}
+
+/* ---- Inbox ------------------------------------------------------------- */
+
+void aiob__inbox_init(aiob__inbox *in) {
+  aiob__mpsc_init(&in->queue);
+  atomic_init(&in->signalled, 0);
+  atomic_init(&in->pushers, 0);
+  atomic_init(&in->closed, 0);
+}
+
+void aiob__inbox_wake(aiob__inbox *in, void (*wake)(void *), void *arg) {
+  atomic_fetch_add(&in->pushers, 1);
+  if (!atomic_load(&in->closed))
+    wake(arg);
+  atomic_fetch_sub(&in->pushers, 1);
+}
+
+bool aiob__inbox_close(aiob__inbox *in) {
+  if (atomic_exchange(&in->closed, 1))
+    return false;
+  while (atomic_load(&in->pushers))
+    sched_yield(); /* a producer is between its check and its push */
+  return true;
 }

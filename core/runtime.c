@@ -8,13 +8,11 @@
  *      (see aiob_runtime_config.spin_us),
  *   5. run one backend iteration: blocking only when nothing is ready,
  *   6. fire expired sleeps.
- * Remote pushers set `notified` and call the backend's wake only on its
- * 0 -> 1 transition; the loop clears it before draining, so a push that the
- * drain misses always wakes the loop again. */
+ * Remote pushes go through the loop's inbox, which calls the backend's wake
+ * once per batch (see aiob__inbox). */
 #include "internal.h"
 
 #include <errno.h>
-#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -63,9 +61,9 @@ static void local_append(aiob_loop *loop, aiob_task *t) {
 
 /* Moves remote pushes to the local FIFO. */
 static void accept_remote(aiob_loop *loop) {
-  atomic_store(&loop->notified, 0);
+  aiob__inbox_rearm(&loop->remote);
   aiob__mpsc_node *n;
-  while ((n = aiob__mpsc_pop(&loop->remote)))
+  while ((n = aiob__mpsc_pop(&loop->remote.queue)))
     local_append(loop, AIOB__CONTAINER_OF(n, aiob_task, node));
 }
 
@@ -80,9 +78,7 @@ static void run_ready(aiob_loop *loop) {
 
 /* Drops every task the loop knows, on the loop thread. */
 static void loop_drain_shutdown(aiob_loop *loop) {
-  atomic_store(&loop->closed, 1);
-  while (atomic_load(&loop->pushers))
-    sched_yield();
+  aiob__inbox_close(&loop->remote);
   for (;;) {
     accept_remote(loop);
     aiob_task *t;
@@ -98,7 +94,7 @@ static void loop_drain_shutdown(aiob_loop *loop) {
     while (loop->live.live_next != &loop->live)
       aiob__task_finish_cancelled(loop->live.live_next);
   }
-  if (!aiob__mpsc_empty(&loop->remote))
+  if (!aiob__mpsc_empty(&loop->remote.queue))
     abort(); /* a push after `closed` would be a core bug */
 }
 
@@ -111,27 +107,26 @@ static inline void cpu_relax(void) {
 }
 
 /* Spins until a remote push arrives (true) or the budget, the next timer or
- * a stop request ends it (false). While spinning `notified` stays set, so
- * pushers skip the backend wake: a push is complete (linked) before its
- * pusher reads `notified`, so one the spin misses finds `notified` cleared
- * by the next accept_remote and wakes the loop. */
+ * a stop request ends it (false). While spinning the inbox stays signalled,
+ * so pushers skip the backend wake; a push the spin misses finds it
+ * re-armed by the next accept_remote and wakes the loop (see aiob__inbox). */
 static bool spin(aiob_loop *loop) {
   uint64_t start = aiob_now_ns(), end = start + loop->spin_budget;
   aiob_sleep *top = aiob__heap_top(&loop->timers);
   if (top && top->deadline < end)
     end = top->deadline;
-  bool hit = atomic_exchange(&loop->notified, 1) != 0;
+  bool hit = atomic_exchange(&loop->remote.signalled, 1) != 0;
   uint64_t now = start;
   while (!hit && now < end &&
          !atomic_load_explicit(&loop->stop, memory_order_relaxed)) {
-    if (!aiob__mpsc_empty(&loop->remote)) {
+    if (!aiob__mpsc_empty(&loop->remote.queue)) {
       hit = true;
       break;
     }
     cpu_relax();
     now = aiob_now_ns();
   }
-  if (!hit && !aiob__mpsc_empty(&loop->remote))
+  if (!hit && !aiob__mpsc_empty(&loop->remote.queue))
     hit = true;
   now = aiob_now_ns();
   atomic_fetch_add_explicit(&loop->n_spins, 1, memory_order_relaxed);
@@ -164,7 +159,7 @@ static void loop_main(aiob_loop *loop) {
       break;
     /* A blocking wait that a push ended sooner than a full spin would have
      * been caught by spinning: restore the budget. */
-    if (before && !aiob__mpsc_empty(&loop->remote) &&
+    if (before && !aiob__mpsc_empty(&loop->remote.queue) &&
         aiob_now_ns() - before <= max)
       loop->spin_budget = max;
     if (aiob__heap_top(&loop->timers))
@@ -283,7 +278,7 @@ int aiob_runtime_new(aiob_runtime **out, const aiob_runtime_config *cfg) {
     loop->rt = rt;
     loop->index = started;
     loop->backend = backend;
-    aiob__mpsc_init(&loop->remote);
+    aiob__inbox_init(&loop->remote);
     loop->live.live_next = loop->live.live_prev = &loop->live;
     aiob__heap_init(&loop->timers);
     loop->init_status = 1; /* pending */

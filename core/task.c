@@ -52,30 +52,27 @@ static void local_push(aiob_loop *loop, aiob_task *t) {
   loop->local_tail = t;
 }
 
+static void backend_wake(void *arg) {
+  aiob_loop *loop = arg;
+  loop->backend->wake(loop->bl);
+}
+
+static void backend_wake_counted(void *arg) {
+  aiob_loop *loop = arg;
+  atomic_fetch_add_explicit(&loop->n_wakes, 1, memory_order_relaxed);
+  backend_wake(loop);
+}
+
 /* Pushes from a thread other than the loop's own. Fails once the loop is
- * closed; the pushers count lets shutdown wait for pushes in flight. */
+ * closed (shutdown waits for pushes in flight, see aiob__inbox_close). */
 static bool remote_push(aiob_loop *loop, aiob_task *t) {
-  atomic_fetch_add(&loop->pushers, 1);
-  if (atomic_load(&loop->closed)) {
-    atomic_fetch_sub(&loop->pushers, 1);
-    return false;
-  }
-  aiob__mpsc_push(&loop->remote, &t->node);
-  if (!atomic_exchange(&loop->notified, 1)) {
-    atomic_fetch_add_explicit(&loop->n_wakes, 1, memory_order_relaxed);
-    loop->backend->wake(loop->bl);
-  }
-  atomic_fetch_sub(&loop->pushers, 1);
-  return true;
+  return aiob__inbox_push(&loop->remote, &t->node, backend_wake_counted, loop);
 }
 
 /* Wakes the loop unless it is closing (then it no longer blocks, and its
- * backend may be gone). Same guard as remote_push. */
+ * backend may be gone). */
 void aiob__loop_wake(aiob_loop *loop) {
-  atomic_fetch_add(&loop->pushers, 1);
-  if (!atomic_load(&loop->closed))
-    loop->backend->wake(loop->bl);
-  atomic_fetch_sub(&loop->pushers, 1);
+  aiob__inbox_wake(&loop->remote, backend_wake, loop);
 }
 
 static bool queue_push(aiob_task *t) {
@@ -243,7 +240,8 @@ int aiob_spawn_ex(aiob_runtime *rt, const aiob_spawn_opts *opts,
     }
   }
   aiob_loop *loop = t->loop;
-  if (rc == 0 && aiob__current_loop == loop && atomic_load(&loop->closed))
+  if (rc == 0 && aiob__current_loop == loop &&
+      aiob__inbox_closed(&loop->remote))
     rc = AIOB_ESHUTDOWN; /* spawned by a drop during shutdown */
   /* Count before pushing: once queued, a detached task may finish and be
    * freed at any moment. */

@@ -1,10 +1,11 @@
 /* The asyncio bridge.
  *
  * Runtime threads never take the GIL. Everything that crosses to Python is
- * an item pushed onto the MPSC queue of the target asyncio loop's *port*;
- * the pusher writes the port's eventfd only when the queue goes from idle to
- * signalled, and the loop (watching the eventfd with add_reader) drains the
- * queue in bounded chunks on its own thread, where it holds the GIL.
+ * an item pushed into the inbox (core/internal.h) of the target asyncio
+ * loop's *port*; the pusher writes the port's eventfd only when the inbox
+ * goes from idle to signalled, and the loop (watching the eventfd with
+ * add_reader) drains it in bounded chunks on its own thread, where it holds
+ * the GIL.
  *
  * Items: a finished C task (its Pending object), a request to await a Python
  * awaitable for a C task, and a request to cancel such an await.
@@ -17,7 +18,6 @@
 
 #include "internal.h"
 
-#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -123,11 +123,8 @@ static PyObject *exception_for(aiob_output *out) {
 
 typedef struct port {
   _Atomic uint32_t refs;
-  aiob__mpsc queue;
-  _Atomic int signalled;
-  _Atomic unsigned pushers;
-  _Atomic int closed;
-  int efd;
+  aiob__inbox in; /* items for the loop; closed when the loop goes away */
+  int efd;        /* the wake: watched with loop.add_reader */
 } port;
 
 static port *port_new(void) {
@@ -140,7 +137,7 @@ static port *port_new(void) {
     return NULL;
   }
   atomic_init(&p->refs, 1);
-  aiob__mpsc_init(&p->queue);
+  aiob__inbox_init(&p->in);
   return p;
 }
 
@@ -153,22 +150,17 @@ static void port_unref(port *p) {
   free(p);
 }
 
+static void port_signal(void *arg) {
+  port *p = arg;
+  uint64_t one = 1;
+  ssize_t n = write(p->efd, &one, sizeof one);
+  (void)n; /* EAGAIN: the counter is already non-zero */
+}
+
 /* Thread-safe, no GIL. Returns false once the port is closed (the Python
  * loop is gone); the caller then keeps ownership of the item. */
 static bool port_push(port *p, item *it) {
-  atomic_fetch_add(&p->pushers, 1);
-  if (atomic_load(&p->closed)) {
-    atomic_fetch_sub(&p->pushers, 1);
-    return false;
-  }
-  aiob__mpsc_push(&p->queue, &it->node);
-  if (!atomic_exchange(&p->signalled, 1)) {
-    uint64_t one = 1;
-    ssize_t n = write(p->efd, &one, sizeof one);
-    (void)n; /* EAGAIN: the counter is already non-zero */
-  }
-  atomic_fetch_sub(&p->pushers, 1);
-  return true;
+  return aiob__inbox_push(&p->in, &it->node, port_signal, p);
 }
 
 /* ---- Module-level bridge ----------------------------------------------- */
@@ -788,18 +780,17 @@ static PyObject *pyport_drain(PyObject *self, PyObject *unused) {
   pyport *pp = (pyport *)self;
   port *p = pp->port;
   uint64_t v;
-  ssize_t n = read(p->efd, &v, sizeof v);
-  (void)n;
-  atomic_store(&p->signalled, 0);
-  pp->b->py_wakes++;
+  if (read(p->efd, &v, sizeof v) > 0)
+    pp->b->py_wakes++; /* not a re-scheduled drain */
+  aiob__inbox_rearm(&p->in);
   Py_INCREF(self);
   int done = 0;
   aiob__mpsc_node *node;
-  while (done < DRAIN_CHUNK && (node = aiob__mpsc_pop(&p->queue))) {
+  while (done < DRAIN_CHUNK && (node = aiob__mpsc_pop(&p->in.queue))) {
     dispatch(pp->b, AIOB__CONTAINER_OF(node, item, node));
     done++;
   }
-  if (done == DRAIN_CHUNK && !atomic_load(&p->closed)) {
+  if (done == DRAIN_CHUNK && !aiob__inbox_closed(&p->in)) {
     PyObject *drain = PyObject_GetAttrString(self, "drain");
     PyObject *r =
         drain ? pyport_call(pp, pp->b->s_call_soon, drain, NULL) : NULL;
@@ -815,10 +806,8 @@ static PyObject *pyport_drain(PyObject *self, PyObject *unused) {
 /* Closes the port: no more pushes; pending items are released (GIL). */
 static void pyport_close(pyport *pp) {
   port *p = pp->port;
-  if (!p || atomic_exchange(&p->closed, 1))
+  if (!p || !aiob__inbox_close(&p->in))
     return;
-  while (atomic_load(&p->pushers))
-    sched_yield(); /* a runtime thread is between its check and its push */
   if (pp->reader) {
     PyObject *closed = pyport_call(pp, pp->b->s_is_closed, NULL, NULL);
     if (closed == Py_False) {
@@ -833,7 +822,7 @@ static void pyport_close(pyport *pp) {
     pp->reader = 0;
   }
   aiob__mpsc_node *node;
-  while ((node = aiob__mpsc_pop(&p->queue))) {
+  while ((node = aiob__mpsc_pop(&p->in.queue))) {
     item *it = AIOB__CONTAINER_OF(node, item, node);
     if (it->kind == ITEM_COMPLETION) {
       pending *pd = AIOB__CONTAINER_OF(it, pending, it);
@@ -864,7 +853,7 @@ static void pyport_dealloc(PyObject *self) {
 static PyObject *pyport_register(PyObject *self, PyObject *unused) {
   (void)unused;
   pyport *pp = (pyport *)self;
-  if (pp->reader || atomic_load(&pp->port->closed))
+  if (pp->reader || aiob__inbox_closed(&pp->port->in))
     Py_RETURN_NONE;
   PyObject *drain = PyObject_GetAttrString(self, "drain");
   PyObject *fd = PyLong_FromLong(pp->port->efd);
@@ -1417,7 +1406,7 @@ static void info_fn(aiob_runtime *rt, void *arg) {
 
 /* {module, running, backend, threads, spin_us, default_backend, backends};
  * never starts the runtime (GIL). */
-static PyObject *bridge_info(aiob_py_bridge *b, const char *module) {
+static PyObject *bridge_info(const char *module) {
   info_snap i = {0};
   int running = aiob_runtime_default_peek(info_fn, &i) == 0;
   PyObject *names = PyList_New(0);
@@ -1445,7 +1434,6 @@ static PyObject *bridge_info(aiob_py_bridge *b, const char *module) {
     Py_XDECREF(spin);
   }
   Py_DECREF(names);
-  (void)b;
   return d;
 }
 
@@ -1464,12 +1452,12 @@ static void reg_destroy(PyObject *cap) {
   free(PyCapsule_GetPointer(cap, REG_NAME));
 }
 
-/* The live bridge of a registration, or NULL with ShutdownError-like
- * RuntimeError set (its module was freed). */
 static bridge_reg *reg_of(PyObject *cap) {
   return PyCapsule_GetPointer(cap, REG_NAME);
 }
 
+/* The live bridge of a registration, or NULL with an exception set (its
+ * module was freed). */
 static aiob_py_bridge *reg_bridge(PyObject *cap) {
   bridge_reg *r = reg_of(cap);
   if (r && !r->b)
@@ -1482,7 +1470,7 @@ static PyObject *reg_info(PyObject *cap, PyObject *unused) {
   (void)unused;
   bridge_reg *r = reg_of(cap);
   aiob_py_bridge *b = reg_bridge(cap);
-  return b ? bridge_info(b, r->module) : NULL;
+  return b ? bridge_info(r->module) : NULL;
 }
 
 static PyObject *reg_stats(PyObject *cap, PyObject *unused) {
