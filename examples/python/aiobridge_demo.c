@@ -96,22 +96,30 @@ static aiob_poll sleep_poll(aiob_task *t, void *p) {
 static const aiob_task_vtable sleep_vt = {.poll = sleep_poll,
                                           .drop = free_state};
 
-static PyObject *demo_sleep_ms(PyObject *m, PyObject *arg) {
+/* Starts a sleep task of `arg` milliseconds with vtable vt (sleep_vt or
+ * stamp_vt); `name` prefixes argument errors. */
+static PyObject *spawn_sleep(PyObject *m, PyObject *arg, const char *name,
+                             const aiob_task_vtable *vt,
+                             aiob_py_converter conv) {
   double ms = PyFloat_AsDouble(arg);
   if (ms == -1.0 && PyErr_Occurred())
     return NULL;
   if (ms < 0) {
-    PyErr_SetString(PyExc_ValueError, "sleep_ms: negative duration");
+    PyErr_Format(PyExc_ValueError, "%s: negative duration", name);
     return NULL;
   }
   sleep_state *s = calloc(1, sizeof *s);
   if (!s)
     return PyErr_NoMemory();
   s->ns = (uint64_t)(ms * 1e6);
-  PyObject *r = aiob_py_future_into_py(state_of(m)->bridge, &sleep_vt, s, NULL);
+  PyObject *r = aiob_py_future_into_py(state_of(m)->bridge, vt, s, conv);
   if (!r)
     free(s);
   return r;
+}
+
+static PyObject *demo_sleep_ms(PyObject *m, PyObject *arg) {
+  return spawn_sleep(m, arg, "sleep_ms", &sleep_vt, NULL);
 }
 
 /* ---- sleep_stamp_ms(ms) ------------------------------------------------ */
@@ -133,22 +141,7 @@ static PyObject *conv_u64(aiob_output *out) {
 }
 
 static PyObject *demo_sleep_stamp_ms(PyObject *m, PyObject *arg) {
-  double ms = PyFloat_AsDouble(arg);
-  if (ms == -1.0 && PyErr_Occurred())
-    return NULL;
-  if (ms < 0) {
-    PyErr_SetString(PyExc_ValueError, "sleep_stamp_ms: negative duration");
-    return NULL;
-  }
-  sleep_state *s = calloc(1, sizeof *s);
-  if (!s)
-    return PyErr_NoMemory();
-  s->ns = (uint64_t)(ms * 1e6);
-  PyObject *r =
-      aiob_py_future_into_py(state_of(m)->bridge, &stamp_vt, s, conv_u64);
-  if (!r)
-    free(s);
-  return r;
+  return spawn_sleep(m, arg, "sleep_stamp_ms", &stamp_vt, conv_u64);
 }
 
 /* ---- await_py(awaitable) and await_py_n(factory, n) -------------------- */

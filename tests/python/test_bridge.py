@@ -37,6 +37,18 @@ async def wait_until(predicate, timeout=10.0):
     return True
 
 
+async def cancel_c_sleep_after(delay):
+    """Starts a 1 ms C sleep and cancels it after `delay` seconds: before,
+    around or after its completion."""
+    fut = asyncio.ensure_future(demo.sleep_ms(1))
+    await asyncio.sleep(delay)
+    fut.cancel()
+    try:
+        await fut
+    except asyncio.CancelledError:
+        pass
+
+
 class BridgeCase(unittest.IsolatedAsyncioTestCase):
     async def asyncSetUp(self):
         self.loop_errors = []
@@ -124,13 +136,7 @@ class TestCTaskAsAwaitable(BridgeCase):
 
     async def test_completion_racing_cancel_is_silent(self):
         for i in range(300):
-            fut = asyncio.ensure_future(demo.sleep_ms(1))
-            await asyncio.sleep(random.uniform(0, 0.002))
-            fut.cancel()
-            try:
-                await fut
-            except asyncio.CancelledError:
-                pass
+            await cancel_c_sleep_after(random.uniform(0, 0.002))
 
 
 class TestPythonAwaitableInC(BridgeCase):
@@ -247,16 +253,7 @@ class TestLoops(unittest.TestCase):
             loop = asyncio.new_event_loop()
             loop.set_exception_handler(lambda l, ctx: fired.append(ctx))
 
-            async def one():
-                fut = asyncio.ensure_future(demo.sleep_ms(1))
-                await asyncio.sleep(rng.uniform(0.0005, 0.0015))
-                fut.cancel()
-                try:
-                    await fut
-                except asyncio.CancelledError:
-                    pass
-
-            loop.run_until_complete(one())
+            loop.run_until_complete(cancel_c_sleep_after(rng.uniform(0.0005, 0.0015)))
             loop.close()
         self.assertEqual(fired, [])
 
