@@ -85,6 +85,25 @@ static inline bool aiob__inbox_closed(aiob__inbox *in) {
   return atomic_load(&in->closed) != 0;
 }
 
+/* ---- Single-waiter slot ------------------------------------------------
+ *
+ * One task waits for one event (a task to finish, a promise to complete):
+ * the slot holds 0, the waiting task (with a reference), or
+ * AIOB__SLOT_DONE once the event happened. A waiter that was dropped
+ * without clearing its registration is taken over by the next one. */
+
+typedef _Atomic(uintptr_t) aiob__slot;
+#define AIOB__SLOT_DONE ((uintptr_t)1)
+
+/* Waiter side, from self's poll: 1 when the event happened, 0 after
+ * registering self (PENDING: self is woken by aiob__slot_done), or
+ * AIOB_EBUSY when another live task already waits. */
+int aiob__slot_wait(aiob__slot *s, aiob_task *self);
+/* Event side, once: marks the slot done and wakes the waiter. */
+void aiob__slot_done(aiob__slot *s);
+/* Waiter side, giving up: drops a registered waiter (not a done mark). */
+void aiob__slot_clear(aiob__slot *s);
+
 /* ---- Timer heap (per loop, loop thread only) --------------------------- */
 
 typedef struct aiob__timer_heap {
@@ -127,8 +146,8 @@ struct aiob_task {
   void **locals;            /* AIOB_LOCAL_KEYS_MAX slots, or NULL */
   /* Output: written on the loop thread before FINISHED is published. */
   aiob_output out;
-  /* Waker of the one task joining this one, or a sentinel once finished. */
-  _Atomic(uintptr_t) joiner;
+  /* The one task joining this one; done once finished. */
+  aiob__slot joiner;
   void (*on_finish)(void *arg, aiob_task *task);
   void *on_finish_arg;
 };

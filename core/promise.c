@@ -1,19 +1,17 @@
-/* Promises: a one-shot slot shared by a waiting task and a completer on any
- * thread. Two references (waiter side, completer side); `waiter` holds the
- * waiting task's waker, or DONE once the output is published. */
+/* Promises: a one-shot value shared by a waiting task and a completer on
+ * any thread. Two references (waiter side, completer side); `waiter` is a
+ * single-waiter slot (aiob__slot), done once the output is published. */
 #include "internal.h"
 
 #include <stdlib.h>
-
-#define DONE ((uintptr_t)1)
 
 struct aiob_promise {
   _Atomic uint32_t refs;
   _Atomic int completer_gone;
   _Atomic int waiter_gone;
   _Atomic int taken;
-  _Atomic(uintptr_t) waiter;
-  aiob_output out; /* written by the completer before DONE */
+  aiob__slot waiter;
+  aiob_output out; /* written by the completer before the slot is done */
 };
 
 int aiob_promise_new(aiob_promise **out) {
@@ -44,11 +42,7 @@ int aiob_promise_complete(aiob_promise *p, int status, void *value,
   p->out.status = status;
   p->out.value = value;
   p->out.free_value = free_value;
-  uintptr_t w = atomic_exchange(&p->waiter, DONE);
-  if (w && w != DONE) {
-    aiob_waker_wake((aiob_waker *)w);
-    aiob_waker_release((aiob_waker *)w);
-  }
+  aiob__slot_done(&p->waiter);
   promise_unref(p);
   return 0;
 }
@@ -72,38 +66,19 @@ static aiob_poll promise_take(aiob_promise *p, aiob_output *out) {
 
 aiob_poll aiob_promise_poll(aiob_task *self, aiob_promise *p,
                             aiob_output *out) {
-  uintptr_t me = (uintptr_t)self;
-  uintptr_t cur = atomic_load(&p->waiter);
-  for (;;) {
-    if (cur == DONE)
-      return promise_take(p, out);
-    if (cur == me)
-      return AIOB_PENDING;
-    if (cur != 0 && !aiob_task_is_finished((aiob_task *)cur)) {
-      if (out)
-        *out = (aiob_output){.status = AIOB_EBUSY};
-      return AIOB_READY;
-    }
-    /* Empty, or held by a waiter that was dropped: take it over. */
-    aiob_task_waker(self);
-    if (atomic_compare_exchange_strong(&p->waiter, &cur, me)) {
-      if (cur)
-        aiob_waker_release((aiob_waker *)cur);
-      return AIOB_PENDING;
-    }
-    aiob_waker_release((aiob_waker *)self);
-  }
+  int rc = aiob__slot_wait(&p->waiter, self);
+  if (rc > 0)
+    return promise_take(p, out);
+  if (rc == 0)
+    return AIOB_PENDING;
+  if (out)
+    *out = (aiob_output){.status = rc};
+  return AIOB_READY;
 }
 
 void aiob_promise_release(aiob_promise *p) {
   if (!p || atomic_exchange(&p->waiter_gone, 1))
     return;
-  uintptr_t cur = atomic_load(&p->waiter);
-  while (cur != 0 && cur != DONE) {
-    if (atomic_compare_exchange_strong(&p->waiter, &cur, 0)) {
-      aiob_waker_release((aiob_waker *)cur);
-      break;
-    }
-  }
+  aiob__slot_clear(&p->waiter);
   promise_unref(p);
 }

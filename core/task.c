@@ -17,8 +17,6 @@
 _Thread_local aiob_loop *aiob__current_loop;
 _Thread_local aiob_task *aiob__current_task;
 
-#define JOIN_DONE ((uintptr_t)1)
-
 /* ---- References -------------------------------------------------------- */
 
 aiob_task *aiob_task_ref(aiob_task *t) {
@@ -281,12 +279,7 @@ static void live_remove(aiob_task *t) {
 static void notify_finished(aiob_task *t) {
   if (t->on_finish)
     t->on_finish(t->on_finish_arg, t);
-  uintptr_t j = atomic_exchange(&t->joiner, JOIN_DONE);
-  if (j && j != JOIN_DONE) {
-    aiob_task *joiner = (aiob_task *)j;
-    task_wake(joiner);
-    aiob__task_unref(joiner);
-  }
+  aiob__slot_done(&t->joiner);
   aiob_runtime *rt = t->rt;
   if (atomic_load(&rt->blocking_waiters)) {
     pthread_mutex_lock(&rt->wait_mu);
@@ -431,29 +424,52 @@ aiob_poll aiob_task_join(aiob_task *self, aiob_task *target, int *status) {
       *status = AIOB_EDEADLK;
     return AIOB_READY;
   }
+  int rc = aiob__slot_wait(&target->joiner, self);
+  if (rc == 0)
+    return AIOB_PENDING;
+  if (status)
+    *status = rc < 0 ? rc : target->out.status;
+  return AIOB_READY;
+}
+
+/* ---- Single-waiter slots ----------------------------------------------- */
+
+int aiob__slot_wait(aiob__slot *s, aiob_task *self) {
   uintptr_t me = (uintptr_t)self;
-  uintptr_t cur = atomic_load(&target->joiner);
+  uintptr_t cur = atomic_load(s);
   for (;;) {
-    if (cur == JOIN_DONE) {
-      if (status)
-        *status = target->out.status;
-      return AIOB_READY;
-    }
+    if (cur == AIOB__SLOT_DONE)
+      return 1;
     if (cur == me)
-      return AIOB_PENDING;
-    if (cur != 0 && !aiob_task_is_finished((aiob_task *)cur)) {
-      if (status)
-        *status = AIOB_EBUSY;
-      return AIOB_READY;
-    }
-    /* Empty, or held by a joiner that was dropped: take it over. */
+      return 0;
+    if (cur != 0 && !aiob_task_is_finished((aiob_task *)cur))
+      return AIOB_EBUSY;
+    /* Empty, or held by a waiter that was dropped: take it over. */
     aiob_task_ref(self);
-    if (atomic_compare_exchange_strong(&target->joiner, &cur, me)) {
+    if (atomic_compare_exchange_strong(s, &cur, me)) {
       if (cur)
         aiob__task_unref((aiob_task *)cur);
-      return AIOB_PENDING;
+      return 0;
     }
     aiob__task_unref(self);
+  }
+}
+
+void aiob__slot_done(aiob__slot *s) {
+  uintptr_t w = atomic_exchange(s, AIOB__SLOT_DONE);
+  if (w && w != AIOB__SLOT_DONE) {
+    task_wake((aiob_task *)w);
+    aiob__task_unref((aiob_task *)w);
+  }
+}
+
+void aiob__slot_clear(aiob__slot *s) {
+  uintptr_t cur = atomic_load(s);
+  while (cur != 0 && cur != AIOB__SLOT_DONE) {
+    if (atomic_compare_exchange_strong(s, &cur, 0)) {
+      aiob__task_unref((aiob_task *)cur);
+      return;
+    }
   }
 }
 
