@@ -143,7 +143,8 @@ struct aiob_task {
   /* Loop thread only. */
   aiob_task *live_prev, *live_next;
   struct aiob__leaf leaves; /* sentinel of armed leaf futures */
-  void **locals;            /* AIOB_LOCAL_KEYS_MAX slots, or NULL */
+  void **locals;            /* nlocals slots (indexed by key), or NULL */
+  unsigned nlocals;
   /* Output: written on the loop thread before FINISHED is published. */
   aiob_output out;
   /* The one task joining this one; done once finished. */

@@ -179,12 +179,17 @@ static aiob_loop *pick_loop(aiob_runtime *rt, int index) {
   return &rt->loops[i % rt->nloops];
 }
 
-static int locals_reserve(aiob_task *t) {
-  if (!t->locals) {
-    t->locals = calloc(AIOB_LOCAL_KEYS_MAX, sizeof(void *));
-    if (!t->locals)
-      return AIOB_ENOMEM;
-  }
+/* Makes room for keys below n (the array grows to fit; most tasks carry
+ * one or two values, so it is not sized for AIOB_LOCAL_KEYS_MAX). */
+static int locals_reserve(aiob_task *t, unsigned n) {
+  if (n <= t->nlocals)
+    return 0;
+  void **a = realloc(t->locals, n * sizeof *a);
+  if (!a)
+    return AIOB_ENOMEM;
+  memset(a + t->nlocals, 0, (n - t->nlocals) * sizeof *a);
+  t->locals = a;
+  t->nlocals = n;
   return 0;
 }
 
@@ -226,7 +231,11 @@ int aiob_spawn_ex(aiob_runtime *rt, const aiob_spawn_opts *opts,
   if (parent && !(opts && opts->no_inherit) && parent->locals)
     rc = aiob__locals_inherit(t, parent);
   if (rc == 0 && opts && opts->nlocals) {
-    rc = locals_reserve(t);
+    unsigned top = 0;
+    for (size_t i = 0; i < opts->nlocals; i++)
+      if (opts->locals[i].key >= top)
+        top = opts->locals[i].key + 1u;
+    rc = locals_reserve(t, top);
     for (size_t i = 0; rc == 0 && i < opts->nlocals; i++) {
       aiob_local_key k = opts->locals[i].key;
       if (t->locals[k]) { /* an inherited clone, overridden */
@@ -543,7 +552,7 @@ void aiob__local_destroy(aiob_local_key key, void *value) {
 int aiob_task_local_set(aiob_task *self, aiob_local_key key, void *value) {
   if (!self || !key_valid(key))
     return AIOB_EINVAL;
-  int rc = locals_reserve(self);
+  int rc = locals_reserve(self, key + 1u);
   if (rc)
     return rc;
   void *old = self->locals[key];
@@ -554,18 +563,17 @@ int aiob_task_local_set(aiob_task *self, aiob_local_key key, void *value) {
 }
 
 void *aiob_task_local_get(const aiob_task *self, aiob_local_key key) {
-  if (!self || !self->locals || key >= AIOB_LOCAL_KEYS_MAX)
+  if (!self || key >= self->nlocals)
     return NULL;
   return self->locals[key];
 }
 
 int aiob__locals_inherit(aiob_task *child, const aiob_task *parent) {
-  unsigned n = atomic_load_explicit(&local_nkeys, memory_order_acquire);
-  for (unsigned k = 0; k < n; k++) {
+  for (unsigned k = 0; k < parent->nlocals; k++) {
     void *v = parent->locals[k];
     if (!v || !local_keys[k].clone)
       continue;
-    int rc = locals_reserve(child);
+    int rc = locals_reserve(child, parent->nlocals);
     if (rc)
       return rc;
     child->locals[k] = local_keys[k].clone(v);
@@ -574,14 +582,12 @@ int aiob__locals_inherit(aiob_task *child, const aiob_task *parent) {
 }
 
 void aiob__locals_destroy(aiob_task *t) {
-  if (!t->locals)
-    return;
-  unsigned n = atomic_load_explicit(&local_nkeys, memory_order_acquire);
-  for (unsigned k = 0; k < n; k++) {
+  for (unsigned k = 0; k < t->nlocals; k++) {
     void *v = t->locals[k];
     t->locals[k] = NULL;
     aiob__local_destroy(k, v);
   }
   free(t->locals);
   t->locals = NULL;
+  t->nlocals = 0;
 }
