@@ -26,37 +26,52 @@
 
 #define DRAIN_CHUNK 4096
 
+#if PY_VERSION_HEX < 0x03090000
+#define PyObject_CallNoArgs(f) _PyObject_CallNoArg(f)
+#define PyObject_CallOneArg(f, a) PyObject_CallFunctionObjArgs(f, a, NULL)
+#endif
+
 enum { ITEM_COMPLETION, ITEM_REQUEST, ITEM_CANCEL };
 
 typedef struct item {
   aiob__mpsc_node node;
-  int kind;
+  uint8_t kind;
+  /* Padding put to use by the CTask that embeds its completion item (GIL):
+   * its state, _asyncio_future_blocking, "exception not yet retrieved",
+   * and "the Python object is gone". */
+  uint8_t state, blocking, log_exc, dead;
 } item;
 
 /* ---- Deferred releases ------------------------------------------------- */
 
+/* Work that needs the GIL, from a thread that may not hold it: done at
+ * once where the GIL is held, else queued for the next port drain (or the
+ * next shutdown) on a thread that holds it. */
+typedef struct deferred {
+  void (*fn)(void *);
+  void *arg;
+} deferred;
+
 static pthread_mutex_t orphan_mu = PTHREAD_MUTEX_INITIALIZER;
-static PyObject **orphans;
+static deferred *orphans;
 static size_t norphans, corphans;
 
-void aiob_py_release(PyObject *obj) {
-  if (!obj)
-    return;
+static void with_gil(void (*fn)(void *), void *arg) {
   if (PyGILState_Check()) {
-    Py_DECREF(obj);
+    fn(arg);
     return;
   }
   pthread_mutex_lock(&orphan_mu);
   if (norphans == corphans) {
     size_t n = corphans ? corphans * 2 : 64;
-    PyObject **o = realloc(orphans, n * sizeof *o);
+    deferred *o = realloc(orphans, n * sizeof *o);
     if (o) {
       orphans = o;
       corphans = n;
     }
   }
-  if (norphans < corphans)
-    orphans[norphans++] = obj; /* else leaked: better than a crash */
+  if (norphans < corphans) /* else leaked: better than a crash */
+    orphans[norphans++] = (deferred){fn, arg};
   pthread_mutex_unlock(&orphan_mu);
 }
 
@@ -67,10 +82,17 @@ static void release_orphans(void) {
       pthread_mutex_unlock(&orphan_mu);
       return;
     }
-    PyObject *obj = orphans[--norphans];
+    deferred d = orphans[--norphans];
     pthread_mutex_unlock(&orphan_mu);
-    Py_DECREF(obj);
+    d.fn(d.arg);
   }
+}
+
+static void decref_cb(void *obj) { Py_DECREF((PyObject *)obj); }
+
+void aiob_py_release(PyObject *obj) {
+  if (obj)
+    with_gil(decref_cb, obj);
 }
 
 static void release_cb(void *obj) { aiob_py_release(obj); }
@@ -123,6 +145,7 @@ static PyObject *exception_for(aiob_output *out) {
 
 typedef struct port {
   _Atomic uint32_t refs;
+  aiob_py_bridge *b;
   aiob__inbox in; /* items for the loop; closed when the loop goes away */
   int efd;        /* the wake: watched with loop.add_reader */
 } port;
@@ -173,12 +196,14 @@ struct aiob_py_bridge {
   int exited;               /* the atexit hook stopped the runtime */
   /* Counters (loop threads, GIL held). */
   unsigned long long completions, py_wakes, py_awaits;
-  PyObject *get_running_loop; /* asyncio.events._get_running_loop */
-  PyObject *ensure_future;    /* asyncio.ensure_future */
-  PyTypeObject *pending_type, *lazy_type, *port_type, *waiter_type;
-  PyObject *s_create_future, *s_add_done_callback, *s_done, *s_cancel,
-      *s_cancelled, *s_set_result, *s_set_exception, *s_add_reader,
+  PyObject *get_running_loop;    /* asyncio.events._get_running_loop */
+  PyObject *ensure_future;       /* asyncio.ensure_future */
+  PyObject *cancelled_error;     /* asyncio.CancelledError */
+  PyObject *invalid_state_error; /* asyncio.InvalidStateError */
+  PyTypeObject *ctask_type, *port_type, *waiter_type;
+  PyObject *s_add_done_callback, *s_cancel, *s_cancelled, *s_add_reader,
       *s_remove_reader, *s_is_closed, *s_call_soon, *s_result, *s_exception;
+  PyObject *kw_context; /* ("context",) */
 };
 
 /* The runtime, started if needed (GIL), or NULL with aiobridge.ShutdownError
@@ -212,14 +237,66 @@ static aiob_runtime *bridge_runtime(aiob_py_bridge *b) {
 
 /* ---- Task locals: (asyncio loop, contextvars context) ------------------ */
 
-/* Immutable after creation; refcounted from any thread. */
+/* Set once (GIL) before the locals are shared; refcounted from any thread.
+ * The last reference is released with the GIL (with_gil). */
 struct aiob_py_locals {
   _Atomic uint32_t refs;
+  uint32_t embedded; /* part of a CTask's memory, freed with it */
   port *port;        /* the loop's queue (referenced) */
   PyObject *loop;    /* owned */
-  PyObject *context; /* owned */
+  PyObject *context; /* owned; NULL: an empty snapshot, made when used */
 };
 typedef aiob_py_locals py_locals;
+
+/* ---- CTask: the awaitable of a C task, itself an asyncio future ---------
+ *
+ * One object per C task started from Python. It speaks the asyncio future
+ * protocol (asyncio.isfuture is true: done callbacks, cancel(msg), result,
+ * exception, get_loop, _asyncio_future_blocking), so gather, wait, shield,
+ * wait_for and ensure_future take it as it is, with no Task around it. It
+ * is also its own __await__ iterator with send/throw/close, so
+ * create_task, TaskGroup and asyncio.run accept it as a coroutine.
+ *
+ * The task's locals and its completion item live in the object's memory;
+ * loc.refs counts the holders of that memory: the Python object while it
+ * is alive, the C task's task-local value (and clones in child tasks and
+ * awaits), and the completion in flight. When the Python object dies first
+ * its memory outlives it (no longer an object) until the last C holder
+ * lets go, and is freed with the GIL. */
+
+enum { CF_UNBOUND, CF_PENDING, CF_RESULT, CF_EXCEPTION, CF_CANCELLED };
+
+typedef struct cfut {
+  PyObject_HEAD PyObject *cb0; /* first done callback */
+  PyObject *ctx0;              /* its context; NULL: a fresh empty one */
+  PyObject *cbs;               /* list of (callback, context), or NULL */
+  PyObject *value;             /* result, exception or cancel message */
+  py_locals loc;               /* bound: loop and port set */
+  union {
+    struct {
+      const aiob_task_vtable *vt;
+      void *state; /* owned until spawned */
+      aiob_py_bridge *b;
+    } lazy;          /* CF_UNBOUND, or cancelled before it was bound */
+    aiob_task *task; /* once spawned (referenced) */
+  } u;
+  aiob_py_converter conv;
+  item it; /* the completion; its spare bytes hold the fields below */
+} cfut;
+
+#define CF_STATE(f) ((f)->it.state)
+
+static void locals_free(void *v) {
+  py_locals *l = v;
+  Py_CLEAR(l->context);
+  Py_CLEAR(l->loop);
+  if (l->port)
+    port_unref(l->port);
+  if (l->embedded)
+    PyObject_GC_Del(AIOB__CONTAINER_OF(l, cfut, loc));
+  else
+    free(l);
+}
 
 static void *locals_clone(void *v) {
   py_locals *l = v;
@@ -229,12 +306,8 @@ static void *locals_clone(void *v) {
 
 static void locals_destroy(void *v) {
   py_locals *l = v;
-  if (atomic_fetch_sub(&l->refs, 1) != 1)
-    return;
-  aiob_py_release(l->context);
-  aiob_py_release(l->loop);
-  port_unref(l->port);
-  free(l);
+  if (atomic_fetch_sub(&l->refs, 1) == 1)
+    with_gil(locals_free, l);
 }
 
 aiob_py_locals *aiob_py_locals_clone(aiob_py_locals *l) {
@@ -246,82 +319,36 @@ void aiob_py_locals_release(aiob_py_locals *l) {
     locals_destroy(l);
 }
 
+/* The context of `l` (borrowed, GIL): an empty snapshot is made on first
+ * use (any empty context is that snapshot), or NULL on MemoryError. */
+static PyObject *locals_context(py_locals *l) {
+  if (!l->context)
+    l->context = PyContext_New();
+  return l->context;
+}
+
 PyObject *aiob_py_locals_loop(aiob_py_locals *l) { return l->loop; }
 
-PyObject *aiob_py_locals_context(aiob_py_locals *l) { return l->context; }
-
-/* ---- Pending: one C task awaited through an asyncio future -------------- */
-
-typedef struct pending {
-  PyObject_HEAD item it;
-  aiob_py_bridge *b;
-  aiob_task *task;
-  port *port;
-  PyObject *fut_ref; /* weakref to the future */
-  aiob_py_converter conv;
-} pending;
-
-static void pending_dealloc(PyObject *self) {
-  pending *p = (pending *)self;
-  PyTypeObject *tp = Py_TYPE(self);
-  Py_CLEAR(p->fut_ref);
-  if (p->task) {
-    if (!aiob_task_is_finished(p->task))
-      aiob_task_cancel(p->task);
-    aiob_task_release(p->task);
-  }
-  if (p->port)
-    port_unref(p->port);
-  tp->tp_free(self);
-  Py_DECREF(tp);
+PyObject *aiob_py_locals_context(aiob_py_locals *l) {
+  PyObject *ctx = locals_context(l);
+  if (!ctx)
+    PyErr_Clear();
+  return ctx;
 }
 
-/* Done callback of the future (arg: the future) and weakref callback (arg:
- * the dead weakref): either way a future that did not get a result cancels
- * the C task. */
-static PyObject *pending_call(PyObject *self, PyObject *args, PyObject *kw) {
-  (void)kw;
-  pending *p = (pending *)self;
-  PyObject *arg;
-  if (!PyArg_UnpackTuple(args, "pending", 1, 1, &arg))
-    return NULL;
-  if (!p->task || aiob_task_is_finished(p->task))
-    Py_RETURN_NONE;
-  if (PyWeakref_CheckRef(arg)) {
-    aiob_task_cancel(p->task);
-    Py_RETURN_NONE;
-  }
-  PyObject *c = PyObject_CallMethodObjArgs(arg, p->b->s_cancelled, NULL);
+/* A snapshot of the current context (GIL): a copy, or NULL in *out when it
+ * is empty (the common case; the copy is then made only if needed). */
+static int context_snapshot(PyObject **out) {
+  PyObject *c = PyContext_CopyCurrent();
   if (!c)
-    return NULL;
-  if (c == Py_True)
-    aiob_task_cancel(p->task);
-  Py_DECREF(c);
-  Py_RETURN_NONE;
-}
-
-static PyType_Slot pending_slots[] = {
-    {Py_tp_dealloc, pending_dealloc},
-    {Py_tp_call, pending_call},
-    {0, NULL},
-};
-
-static PyType_Spec pending_spec = {
-    .name = "aiobridge._Pending",
-    .basicsize = sizeof(pending),
-    .flags = Py_TPFLAGS_DEFAULT,
-    .slots = pending_slots,
-};
-
-/* on_finish of a C task started by the bridge: runtime thread, no GIL. */
-static void pending_finished(void *arg, aiob_task *task) {
-  (void)task;
-  pending *p = arg;
-  if (!port_push(p->port, &p->it)) {
-    /* The loop is gone: nobody awaits; the in-flight reference is released
-     * by whoever holds the GIL next. */
-    aiob_py_release((PyObject *)p);
+    return -1;
+  Py_ssize_t n = PyObject_Length(c);
+  if (n <= 0) {
+    Py_DECREF(c);
+    c = NULL;
   }
+  *out = c;
+  return n < 0 ? -1 : 0;
 }
 
 /* A new reference to the weakref's referent, or NULL if it is gone. */
@@ -340,61 +367,129 @@ static PyObject *weakref_get(PyObject *ref) {
 #endif
 }
 
-/* Resolves the future of a finished task (loop thread, GIL). */
-static void complete_pending(aiob_py_bridge *b, pending *p) {
-  aiob_output out = {0};
-  b->completions++;
-  aiob_task_take_output(p->task, &out);
-  PyObject *fut = weakref_get(p->fut_ref);
-  if (!fut) {
-    PyErr_Clear();
-    aiob_output_clear(&out);
-    return;
+/* on_finish of a C task started by the bridge: runtime thread, no GIL. */
+static void cf_finished(void *arg, aiob_task *task) {
+  (void)task;
+  cfut *f = arg;
+  if (!port_push(f->loc.port, &f->it))
+    locals_destroy(&f->loc); /* the loop is gone: nobody awaits */
+}
+
+static aiob_py_bridge *cf_bridge(cfut *f) {
+  return f->loc.port ? f->loc.port->b : f->u.lazy.b;
+}
+
+static bool cf_done(cfut *f) { return CF_STATE(f) >= CF_RESULT; }
+
+/* loop.call_soon(cb, fut, context=ctx) (GIL); ctx NULL: a fresh empty
+ * context. */
+static int call_soon_with(aiob_py_bridge *b, PyObject *loop, PyObject *cb,
+                          PyObject *fut, PyObject *ctx) {
+  PyObject *fresh = NULL;
+  if (!ctx && !(ctx = fresh = PyContext_New()))
+    return -1;
+#if PY_VERSION_HEX >= 0x03090000
+  PyObject *args[4] = {loop, cb, fut, ctx};
+  PyObject *r = PyObject_VectorcallMethod(
+      b->s_call_soon, args, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, b->kw_context);
+#else
+  PyObject *r = NULL, *meth = PyObject_GetAttr(loop, b->s_call_soon);
+  if (meth) {
+    PyObject *args[3] = {cb, fut, ctx};
+    r = _PyObject_Vectorcall(meth, args, 2, b->kw_context);
+    Py_DECREF(meth);
   }
-  PyObject *r = PyObject_CallMethodObjArgs(fut, b->s_done, NULL);
-  if (!r || r == Py_True) { /* cancelled by Python: discard silently */
-    Py_XDECREF(r);
-    PyErr_Clear();
-    aiob_output_clear(&out);
-    Py_DECREF(fut);
-    return;
-  }
+#endif
+  Py_XDECREF(fresh);
+  if (!r)
+    return -1;
   Py_DECREF(r);
+  return 0;
+}
+
+/* Schedules the done callbacks of a finished future, in order (GIL). */
+static int cf_schedule(cfut *f) {
+  PyObject *cb = f->cb0, *ctx = f->ctx0, *cbs = f->cbs;
+  f->cb0 = f->ctx0 = f->cbs = NULL;
+  aiob_py_bridge *b = cf_bridge(f);
+  int rc = 0;
+  if (cb) {
+    rc = call_soon_with(b, f->loc.loop, cb, (PyObject *)f, ctx);
+    Py_DECREF(cb);
+    Py_XDECREF(ctx);
+  }
+  for (Py_ssize_t i = 0; cbs && rc == 0 && i < PyList_GET_SIZE(cbs); i++) {
+    PyObject *pair = PyList_GET_ITEM(cbs, i);
+    rc = call_soon_with(b, f->loc.loop, PyTuple_GET_ITEM(pair, 0),
+                        (PyObject *)f, PyTuple_GET_ITEM(pair, 1));
+  }
+  Py_XDECREF(cbs);
+  return rc;
+}
+
+/* Takes the current exception as the future's outcome. */
+static void cf_set_current_exception(cfut *f) {
+  PyObject *type, *value, *tb;
+  PyErr_Fetch(&type, &value, &tb);
+  PyErr_NormalizeException(&type, &value, &tb);
+  if (value && tb)
+    PyException_SetTraceback(value, tb);
+  Py_XDECREF(type);
+  Py_XDECREF(tb);
+  if (!value) {
+    CF_STATE(f) = CF_CANCELLED;
+    return;
+  }
+  f->value = value;
+  CF_STATE(f) = CF_EXCEPTION;
+  f->it.log_exc = 1;
+}
+
+/* Resolves the future of a finished C task (loop thread, GIL). A future
+ * cancelled by Python meanwhile discards the outcome silently. */
+static void cf_complete(aiob_py_bridge *b, cfut *f) {
+  b->completions++;
+  if (f->it.dead) /* collected: its task was cancelled and released */
+    return;
+  Py_INCREF(f); /* callbacks and converters may drop the last reference */
+  aiob_output out = {0};
+  aiob_task_take_output(f->u.task, &out);
+  if (CF_STATE(f) != CF_PENDING) {
+    aiob_output_clear(&out);
+    Py_DECREF(f);
+    return;
+  }
   if (out.status >= 0) {
     PyObject *v;
-    if (p->conv) {
-      v = p->conv(&out); /* owns out.value */
+    if (f->conv) {
+      v = f->conv(&out); /* owns out.value */
       out.value = NULL;
     } else {
-      aiob_output_clear(&out);
       v = Py_None;
       Py_INCREF(v);
     }
     if (v) {
-      r = PyObject_CallMethodObjArgs(fut, b->s_set_result, v, NULL);
-      Py_DECREF(v);
+      f->value = v;
+      CF_STATE(f) = CF_RESULT;
     } else {
-      PyObject *type, *value, *tb;
-      PyErr_Fetch(&type, &value, &tb);
-      PyErr_NormalizeException(&type, &value, &tb);
-      r = PyObject_CallMethodObjArgs(fut, b->s_set_exception,
-                                     value ? value : Py_None, NULL);
-      Py_XDECREF(type);
-      Py_XDECREF(value);
-      Py_XDECREF(tb);
+      cf_set_current_exception(f);
     }
   } else if (out.status == AIOB_ECANCELED) {
-    r = PyObject_CallMethodObjArgs(fut, b->s_cancel, NULL);
+    CF_STATE(f) = CF_CANCELLED;
   } else {
     PyObject *exc = exception_for(&out);
-    r = exc ? PyObject_CallMethodObjArgs(fut, b->s_set_exception, exc, NULL)
-            : NULL;
-    Py_XDECREF(exc);
+    if (exc) {
+      f->value = exc;
+      CF_STATE(f) = CF_EXCEPTION;
+      f->it.log_exc = 1;
+    } else {
+      cf_set_current_exception(f);
+    }
   }
   aiob_output_clear(&out);
-  Py_XDECREF(r);
-  PyErr_Clear();
-  Py_DECREF(fut);
+  if (cf_schedule(f) < 0)
+    PyErr_WriteUnraisable((PyObject *)f);
+  Py_DECREF(f);
 }
 
 /* ---- Awaiting Python from C: requests ---------------------------------- */
@@ -549,7 +644,12 @@ static void start_request(aiob_py_bridge *b, request *r) {
   b->py_awaits++;
   /* The C side cannot release `object` or the context before `cancelled`
    * is set, and we hold the GIL from the check to these references. */
-  PyObject *obj = r->object, *ctx = r->locals->context;
+  PyObject *obj = r->object, *ctx = locals_context(r->locals);
+  if (!ctx) {
+    fail_request_with_current(r);
+    request_unref(r);
+    return;
+  }
   Py_INCREF(obj);
   Py_INCREF(ctx);
   PyObject *aw = obj, *fut = NULL;
@@ -760,9 +860,9 @@ static PyObject *pyport_call(pyport *pp, PyObject *name, PyObject *arg1,
 static void dispatch(aiob_py_bridge *b, item *it) {
   switch (it->kind) {
   case ITEM_COMPLETION: {
-    pending *p = AIOB__CONTAINER_OF(it, pending, it);
-    complete_pending(b, p);
-    Py_DECREF(p); /* the in-flight reference */
+    cfut *f = AIOB__CONTAINER_OF(it, cfut, it);
+    cf_complete(b, f);
+    locals_destroy(&f->loc); /* the completion's reference */
     break;
   }
   case ITEM_REQUEST:
@@ -825,8 +925,7 @@ static void pyport_close(pyport *pp) {
   while ((node = aiob__mpsc_pop(&p->in.queue))) {
     item *it = AIOB__CONTAINER_OF(node, item, node);
     if (it->kind == ITEM_COMPLETION) {
-      pending *pd = AIOB__CONTAINER_OF(it, pending, it);
-      Py_DECREF(pd);
+      locals_destroy(&AIOB__CONTAINER_OF(it, cfut, it)->loc);
     } else if (it->kind == ITEM_REQUEST) {
       request *r = AIOB__CONTAINER_OF(it, request, it);
       atomic_store(&r->cancelled, 1);
@@ -949,6 +1048,7 @@ static pyport *port_for(aiob_py_bridge *b, PyObject *loop, int on_thread) {
     Py_DECREF(pp);
     return NULL;
   }
+  pp->port->b = b;
   PyObject *r;
   if (on_thread) {
     r = pyport_register((PyObject *)pp, NULL);
@@ -977,12 +1077,32 @@ static pyport *port_for(aiob_py_bridge *b, PyObject *loop, int on_thread) {
 /* The running loop of this thread (new reference), or NULL: with an
  * exception set on error, without one when no loop runs. */
 static PyObject *running_loop(aiob_py_bridge *b) {
-  PyObject *loop = PyObject_CallObject(b->get_running_loop, NULL);
+  PyObject *loop = PyObject_CallNoArgs(b->get_running_loop);
   if (loop == Py_None) {
     Py_DECREF(loop);
     return NULL;
   }
   return loop;
+}
+
+/* Fills l for `loop` (its port made on first use; `on_thread`: the caller
+ * runs that loop) and `context` (NULL: a snapshot of the current one). */
+static int locals_fill(aiob_py_bridge *b, py_locals *l, PyObject *loop,
+                       PyObject *context, int on_thread) {
+  pyport *pp = port_for(b, loop, on_thread);
+  if (!pp)
+    return -1;
+  PyObject *ctx = context;
+  if (ctx)
+    Py_INCREF(ctx);
+  else if (context_snapshot(&ctx) < 0)
+    return -1;
+  l->context = ctx;
+  l->port = pp->port;
+  port_ref(l->port);
+  Py_INCREF(loop);
+  l->loop = loop;
+  return 0;
 }
 
 /* New locals for `loop` and `context` (NULL: a copy of the current one). */
@@ -1002,25 +1122,16 @@ static py_locals *locals_make(aiob_py_bridge *b, PyObject *loop,
     return NULL;
   int on_thread = running == loop;
   Py_XDECREF(running);
-  pyport *pp = port_for(b, loop, on_thread);
-  if (!pp)
-    return NULL;
   py_locals *l = calloc(1, sizeof *l);
   if (!l) {
     PyErr_NoMemory();
     return NULL;
   }
-  l->context =
-      context ? (Py_INCREF(context), context) : PyContext_CopyCurrent();
-  if (!l->context) {
+  if (locals_fill(b, l, loop, context, on_thread) < 0) {
     free(l);
     return NULL;
   }
   atomic_init(&l->refs, 1);
-  l->port = pp->port;
-  port_ref(l->port);
-  Py_INCREF(loop);
-  l->loop = loop;
   return l;
 }
 
@@ -1066,257 +1177,555 @@ PyObject *aiob_py_get_current_loop(aiob_py_bridge *b) {
   return loop;
 }
 
-/* ---- Starting a C task for a loop -------------------------------------- */
+/* ---- CTask: binding and starting ---------------------------------------- */
 
-/* Spawns the task with locals `l` (the task takes its own reference) and
- * returns the future on l's loop (GIL). On failure the caller keeps
- * `state`. */
-static PyObject *start_task(aiob_py_bridge *b, py_locals *l,
-                            const aiob_task_vtable *vt, void *state,
-                            aiob_py_converter conv) {
+static void cf_drop_state(cfut *f) {
+  void *st = f->u.lazy.state;
+  f->u.lazy.state = NULL;
+  if (st && f->u.lazy.vt->drop)
+    f->u.lazy.vt->drop(st); /* never spawned: released here */
+}
+
+static void cf_unbind(cfut *f) {
+  Py_CLEAR(f->loc.context);
+  Py_CLEAR(f->loc.loop);
+  if (f->loc.port)
+    port_unref(f->loc.port);
+  f->loc.port = NULL;
+}
+
+/* Binds an unbound future to `from`'s locals, or to the running `loop` in
+ * a snapshot of the current context, and spawns its C task (GIL). On
+ * failure it stays unbound, with an exception set. */
+static int cf_start(cfut *f, py_locals *from, PyObject *loop) {
+  aiob_py_bridge *b = f->u.lazy.b;
   aiob_runtime *rt = bridge_runtime(b);
   if (!rt)
-    return NULL;
+    return -1;
   aiob_local_key key;
   if (locals_key_get(&key) < 0) {
     PyErr_SetString(PyExc_RuntimeError, "aiobridge: no task-local key left");
-    return NULL;
+    return -1;
   }
-  PyObject *fut = PyObject_CallMethodObjArgs(l->loop, b->s_create_future, NULL);
-  if (!fut)
-    return NULL;
-  pending *p = PyObject_New(pending, b->pending_type);
-  if (!p) {
-    Py_DECREF(fut);
-    return NULL;
+  if (from) {
+    f->loc.port = from->port;
+    port_ref(f->loc.port);
+    f->loc.loop = from->loop;
+    Py_INCREF(f->loc.loop);
+    f->loc.context = from->context;
+    Py_XINCREF(f->loc.context);
+  } else if (locals_fill(b, &f->loc, loop, NULL, 1) < 0) {
+    return -1;
   }
-  p->b = b;
-  p->task = NULL;
-  p->conv = conv;
-  p->it.kind = ITEM_COMPLETION;
-  p->port = l->port;
-  port_ref(p->port);
-  p->fut_ref = PyWeakref_NewRef(fut, (PyObject *)p);
-  if (!p->fut_ref) {
-    Py_DECREF(p);
-    Py_DECREF(fut);
-    return NULL;
-  }
-
-  aiob_local_init li = {.key = key, .value = locals_clone(l)};
+  aiob_local_init li = {.key = key, .value = &f->loc};
   aiob_spawn_opts o;
   aiob_spawn_opts_init(&o);
   o.no_inherit = 1;
   o.locals = &li;
   o.nlocals = 1;
-  o.on_finish = pending_finished;
-  o.on_finish_arg = p;
-  Py_INCREF(p); /* in flight: released when its completion is drained */
-  int rc = aiob_spawn_ex(rt, &o, vt, state, &p->task);
+  o.on_finish = cf_finished;
+  o.on_finish_arg = f;
+  const aiob_task_vtable *vt = f->u.lazy.vt;
+  void *state = f->u.lazy.state;
+  aiob_task *task = NULL;
+  atomic_fetch_add(&f->loc.refs, 2); /* the task-local + the completion */
+  int rc = aiob_spawn_ex(rt, &o, vt, state, &task);
   if (rc < 0) {
-    Py_DECREF(p);
-    locals_destroy(l);
-    Py_DECREF(p);
-    Py_DECREF(fut);
+    atomic_fetch_sub(&f->loc.refs, 2); /* the object still holds one */
+    cf_unbind(f);
     if (rc == AIOB_ESHUTDOWN)
       PyErr_SetString(b->shutdown_error,
                       "aiobridge: the runtime is shutting down");
     else
       PyErr_Format(PyExc_OSError, "aiobridge: cannot spawn: %s",
                    aiob_strerror(rc));
-    return NULL;
+    return -1;
   }
-  /* The task owns `state` now: no failure may be reported from here on.
-   * Without the done callback (out of memory) a Python cancel() would not
-   * reach the C task; collecting the future still cancels it. */
-  PyObject *r =
-      PyObject_CallMethodObjArgs(fut, b->s_add_done_callback, p, NULL);
-  Py_DECREF(p);
-  if (!r)
-    PyErr_Clear();
-  Py_XDECREF(r);
-  return fut;
+  f->u.task = task; /* the task owns `state` now */
+  CF_STATE(f) = CF_PENDING;
+  return 0;
 }
 
-/* Spawns the task for the running `loop` in a copy of the current context. */
-static PyObject *start_on_loop(aiob_py_bridge *b, PyObject *loop,
-                               const aiob_task_vtable *vt, void *state,
-                               aiob_py_converter conv) {
-  py_locals *l = locals_make(b, loop, NULL);
-  if (!l)
-    return NULL;
-  PyObject *fut = start_task(b, l, vt, state, conv);
-  locals_destroy(l);
-  return fut;
-}
-
-/* ---- The lazy coroutine (no running loop at call time) ------------------ */
-
-typedef struct lazy {
-  PyObject_HEAD aiob_py_bridge *b;
-  const aiob_task_vtable *vt;
-  void *state;
-  aiob_py_converter conv;
-  PyObject *it;  /* the future's __await__ iterator once awaited */
-  PyObject *fut; /* the future, started but not yet awaited */
-  int closed;
-} lazy;
-
-/* The __await__ iterator of a started future (NULL if not started). */
-static PyObject *lazy_iter(lazy *z) {
-  if (!z->it && z->fut) {
-    z->it = PyObject_CallMethod(z->fut, "__await__", NULL);
-    if (z->it)
-      Py_CLEAR(z->fut);
-  }
-  return z->it;
-}
-
-static PyObject *lazy_start(lazy *z) {
-  if (z->it || z->fut)
-    return lazy_iter(z);
-  if (z->closed) {
-    PyErr_SetString(PyExc_RuntimeError,
-                    "cannot reuse already awaited coroutine");
+/* The future's loop (borrowed), binding an unbound future to the running
+ * loop first (and starting its task); NULL with an exception set. */
+static PyObject *cf_loop(cfut *f) {
+  if (f->loc.loop)
+    return f->loc.loop;
+  PyObject *loop = running_loop(f->u.lazy.b);
+  if (!loop) {
+    if (!PyErr_Occurred())
+      PyErr_SetString(PyExc_RuntimeError,
+                      "aiobridge awaitable used outside a running event loop");
     return NULL;
   }
-  PyObject *loop = PyObject_CallObject(z->b->get_running_loop, NULL);
+  if (CF_STATE(f) != CF_UNBOUND) {
+    f->loc.loop = loop; /* cancelled before binding: callbacks go here */
+    return loop;
+  }
+  int rc = cf_start(f, NULL, loop);
+  Py_DECREF(loop);
+  return rc < 0 ? NULL : f->loc.loop;
+}
+
+static cfut *cf_new(aiob_py_bridge *b, const aiob_task_vtable *vt, void *state,
+                    aiob_py_converter conv) {
+  cfut *f = PyObject_GC_New(cfut, b->ctask_type);
+  if (!f)
+    return NULL;
+  f->cb0 = f->ctx0 = f->cbs = f->value = NULL;
+  memset(&f->loc, 0, sizeof f->loc);
+  atomic_init(&f->loc.refs, 1);
+  f->loc.embedded = 1;
+  f->u.lazy.vt = vt;
+  f->u.lazy.state = state;
+  f->u.lazy.b = b;
+  f->conv = conv;
+  memset(&f->it, 0, sizeof f->it);
+  f->it.kind = ITEM_COMPLETION;
+  CF_STATE(f) = CF_UNBOUND;
+  PyObject_GC_Track(f);
+  return f;
+}
+
+/* ---- CTask: the Python type --------------------------------------------- */
+
+static PyObject *cf_cancelled_error(cfut *f) {
+  aiob_py_bridge *b = cf_bridge(f);
+  return f->value ? PyObject_CallOneArg(b->cancelled_error, f->value)
+                  : PyObject_CallNoArgs(b->cancelled_error);
+}
+
+static PyObject *cf_raise_cancelled(cfut *f) {
+  PyObject *exc = cf_cancelled_error(f);
+  if (exc) {
+    PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+    Py_DECREF(exc);
+  }
+  return NULL;
+}
+
+static PyObject *cf_not_done(cfut *f, const char *what) {
+  PyErr_Format(cf_bridge(f)->invalid_state_error, "%s is not set.", what);
+  return NULL;
+}
+
+static PyObject *cf_result(PyObject *self, PyObject *unused) {
+  (void)unused;
+  cfut *f = (cfut *)self;
+  switch (CF_STATE(f)) {
+  case CF_RESULT:
+    Py_INCREF(f->value);
+    return f->value;
+  case CF_EXCEPTION:
+    f->it.log_exc = 0;
+    PyErr_SetObject((PyObject *)Py_TYPE(f->value), f->value);
+    return NULL;
+  case CF_CANCELLED:
+    return cf_raise_cancelled(f);
+  default:
+    return cf_not_done(f, "Result");
+  }
+}
+
+static PyObject *cf_exception(PyObject *self, PyObject *unused) {
+  (void)unused;
+  cfut *f = (cfut *)self;
+  switch (CF_STATE(f)) {
+  case CF_RESULT:
+    Py_RETURN_NONE;
+  case CF_EXCEPTION:
+    f->it.log_exc = 0;
+    Py_INCREF(f->value);
+    return f->value;
+  case CF_CANCELLED:
+    return cf_raise_cancelled(f);
+  default:
+    return cf_not_done(f, "Exception");
+  }
+}
+
+static PyObject *cf_done_m(PyObject *self, PyObject *unused) {
+  (void)unused;
+  return PyBool_FromLong(cf_done((cfut *)self));
+}
+
+static PyObject *cf_cancelled_m(PyObject *self, PyObject *unused) {
+  (void)unused;
+  return PyBool_FromLong(CF_STATE((cfut *)self) == CF_CANCELLED);
+}
+
+/* Cancels: the C task is dropped on its loop thread; its outcome, if it
+ * races with this, is discarded. */
+static int cf_do_cancel(cfut *f, PyObject *msg) {
+  if (cf_done(f))
+    return 0;
+  if (CF_STATE(f) == CF_UNBOUND)
+    cf_drop_state(f);
+  else
+    aiob_task_cancel(f->u.task);
+  CF_STATE(f) = CF_CANCELLED;
+  if (msg && msg != Py_None) {
+    Py_INCREF(msg);
+    f->value = msg;
+  }
+  return f->loc.loop && cf_schedule(f) < 0 ? -1 : 1;
+}
+
+static PyObject *cf_cancel(PyObject *self, PyObject *args, PyObject *kw) {
+  static char *kwlist[] = {"msg", NULL};
+  PyObject *msg = Py_None;
+  if (!PyArg_ParseTupleAndKeywords(args, kw, "|O:cancel", kwlist, &msg))
+    return NULL;
+  int rc = cf_do_cancel((cfut *)self, msg);
+  return rc < 0 ? NULL : PyBool_FromLong(rc);
+}
+
+static PyObject *cf_add_done_callback(PyObject *self, PyObject *args,
+                                      PyObject *kw) {
+  static char *kwlist[] = {"fn", "context", NULL};
+  cfut *f = (cfut *)self;
+  PyObject *fn, *ctx = Py_None;
+  if (!PyArg_ParseTupleAndKeywords(args, kw, "O|$O:add_done_callback", kwlist,
+                                   &fn, &ctx))
+    return NULL;
+  PyObject *loop = cf_loop(f);
   if (!loop)
     return NULL;
-  if (loop == Py_None) {
-    Py_DECREF(loop);
-    PyErr_SetString(PyExc_RuntimeError,
-                    "aiobridge awaitable awaited outside a running event loop");
-    return NULL;
-  }
-  PyObject *fut = start_on_loop(z->b, loop, z->vt, z->state, z->conv);
-  Py_DECREF(loop);
-  if (!fut)
-    return NULL;
-  z->state = NULL; /* the task owns it now */
-  z->closed = 1;
-  z->it = PyObject_CallMethod(fut, "__await__", NULL);
-  Py_DECREF(fut);
-  return z->it;
-}
-
-static PyObject *lazy_send(PyObject *self, PyObject *arg) {
-  lazy *z = (lazy *)self;
-  PyObject *it = lazy_start(z);
-  if (!it)
-    return NULL;
-  return PyObject_CallMethod(it, "send", "O", arg);
-}
-
-static PyObject *lazy_iternext(PyObject *self) {
-  return lazy_send(self, Py_None);
-}
-
-static PyObject *lazy_throw(PyObject *self, PyObject *args) {
-  lazy *z = (lazy *)self;
-  if (!z->it && !z->fut) {
-    /* Not started: raise it here; the task never runs. */
-    PyObject *typ, *val = NULL, *tb = NULL;
-    if (!PyArg_UnpackTuple(args, "throw", 1, 3, &typ, &val, &tb))
+  if (ctx == Py_None) {
+    if (context_snapshot(&ctx) < 0)
       return NULL;
-    z->closed = 1;
-    if (PyExceptionInstance_Check(typ))
-      PyErr_SetObject((PyObject *)Py_TYPE(typ), typ);
-    else
-      PyErr_SetObject(typ, val ? val : Py_None);
+  } else {
+    Py_INCREF(ctx);
+  }
+  int rc = 0;
+  if (cf_done(f)) {
+    rc = call_soon_with(cf_bridge(f), loop, fn, self, ctx);
+    Py_XDECREF(ctx);
+  } else if (!f->cb0 && !f->cbs) {
+    Py_INCREF(fn);
+    f->cb0 = fn;
+    f->ctx0 = ctx;
+  } else {
+    PyObject *pair = PyTuple_Pack(2, fn, ctx ? ctx : Py_None);
+    Py_XDECREF(ctx);
+    if (!f->cbs && pair)
+      f->cbs = PyList_New(0);
+    rc = pair && f->cbs ? PyList_Append(f->cbs, pair) : -1;
+    Py_XDECREF(pair);
+  }
+  if (rc < 0)
     return NULL;
-  }
-  PyObject *it = lazy_iter(z);
-  return it ? PyObject_CallMethod(it, "throw", "O", args) : NULL;
-}
-
-static void lazy_drop_state(lazy *z) {
-  if (z->state) {
-    void *st = z->state;
-    z->state = NULL;
-    if (z->vt->drop)
-      z->vt->drop(st); /* never spawned: released here, on this thread */
-  }
-}
-
-static PyObject *lazy_close(PyObject *self, PyObject *unused) {
-  (void)unused;
-  lazy *z = (lazy *)self;
-  z->closed = 1;
-  lazy_drop_state(z);
-  if (z->it) {
-    PyObject *r = PyObject_CallMethod(z->it, "close", NULL);
-    if (!r)
-      PyErr_Clear();
-    Py_XDECREF(r);
-  }
   Py_RETURN_NONE;
 }
 
-static PyObject *lazy_await(PyObject *self) {
+static PyObject *cf_remove_done_callback(PyObject *self, PyObject *fn) {
+  cfut *f = (cfut *)self;
+  Py_ssize_t removed = 0;
+  if (f->cb0) {
+    int eq = PyObject_RichCompareBool(f->cb0, fn, Py_EQ);
+    if (eq < 0)
+      return NULL;
+    if (eq) {
+      Py_CLEAR(f->cb0);
+      Py_CLEAR(f->ctx0);
+      removed++;
+    }
+  }
+  for (Py_ssize_t i = 0; f->cbs && i < PyList_GET_SIZE(f->cbs);) {
+    PyObject *cb = PyTuple_GET_ITEM(PyList_GET_ITEM(f->cbs, i), 0);
+    int eq = PyObject_RichCompareBool(cb, fn, Py_EQ);
+    if (eq < 0)
+      return NULL;
+    if (eq) {
+      if (PySequence_DelItem(f->cbs, i) < 0)
+        return NULL;
+      removed++;
+    } else {
+      i++;
+    }
+  }
+  if (f->cbs && PyList_GET_SIZE(f->cbs) == 0)
+    Py_CLEAR(f->cbs);
+  return PyLong_FromSsize_t(removed);
+}
+
+static PyObject *cf_get_loop(PyObject *self, PyObject *unused) {
+  (void)unused;
+  PyObject *loop = cf_loop((cfut *)self);
+  Py_XINCREF(loop);
+  return loop;
+}
+
+static PyObject *cf_make_cancelled_error(PyObject *self, PyObject *unused) {
+  (void)unused;
+  return cf_cancelled_error((cfut *)self);
+}
+
+/* Iteration: the future yields itself until done, then returns its result
+ * (what asyncio's own future iterator does). */
+static PyObject *cf_iternext(PyObject *self) {
+  cfut *f = (cfut *)self;
+  if (!cf_done(f) && !cf_loop(f))
+    return NULL;
+  if (!cf_done(f)) {
+    f->it.blocking = 1;
+    Py_INCREF(self);
+    return self;
+  }
+  PyObject *res = cf_result(self, NULL);
+  if (!res || res == Py_None) {
+    Py_XDECREF(res);
+    return NULL; /* an exception, or StopIteration(None) */
+  }
+  PyObject *stop = PyObject_CallOneArg(PyExc_StopIteration, res);
+  Py_DECREF(res);
+  if (stop) {
+    PyErr_SetObject(PyExc_StopIteration, stop);
+    Py_DECREF(stop);
+  }
+  return NULL;
+}
+
+static PyObject *cf_send(PyObject *self, PyObject *arg) {
+  if (arg != Py_None) {
+    PyErr_SetString(PyExc_TypeError,
+                    "can't send non-None value to an aiobridge CTask");
+    return NULL;
+  }
+  PyObject *r = cf_iternext(self);
+  if (!r && !PyErr_Occurred())
+    PyErr_SetNone(PyExc_StopIteration); /* a method must say it */
+  return r;
+}
+
+/* An exception thrown into the awaiting coroutine is raised from the await
+ * point; a CancelledError thrown in cancels the C task too. */
+static PyObject *cf_throw(PyObject *self, PyObject *args) {
+  cfut *f = (cfut *)self;
+  PyObject *typ, *val = NULL, *tb = NULL;
+  if (!PyArg_UnpackTuple(args, "throw", 1, 3, &typ, &val, &tb))
+    return NULL;
+  PyObject *cls =
+      PyExceptionInstance_Check(typ) ? (PyObject *)Py_TYPE(typ) : typ;
+  if (!PyExceptionClass_Check(cls)) {
+    PyErr_SetString(PyExc_TypeError,
+                    "exceptions must be classes or instances deriving from "
+                    "BaseException");
+    return NULL;
+  }
+  if (PyObject_IsSubclass(cls, cf_bridge(f)->cancelled_error) == 1 &&
+      cf_do_cancel(f, NULL) < 0)
+    PyErr_Clear();
+  if (PyExceptionInstance_Check(typ)) {
+    if (tb && tb != Py_None)
+      PyException_SetTraceback(typ, tb);
+    PyErr_SetObject(cls, typ);
+  } else {
+    PyErr_SetObject(cls, val ? val : Py_None);
+  }
+  return NULL;
+}
+
+/* A coroutine closed before it ever ran: the task never starts. */
+static PyObject *cf_close(PyObject *self, PyObject *unused) {
+  (void)unused;
+  cfut *f = (cfut *)self;
+  if (CF_STATE(f) == CF_UNBOUND && cf_do_cancel(f, NULL) < 0)
+    return NULL;
+  Py_RETURN_NONE;
+}
+
+static PyObject *cf_self(PyObject *self) {
   Py_INCREF(self);
   return self;
 }
 
-static void lazy_dealloc(PyObject *self) {
-  lazy *z = (lazy *)self;
+/* None until bound to a loop: asyncio.isfuture is false, so an unbound
+ * CTask is taken as a coroutine (asyncio.run, ensure_future and gather put
+ * it in a Task on their loop, and it binds to that loop when first run). */
+static PyObject *cf_get_blocking(PyObject *self, void *c) {
+  (void)c;
+  cfut *f = (cfut *)self;
+  if (!f->loc.loop)
+    Py_RETURN_NONE;
+  return PyBool_FromLong(f->it.blocking);
+}
+
+static int cf_set_blocking(PyObject *self, PyObject *v, void *c) {
+  (void)c;
+  int t = v ? PyObject_IsTrue(v) : -1;
+  if (t < 0) {
+    if (!v)
+      PyErr_SetString(PyExc_AttributeError, "cannot delete attribute");
+    return -1;
+  }
+  ((cfut *)self)->it.blocking = (uint8_t)t;
+  return 0;
+}
+
+static PyObject *cf_get_log_traceback(PyObject *self, void *c) {
+  (void)c;
+  return PyBool_FromLong(((cfut *)self)->it.log_exc);
+}
+
+static int cf_set_log_traceback(PyObject *self, PyObject *v, void *c) {
+  (void)c;
+  int t = v ? PyObject_IsTrue(v) : -1;
+  if (t != 0) {
+    if (t > 0)
+      PyErr_SetString(PyExc_ValueError,
+                      "_log_traceback can only be set to False");
+    else if (!v)
+      PyErr_SetString(PyExc_AttributeError, "cannot delete attribute");
+    return -1;
+  }
+  ((cfut *)self)->it.log_exc = 0;
+  return 0;
+}
+
+static PyObject *cf_get_loop_attr(PyObject *self, void *c) {
+  (void)c;
+  PyObject *loop = ((cfut *)self)->loc.loop;
+  loop = loop ? loop : Py_None;
+  Py_INCREF(loop);
+  return loop;
+}
+
+static PyObject *cf_get_cancel_message(PyObject *self, void *c) {
+  (void)c;
+  cfut *f = (cfut *)self;
+  PyObject *m = CF_STATE(f) == CF_CANCELLED && f->value ? f->value : Py_None;
+  Py_INCREF(m);
+  return m;
+}
+
+static PyObject *cf_repr(PyObject *self) {
+  cfut *f = (cfut *)self;
+  switch (CF_STATE(f)) {
+  case CF_UNBOUND:
+    return PyUnicode_FromString("<CTask unstarted>");
+  case CF_PENDING:
+    return PyUnicode_FromString("<CTask pending>");
+  case CF_RESULT:
+    return PyUnicode_FromFormat("<CTask finished result=%R>", f->value);
+  case CF_EXCEPTION:
+    return PyUnicode_FromFormat("<CTask finished exception=%R>", f->value);
+  default:
+    return PyUnicode_FromString("<CTask cancelled>");
+  }
+}
+
+/* A failure nobody retrieved goes to the loop's exception handler, as for
+ * asyncio's own futures. */
+static void cf_finalize(PyObject *self) {
+  cfut *f = (cfut *)self;
+  if (CF_STATE(f) != CF_EXCEPTION || !f->it.log_exc || !f->loc.loop)
+    return;
+  f->it.log_exc = 0;
+  PyObject *type, *value, *tb;
+  PyErr_Fetch(&type, &value, &tb);
+  PyObject *ctx = Py_BuildValue("{s:s,s:O,s:O}", "message",
+                                "CTask exception was never retrieved",
+                                "exception", f->value, "future", self);
+  PyObject *r =
+      ctx ? PyObject_CallMethod(f->loc.loop, "call_exception_handler", "O", ctx)
+          : NULL;
+  Py_XDECREF(r);
+  Py_XDECREF(ctx);
+  PyErr_Clear();
+  PyErr_Restore(type, value, tb);
+}
+
+static int cf_traverse(PyObject *self, visitproc visit, void *arg) {
+  cfut *f = (cfut *)self;
+#if PY_VERSION_HEX >= 0x03090000
+  Py_VISIT(Py_TYPE(self));
+#endif
+  Py_VISIT(f->cb0);
+  Py_VISIT(f->ctx0);
+  Py_VISIT(f->cbs);
+  Py_VISIT(f->value);
+  return 0;
+}
+
+static int cf_clear(PyObject *self) {
+  cfut *f = (cfut *)self;
+  Py_CLEAR(f->cb0);
+  Py_CLEAR(f->ctx0);
+  Py_CLEAR(f->cbs);
+  Py_CLEAR(f->value);
+  return 0;
+}
+
+/* A future collected before its task finished cancels the task. The
+ * memory stays while C still holds the locals or the completion. */
+static void cf_dealloc(PyObject *self) {
+  cfut *f = (cfut *)self;
   PyTypeObject *tp = Py_TYPE(self);
-  lazy_drop_state(z);
-  Py_CLEAR(z->it);
-  Py_CLEAR(z->fut);
-  tp->tp_free(self);
+  if (PyObject_CallFinalizerFromDealloc(self) < 0)
+    return; /* resurrected */
+  PyObject_GC_UnTrack(self);
+  cf_clear(self);
+  if (f->loc.port) {
+    if (CF_STATE(f) == CF_PENDING)
+      aiob_task_cancel(f->u.task);
+    aiob_task_release(f->u.task);
+    f->u.task = NULL;
+  } else if (CF_STATE(f) == CF_UNBOUND) {
+    cf_drop_state(f);
+  }
+  f->it.dead = 1;
+  locals_destroy(&f->loc);
   Py_DECREF(tp);
 }
 
-static PyMethodDef lazy_methods[] = {
-    {"send", lazy_send, METH_O, "Start or resume."},
-    {"throw", lazy_throw, METH_VARARGS, "Raise inside."},
-    {"close", lazy_close, METH_NOARGS, "Close."},
+static PyMethodDef cf_methods[] = {
+    {"result", cf_result, METH_NOARGS, "The C task's result."},
+    {"exception", cf_exception, METH_NOARGS, "The C task's exception."},
+    {"done", cf_done_m, METH_NOARGS, "True once finished or cancelled."},
+    {"cancelled", cf_cancelled_m, METH_NOARGS, "True if cancelled."},
+    {"cancel", (PyCFunction)(void (*)(void))cf_cancel,
+     METH_VARARGS | METH_KEYWORDS, "Cancel the C task."},
+    {"add_done_callback", (PyCFunction)(void (*)(void))cf_add_done_callback,
+     METH_VARARGS | METH_KEYWORDS, "Call fn(self) once done."},
+    {"remove_done_callback", cf_remove_done_callback, METH_O,
+     "Remove a done callback."},
+    {"get_loop", cf_get_loop, METH_NOARGS, "The asyncio loop."},
+    {"_make_cancelled_error", cf_make_cancelled_error, METH_NOARGS, NULL},
+    {"send", cf_send, METH_O, "Start or resume."},
+    {"throw", cf_throw, METH_VARARGS, "Raise at the await point."},
+    {"close", cf_close, METH_NOARGS, "Close."},
     {NULL, NULL, 0, NULL},
 };
 
-static PyType_Slot lazy_slots[] = {
-    {Py_tp_dealloc, lazy_dealloc},   {Py_tp_iter, lazy_await},
-    {Py_tp_iternext, lazy_iternext}, {Py_am_await, lazy_await},
-    {Py_tp_methods, lazy_methods},   {0, NULL},
+static PyGetSetDef cf_getset[] = {
+    {"_asyncio_future_blocking", cf_get_blocking, cf_set_blocking, NULL, NULL},
+    {"_log_traceback", cf_get_log_traceback, cf_set_log_traceback, NULL, NULL},
+    {"_loop", cf_get_loop_attr, NULL, NULL, NULL},
+    {"_cancel_message", cf_get_cancel_message, NULL, NULL, NULL},
+    {NULL, NULL, NULL, NULL, NULL},
 };
 
-static PyType_Spec lazy_spec = {
+static PyType_Slot cf_slots[] = {
+    {Py_tp_dealloc, cf_dealloc},
+    {Py_tp_traverse, cf_traverse},
+    {Py_tp_clear, cf_clear},
+    {Py_tp_finalize, cf_finalize},
+    {Py_tp_repr, cf_repr},
+    {Py_tp_iter, cf_self},
+    {Py_tp_iternext, cf_iternext},
+    {Py_am_await, cf_self},
+    {Py_tp_methods, cf_methods},
+    {Py_tp_getset, cf_getset},
+    {0, NULL},
+};
+
+static PyType_Spec cf_spec = {
     .name = "aiobridge.CTask",
-    .basicsize = sizeof(lazy),
-    .flags = Py_TPFLAGS_DEFAULT,
-    .slots = lazy_slots,
+    .basicsize = sizeof(cfut),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .slots = cf_slots,
 };
-
-static lazy *lazy_new(aiob_py_bridge *b, const aiob_task_vtable *vt,
-                      void *state, aiob_py_converter conv) {
-  lazy *z = PyObject_New(lazy, b->lazy_type);
-  if (!z)
-    return NULL;
-  z->b = b;
-  z->vt = vt;
-  z->state = state;
-  z->conv = conv;
-  z->it = NULL;
-  z->fut = NULL;
-  z->closed = 0;
-  return z;
-}
-
-/* Makes z await `fut`, a new reference to a started future; NULL (the
- * start failed before spawning: the caller keeps the state) releases z and
- * returns NULL. Once the task is spawned this cannot fail: the await
- * iterator is made at first await. */
-static PyObject *lazy_started(lazy *z, PyObject *fut) {
-  z->state = NULL; /* the task owns it, or the caller does again */
-  z->closed = 1;
-  if (!fut) {
-    Py_DECREF(z);
-    return NULL;
-  }
-  z->fut = fut;
-  return (PyObject *)z;
-}
 
 static int check_vt(aiob_py_bridge *b, const aiob_task_vtable *vt) {
   if (!b || !vt || !vt->poll) {
@@ -1326,6 +1735,13 @@ static int check_vt(aiob_py_bridge *b, const aiob_task_vtable *vt) {
   return 0;
 }
 
+/* Releases a future whose start failed; the caller keeps `state`. */
+static PyObject *cf_abandon(cfut *f) {
+  f->u.lazy.state = NULL;
+  Py_DECREF(f);
+  return NULL;
+}
+
 PyObject *aiob_py_future_into_py(aiob_py_bridge *b, const aiob_task_vtable *vt,
                                  void *state, aiob_py_converter conv) {
   if (check_vt(b, vt) < 0)
@@ -1333,17 +1749,15 @@ PyObject *aiob_py_future_into_py(aiob_py_bridge *b, const aiob_task_vtable *vt,
   PyObject *loop = running_loop(b);
   if (!loop && PyErr_Occurred())
     return NULL;
-  lazy *z = lazy_new(b, vt, state, conv);
-  if (!z || !loop) {
+  cfut *f = cf_new(b, vt, state, conv);
+  if (!f || !loop) {
     /* No running loop: binds to the loop that first awaits it. */
     Py_XDECREF(loop);
-    return (PyObject *)z;
+    return (PyObject *)f;
   }
-  /* A running loop: start now (like the peers), await the future. The
-   * result is still a coroutine, so create_task / TaskGroup accept it. */
-  PyObject *fut = start_on_loop(b, loop, vt, state, conv);
+  int rc = cf_start(f, NULL, loop); /* inside a loop: start now */
   Py_DECREF(loop);
-  return lazy_started(z, fut);
+  return rc < 0 ? cf_abandon(f) : (PyObject *)f;
 }
 
 PyObject *aiob_py_future_into_py_with_locals(aiob_py_bridge *b,
@@ -1357,10 +1771,10 @@ PyObject *aiob_py_future_into_py_with_locals(aiob_py_bridge *b,
     PyErr_SetString(PyExc_ValueError, "aiobridge: no task locals");
     return NULL;
   }
-  lazy *z = lazy_new(b, vt, state, conv);
-  if (!z)
+  cfut *f = cf_new(b, vt, state, conv);
+  if (!f)
     return NULL;
-  return lazy_started(z, start_task(b, locals, vt, state, conv));
+  return cf_start(f, locals, NULL) < 0 ? cf_abandon(f) : (PyObject *)f;
 }
 
 /* ---- Introspection ---------------------------------------------------- */
@@ -1603,33 +2017,33 @@ int aiob_py_bridge_init(PyObject *module, aiob_py_bridge **out) {
     goto fail;
   PyObject *events = PyObject_GetAttrString(asyncio, "events");
   b->ensure_future = PyObject_GetAttrString(asyncio, "ensure_future");
+  b->cancelled_error = PyObject_GetAttrString(asyncio, "CancelledError");
+  b->invalid_state_error = PyObject_GetAttrString(asyncio, "InvalidStateError");
   Py_DECREF(asyncio);
   if (!events)
     goto fail;
   b->get_running_loop = PyObject_GetAttrString(events, "_get_running_loop");
   Py_DECREF(events);
-  if (!b->ensure_future || !b->get_running_loop)
+  if (!b->ensure_future || !b->get_running_loop || !b->cancelled_error ||
+      !b->invalid_state_error)
     goto fail;
-  INTERN(s_create_future, "create_future");
   INTERN(s_add_done_callback, "add_done_callback");
-  INTERN(s_done, "done");
   INTERN(s_cancel, "cancel");
   INTERN(s_cancelled, "cancelled");
-  INTERN(s_set_result, "set_result");
-  INTERN(s_set_exception, "set_exception");
   INTERN(s_add_reader, "add_reader");
   INTERN(s_remove_reader, "remove_reader");
   INTERN(s_is_closed, "is_closed");
   INTERN(s_call_soon, "call_soon");
   INTERN(s_result, "result");
   INTERN(s_exception, "exception");
+  if (!(b->kw_context = Py_BuildValue("(s)", "context")))
+    goto fail;
   if (!(b->ports = PyDict_New()))
     goto fail;
-  b->pending_type = (PyTypeObject *)PyType_FromSpec(&pending_spec);
-  b->lazy_type = (PyTypeObject *)PyType_FromSpec(&lazy_spec);
+  b->ctask_type = (PyTypeObject *)PyType_FromSpec(&cf_spec);
   b->port_type = (PyTypeObject *)PyType_FromSpec(&pyport_spec);
   b->waiter_type = (PyTypeObject *)PyType_FromSpec(&waiter_spec);
-  if (!b->pending_type || !b->lazy_type || !b->port_type || !b->waiter_type)
+  if (!b->ctask_type || !b->port_type || !b->waiter_type)
     goto fail;
   if (bridge_register(b, module) < 0)
     goto fail;
@@ -1656,17 +2070,15 @@ void aiob_py_bridge_free(aiob_py_bridge *b) {
   Py_CLEAR(b->backend_error);
   Py_CLEAR(b->get_running_loop);
   Py_CLEAR(b->ensure_future);
-  Py_CLEAR(b->pending_type);
-  Py_CLEAR(b->lazy_type);
+  Py_CLEAR(b->ctask_type);
+  Py_CLEAR(b->cancelled_error);
+  Py_CLEAR(b->invalid_state_error);
+  Py_CLEAR(b->kw_context);
   Py_CLEAR(b->port_type);
   Py_CLEAR(b->waiter_type);
-  Py_CLEAR(b->s_create_future);
   Py_CLEAR(b->s_add_done_callback);
-  Py_CLEAR(b->s_done);
   Py_CLEAR(b->s_cancel);
   Py_CLEAR(b->s_cancelled);
-  Py_CLEAR(b->s_set_result);
-  Py_CLEAR(b->s_set_exception);
   Py_CLEAR(b->s_add_reader);
   Py_CLEAR(b->s_remove_reader);
   Py_CLEAR(b->s_is_closed);

@@ -64,19 +64,24 @@ PyObject *aiob_py_bridge_backend(aiob_py_bridge *b);
  * GIL; owns out->value (free it or keep it). NULL converter: None. */
 typedef PyObject *(*aiob_py_converter)(aiob_output *out);
 
-/* Spawns a C task and returns a coroutine object for its result (GIL), so it
- * can be awaited, passed to create_task / ensure_future / gather / wait_for /
- * shield, used in a TaskGroup, or given to asyncio.run.
- * - Inside a running asyncio loop the task starts at once; the coroutine
- *   awaits an asyncio.Future of that loop.
- * - With no running loop, the coroutine binds to the loop that first awaits
- *   it and starts the task then (so asyncio.run(ext.fn()) works).
- * Cancelling the future cancels the C task; a future collected unawaited
- * cancels it too. A negative status raises the OSError subclass for that
- * errno (AIOB_ECANCELED: asyncio.CancelledError); AIOB_PY_EXCEPTION raises
- * the carried exception. On failure returns NULL with an exception set and
- * neither poll nor drop is ever called: the caller still owns `state`;
- * once the task is spawned nothing fails any more. */
+/* Spawns a C task and returns its awaitable, an aiobridge.CTask (GIL). It is
+ * an asyncio future of the running loop (asyncio.isfuture is true: done
+ * callbacks, result, exception, cancel(msg), get_loop) and a coroutine
+ * (send, throw, close): it can be awaited, given to gather / wait_for /
+ * shield / ensure_future (Python 3.10+ take it as it is, no Task), to
+ * create_task, used in a TaskGroup, or given to asyncio.run. (asyncio.wait
+ * refuses coroutines from 3.11: give it asyncio.create_task(obj) there.)
+ * - Inside a running asyncio loop the task starts at once.
+ * - With no running loop, it binds to the loop that first runs it and
+ *   starts the task then (so asyncio.run(ext.fn()) works); until then it
+ *   is not a future (isfuture false), only a coroutine.
+ * Cancelling it cancels the C task; collecting it unfinished does too. A
+ * negative status raises the OSError subclass for that errno
+ * (AIOB_ECANCELED: asyncio.CancelledError); AIOB_PY_EXCEPTION raises the
+ * carried exception; a failure nobody retrieved goes to the loop's
+ * exception handler, as for asyncio futures. On failure returns NULL with
+ * an exception set and neither poll nor drop is ever called: the caller
+ * still owns `state`; once the task is spawned nothing fails any more. */
 PyObject *aiob_py_future_into_py(aiob_py_bridge *b, const aiob_task_vtable *vt,
                                  void *state, aiob_py_converter conv);
 

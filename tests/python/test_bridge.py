@@ -11,6 +11,7 @@ import os
 import random
 import subprocess
 import sys
+import warnings
 import textwrap
 import threading
 import time
@@ -107,10 +108,94 @@ class TestCTaskAsAwaitable(BridgeCase):
         self.assertEqual(await asyncio.shield(demo.echo(8)), 8)
         fut = asyncio.ensure_future(demo.echo(9))
         self.assertEqual(await fut, 9)
-        done, _ = await asyncio.wait([asyncio.ensure_future(demo.ready())])
-        self.assertEqual(len(done), 1)
         with self.assertRaises(asyncio.TimeoutError):
             await asyncio.wait_for(demo.sleep_ms(10000), 0.01)
+
+    async def test_is_an_asyncio_future(self):
+        # From 3.10, gather, wait_for, shield and ensure_future take it as
+        # it is: no Task is made around it (3.8 and 3.9 look for a
+        # coroutine first and wrap it in a Task).
+        fut = demo.echo(5)
+        self.assertTrue(asyncio.isfuture(fut))
+        self.assertIs(fut.get_loop(), asyncio.get_running_loop())
+        tasks = len(asyncio.all_tasks())
+        gathered = asyncio.gather(fut, demo.echo(6))
+        if sys.version_info >= (3, 10):
+            self.assertIs(asyncio.ensure_future(fut), fut)
+            self.assertEqual(len(asyncio.all_tasks()), tasks)
+        self.assertEqual(await gathered, [5, 6])
+        self.assertEqual((fut.done(), fut.cancelled(), fut.result()), (True, False, 5))
+        self.assertIsNone(fut.exception())
+
+    async def test_done_callbacks(self):
+        fut = demo.echo(1)
+        seen = []
+        fut.add_done_callback(lambda f: seen.append(("a", f.result())))
+        fut.add_done_callback(lambda f: seen.append(("b", f.result())))
+        drop = lambda f: seen.append("removed")
+        fut.add_done_callback(drop)
+        self.assertEqual(fut.remove_done_callback(drop), 1)
+        await fut
+        await asyncio.sleep(0)
+        self.assertEqual(seen, [("a", 1), ("b", 1)])
+        fut.add_done_callback(lambda f: seen.append("late"))  # already done
+        self.assertEqual(seen[-1], ("b", 1))  # scheduled, not called inline
+        await asyncio.sleep(0)
+        self.assertEqual(seen[-1], "late")
+        pending = demo.sleep_ms(60_000)
+        with self.assertRaises(asyncio.InvalidStateError):
+            pending.result()
+        with self.assertRaises(asyncio.InvalidStateError):
+            pending.exception()
+        self.assertTrue(pending.cancel("why"))
+        self.assertFalse(pending.cancel())
+        with self.assertRaises(asyncio.CancelledError):
+            await pending
+
+    async def test_cancel_message_and_close(self):
+        fut = demo.sleep_ms(60_000)
+        fut.cancel("enough")
+        with self.assertRaises(asyncio.CancelledError) as cm:
+            await fut
+        if sys.version_info >= (3, 9):  # cancel(msg) is new in 3.9
+            self.assertEqual(cm.exception.args, ("enough",))
+        # close() before it ever ran: the C task never starts.
+        spawned = demo.stats()["tasks_spawned"]
+
+        def unstarted():
+            return demo.sleep_ms(60_000)
+
+        fut = await asyncio.get_running_loop().run_in_executor(None, unstarted)
+        self.assertFalse(asyncio.isfuture(fut))  # no loop yet: a coroutine
+        fut.close()
+        self.assertTrue(fut.cancelled())
+        self.assertEqual(demo.stats()["tasks_spawned"], spawned)
+
+    async def test_unretrieved_failure_is_reported(self):
+        fut = demo.fail_errno(errno.ENOENT)
+        await asyncio.sleep(0.05)
+        self.assertTrue(fut.done())
+        del fut
+        gc.collect()
+        self.assertEqual(len(self.loop_errors), 1)
+        ctx = self.loop_errors.pop()
+        self.assertEqual(ctx["message"], "CTask exception was never retrieved")
+        self.assertIsInstance(ctx["exception"], FileNotFoundError)
+
+    async def test_wait(self):
+        # asyncio.wait takes tasks and futures; from 3.11 it refuses
+        # coroutine objects, and a CTask is both, so there it goes in a Task.
+        if sys.version_info < (3, 11):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                done, _ = await asyncio.wait([demo.echo(1)])
+            self.assertEqual([f.result() for f in done], [1])
+        done, pending = await asyncio.wait(
+            [asyncio.create_task(demo.echo(2)), asyncio.create_task(demo.sleep_ms(60_000))],
+            timeout=0.5,
+        )
+        self.assertEqual([f.result() for f in done], [2])
+        pending.pop().cancel()
 
     @unittest.skipIf(sys.version_info < (3, 11), "asyncio.TaskGroup is new in 3.11")
     async def test_taskgroup(self):
@@ -489,6 +574,17 @@ class TestReferenceLeaks(unittest.TestCase):
                 await demo.fail_errno(errno.EIO)
             except OSError:
                 pass
+            await asyncio.gather(*[demo.echo(obj) for _ in range(100)])
+            for _ in range(20):
+                fut = demo.sleep_ms(10_000)
+                fut.add_done_callback(lambda f: None)
+                fut.add_done_callback(lambda f: None, context=contextvars.copy_context())
+                fut.cancel("stop")
+                try:
+                    await fut
+                except asyncio.CancelledError:
+                    pass
+                demo.sleep_ms(10_000)  # dropped unawaited
 
         # A stock loop even under AIOB_TEST_LOOP=uvloop: Debian's uvloop is
         # built for the release ABI, and its inline reference counting does
