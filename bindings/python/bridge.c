@@ -407,23 +407,104 @@ static int call_soon_with(aiob_py_bridge *b, PyObject *loop, PyObject *cb,
   return 0;
 }
 
-/* Schedules the done callbacks of a finished future, in order (GIL). */
-static int cf_schedule(cfut *f) {
-  PyObject *cb = f->cb0, *ctx = f->ctx0, *cbs = f->cbs;
+/* After a done callback raised: SystemExit and KeyboardInterrupt stay set
+ * (-1), as a loop lets them out of a handle; anything else goes to the
+ * loop's exception handler (0). */
+static int callback_failed(cfut *f, PyObject *cb) {
+  if (PyErr_ExceptionMatches(PyExc_SystemExit) ||
+      PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
+    return -1;
+  PyObject *type, *value, *tb;
+  PyErr_Fetch(&type, &value, &tb);
+  PyErr_NormalizeException(&type, &value, &tb);
+  if (value && tb)
+    PyException_SetTraceback(value, tb);
+  PyObject *msg = PyUnicode_FromFormat("Exception in callback %R", cb);
+  PyObject *ctx =
+      msg ? Py_BuildValue("{s:O,s:O,s:O}", "message", msg, "exception",
+                          value ? value : Py_None, "future", (PyObject *)f)
+          : NULL;
+  PyObject *r =
+      ctx ? PyObject_CallMethod(f->loc.loop, "call_exception_handler", "O", ctx)
+          : NULL;
+  if (!r)
+    PyErr_WriteUnraisable(cb);
+  Py_XDECREF(r);
+  Py_XDECREF(ctx);
+  Py_XDECREF(msg);
+  Py_XDECREF(type);
+  Py_XDECREF(value);
+  Py_XDECREF(tb);
+  return 0;
+}
+
+/* Runs one done callback now, in its context (NULL: a fresh empty one), as
+ * the loop runs a handle; -1 leaves SystemExit / KeyboardInterrupt set. */
+static int run_callback(cfut *f, PyObject *cb, PyObject *ctx) {
+  PyObject *fresh = NULL;
+  if (!ctx && !(ctx = fresh = PyContext_New()))
+    return callback_failed(f, cb);
+  int rc = 0;
+  if (PyContext_Enter(ctx) < 0) { /* entered elsewhere: the loop runs it */
+    PyErr_Clear();
+    if (call_soon_with(cf_bridge(f), f->loc.loop, cb, (PyObject *)f, ctx) < 0)
+      rc = callback_failed(f, cb);
+  } else {
+    PyObject *r = PyObject_CallOneArg(cb, (PyObject *)f);
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    if (PyContext_Exit(ctx) < 0)
+      PyErr_Clear();
+    PyErr_Restore(type, value, tb);
+    if (r)
+      Py_DECREF(r);
+    else
+      rc = callback_failed(f, cb);
+  }
+  Py_XDECREF(fresh);
+  return rc;
+}
+
+/* Hands the done callbacks of a finished future, in order, to the loop
+ * (`now` 0: loop.call_soon, as asyncio does when a future is cancelled
+ * from Python) or runs them at once (`now` 1: from the port drain, itself
+ * a loop callback, where a handle per callback would only add a trip
+ * through the ready queue). If a callback lets SystemExit or
+ * KeyboardInterrupt out, the rest go to call_soon and -1 returns with it
+ * set. GIL. */
+static int cf_callbacks(cfut *f, int now) {
+  PyObject *cb0 = f->cb0, *ctx0 = f->ctx0, *cbs = f->cbs;
   f->cb0 = f->ctx0 = f->cbs = NULL;
   aiob_py_bridge *b = cf_bridge(f);
+  PyObject *type = NULL, *value = NULL, *tb = NULL;
   int rc = 0;
-  if (cb) {
-    rc = call_soon_with(b, f->loc.loop, cb, (PyObject *)f, ctx);
-    Py_DECREF(cb);
-    Py_XDECREF(ctx);
+  Py_ssize_t n = cbs ? PyList_GET_SIZE(cbs) : 0;
+  for (Py_ssize_t i = cb0 ? -1 : 0; i < n; i++) {
+    PyObject *cb = cb0, *ctx = ctx0;
+    if (i >= 0) {
+      cb = PyTuple_GET_ITEM(PyList_GET_ITEM(cbs, i), 0);
+      ctx = PyTuple_GET_ITEM(PyList_GET_ITEM(cbs, i), 1);
+      ctx = ctx == Py_None ? NULL : ctx;
+    }
+    if (now && rc == 0) {
+      if (run_callback(f, cb, ctx) < 0) {
+        rc = -1;
+        PyErr_Fetch(&type, &value, &tb);
+      }
+    } else if (call_soon_with(b, f->loc.loop, cb, (PyObject *)f, ctx) < 0) {
+      if (now) {
+        PyErr_WriteUnraisable(cb);
+      } else {
+        rc = -1;
+        break;
+      }
+    }
   }
-  for (Py_ssize_t i = 0; cbs && rc == 0 && i < PyList_GET_SIZE(cbs); i++) {
-    PyObject *pair = PyList_GET_ITEM(cbs, i);
-    rc = call_soon_with(b, f->loc.loop, PyTuple_GET_ITEM(pair, 0),
-                        (PyObject *)f, PyTuple_GET_ITEM(pair, 1));
-  }
+  Py_XDECREF(cb0);
+  Py_XDECREF(ctx0);
   Py_XDECREF(cbs);
+  if (type)
+    PyErr_Restore(type, value, tb);
   return rc;
 }
 
@@ -445,19 +526,21 @@ static void cf_set_current_exception(cfut *f) {
   f->it.log_exc = 1;
 }
 
-/* Resolves the future of a finished C task (loop thread, GIL). A future
- * cancelled by Python meanwhile discards the outcome silently. */
-static void cf_complete(aiob_py_bridge *b, cfut *f) {
+/* Resolves the future of a finished C task and runs its done callbacks
+ * (loop thread, GIL). A future cancelled by Python meanwhile discards the
+ * outcome silently. -1: a callback let SystemExit or KeyboardInterrupt
+ * out (it is set). */
+static int cf_complete(aiob_py_bridge *b, cfut *f) {
   b->completions++;
   if (f->it.dead) /* collected: its task was cancelled and released */
-    return;
+    return 0;
   Py_INCREF(f); /* callbacks and converters may drop the last reference */
   aiob_output out = {0};
   aiob_task_take_output(f->u.task, &out);
   if (CF_STATE(f) != CF_PENDING) {
     aiob_output_clear(&out);
     Py_DECREF(f);
-    return;
+    return 0;
   }
   if (out.status >= 0) {
     PyObject *v;
@@ -487,9 +570,9 @@ static void cf_complete(aiob_py_bridge *b, cfut *f) {
     }
   }
   aiob_output_clear(&out);
-  if (cf_schedule(f) < 0)
-    PyErr_WriteUnraisable((PyObject *)f);
+  int rc = cf_callbacks(f, 1);
   Py_DECREF(f);
+  return rc;
 }
 
 /* ---- Awaiting Python from C: requests ---------------------------------- */
@@ -857,11 +940,13 @@ static PyObject *pyport_call(pyport *pp, PyObject *name, PyObject *arg1,
   return r;
 }
 
-static void dispatch(aiob_py_bridge *b, item *it) {
+/* -1: SystemExit or KeyboardInterrupt is set (from a done callback). */
+static int dispatch(aiob_py_bridge *b, item *it) {
+  int rc = 0;
   switch (it->kind) {
   case ITEM_COMPLETION: {
     cfut *f = AIOB__CONTAINER_OF(it, cfut, it);
-    cf_complete(b, f);
+    rc = cf_complete(b, f);
     locals_destroy(&f->loc); /* the completion's reference */
     break;
   }
@@ -872,9 +957,12 @@ static void dispatch(aiob_py_bridge *b, item *it) {
     cancel_request(b, AIOB__CONTAINER_OF(it, request, cancel_it));
     break;
   }
+  return rc;
 }
 
-/* Drains up to DRAIN_CHUNK items; reschedules itself if more remain. */
+/* Drains up to DRAIN_CHUNK items; reschedules itself if more remain, or if
+ * a done callback lets SystemExit / KeyboardInterrupt out (which then
+ * leaves the loop, as from any handle). */
 static PyObject *pyport_drain(PyObject *self, PyObject *unused) {
   (void)unused;
   pyport *pp = (pyport *)self;
@@ -884,13 +972,16 @@ static PyObject *pyport_drain(PyObject *self, PyObject *unused) {
     pp->b->py_wakes++; /* not a re-scheduled drain */
   aiob__inbox_rearm(&p->in);
   Py_INCREF(self);
-  int done = 0;
+  int done = 0, rc = 0;
   aiob__mpsc_node *node;
-  while (done < DRAIN_CHUNK && (node = aiob__mpsc_pop(&p->in.queue))) {
-    dispatch(pp->b, AIOB__CONTAINER_OF(node, item, node));
+  while (rc == 0 && done < DRAIN_CHUNK &&
+         (node = aiob__mpsc_pop(&p->in.queue))) {
+    rc = dispatch(pp->b, AIOB__CONTAINER_OF(node, item, node));
     done++;
   }
-  if (done == DRAIN_CHUNK && !aiob__inbox_closed(&p->in)) {
+  PyObject *type, *value, *tb;
+  PyErr_Fetch(&type, &value, &tb);
+  if ((rc < 0 || done == DRAIN_CHUNK) && !aiob__inbox_closed(&p->in)) {
     PyObject *drain = PyObject_GetAttrString(self, "drain");
     PyObject *r =
         drain ? pyport_call(pp, pp->b->s_call_soon, drain, NULL) : NULL;
@@ -900,6 +991,9 @@ static PyObject *pyport_drain(PyObject *self, PyObject *unused) {
   }
   release_orphans();
   Py_DECREF(self);
+  PyErr_Restore(type, value, tb);
+  if (rc < 0)
+    return NULL;
   Py_RETURN_NONE;
 }
 
@@ -1368,7 +1462,7 @@ static int cf_do_cancel(cfut *f, PyObject *msg) {
     Py_INCREF(msg);
     f->value = msg;
   }
-  return f->loc.loop && cf_schedule(f) < 0 ? -1 : 1;
+  return f->loc.loop && cf_callbacks(f, 0) < 0 ? -1 : 1;
 }
 
 static PyObject *cf_cancel(PyObject *self, PyObject *args, PyObject *kw) {

@@ -152,6 +152,31 @@ class TestCTaskAsAwaitable(BridgeCase):
         with self.assertRaises(asyncio.CancelledError):
             await pending
 
+    async def test_done_callback_context_and_errors(self):
+        var = contextvars.ContextVar("var", default="unset")
+        fut = demo.echo(1)
+        seen = []
+        ctx = contextvars.copy_context()
+        ctx.run(var.set, "in ctx")
+        fut.add_done_callback(lambda f: seen.append(var.get()), context=ctx)
+
+        def boom(f):
+            raise ValueError("boom")
+
+        fut.add_done_callback(boom)
+        var.set("at registration")
+        fut.add_done_callback(lambda f: seen.append(var.get()))
+        var.set("later")
+        await fut
+        await asyncio.sleep(0)
+        # each runs in its own context; a failing one is reported and the
+        # next still runs
+        self.assertEqual(seen, ["in ctx", "at registration"])
+        self.assertEqual(len(self.loop_errors), 1)
+        err = self.loop_errors.pop()
+        self.assertIsInstance(err["exception"], ValueError)
+        self.assertIn("Exception in callback", err["message"])
+
     async def test_cancel_message_and_close(self):
         fut = demo.sleep_ms(60_000)
         fut.cancel("enough")
@@ -341,6 +366,43 @@ class TestLoops(unittest.TestCase):
             loop.run_until_complete(cancel_c_sleep_after(rng.uniform(0.0005, 0.0015)))
             loop.close()
         self.assertEqual(fired, [])
+
+
+class TestCallbackInterrupt(unittest.TestCase):
+    def test_keyboard_interrupt_from_done_callback_leaves_the_loop(self):
+        # As from any loop callback; nothing queued behind it is lost.
+        loop = asyncio.new_event_loop()
+        seen = []
+
+        def interrupt(f):
+            raise KeyboardInterrupt
+
+        futs = []
+
+        async def main():
+            futs.extend(demo.echo(i) for i in range(50))
+            futs[0].add_done_callback(interrupt)
+            futs[0].add_done_callback(lambda f: seen.append("after"))
+            for f in futs[1:]:
+                f.add_done_callback(lambda f: seen.append(f.result()))
+            await asyncio.sleep(5)
+
+        try:
+            task = loop.create_task(main())
+            with self.assertRaises(KeyboardInterrupt):
+                loop.run_until_complete(task)
+
+            async def finish():
+                await asyncio.gather(*futs)
+                await asyncio.sleep(0.01)
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+            loop.run_until_complete(finish())
+        finally:
+            loop.close()
+        self.assertIn("after", seen)
+        self.assertEqual(sorted(x for x in seen if x != "after"), list(range(1, 50)))
 
 
 class TestLifecycle(unittest.TestCase):
