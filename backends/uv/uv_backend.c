@@ -4,21 +4,27 @@
  * (Debian 12) makes the receiving loop spin and yield while the sender is
  * preempted, which costs tens of microseconds per wake; an eventfd write is
  * one syscall and wakes epoll directly.
- * Timer: one uv_timer_t. fds: one uv_poll_t per watched fd (the core merges
+ * Timer: a timerfd watched by a uv_poll_t. libuv's own timers count in
+ * whole milliseconds on a millisecond clock, so a 1 ms sleep fired 1-2 ms
+ * late; a timerfd takes the deadline in nanoseconds, as libevent's precise
+ * timer and io_uring's wait timeout do in the other backends.
+ * fds: one uv_poll_t per watched fd (the core merges
  * waiters per fd). Every handle is closed through uv_close, and its memory
  * is released only in the close callback. */
 #include "aiobridge/backend.h"
 
 #include <stdlib.h>
 #include <sys/eventfd.h>
+#include <sys/timerfd.h>
 #include <unistd.h>
 #include <uv.h>
 
 typedef struct uvb {
   uv_loop_t loop;
   uv_poll_t wake_poll;
-  uv_timer_t timer;
+  uv_poll_t timer_poll;
   int wake_fd;
+  int timer_fd;
   aiob_loop *core;
 } uvb;
 
@@ -36,13 +42,25 @@ static void on_wake(uv_poll_t *h, int status, int events) {
     ;
 }
 
-static void on_timer(uv_timer_t *h) {
+static void on_timer(uv_poll_t *h, int status, int events) {
+  (void)status;
+  (void)events;
   uvb *b = h->data;
-  aiob_backend_timer_expired(b->core);
-  /* uv_run(UV_RUN_ONCE) runs due timers *before* it polls; with the one
-   * timer just fired it would then block with no timeout before the core
-   * could re-arm. uv_stop makes this iteration's poll non-blocking. */
-  uv_stop(&b->loop);
+  uint64_t n;
+  if (read(b->timer_fd, &n, sizeof n) > 0) /* else re-armed meanwhile */
+    aiob_backend_timer_expired(b->core);
+}
+
+/* Starts watching fd with cb; on failure the handle is closed. */
+static int poll_open(uvb *b, uv_poll_t *h, int fd, uv_poll_cb cb) {
+  int rc = uv_poll_init(&b->loop, h, fd);
+  if (rc < 0)
+    return rc;
+  h->data = b;
+  rc = uv_poll_start(h, UV_READABLE, cb);
+  if (rc < 0)
+    uv_close((uv_handle_t *)h, NULL);
+  return rc;
 }
 
 static int uvb_loop_init(aiob_loop *core, const aiob_backend_options *opts,
@@ -53,31 +71,29 @@ static int uvb_loop_init(aiob_loop *core, const aiob_backend_options *opts,
     return AIOB_ENOMEM;
   b->core = core;
   b->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-  if (b->wake_fd < 0) {
-    int rc = -errno;
-    free(b);
-    return rc;
-  }
-  int rc = uv_loop_init(&b->loop);
+  b->timer_fd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+  int rc = b->wake_fd < 0 || b->timer_fd < 0 ? -errno : 0;
+  if (rc == 0)
+    rc = uv_loop_init(&b->loop);
   if (rc < 0) {
-    close(b->wake_fd);
+    if (b->wake_fd >= 0)
+      close(b->wake_fd);
+    if (b->timer_fd >= 0)
+      close(b->timer_fd);
     free(b);
     return rc;
   }
-  uv_timer_init(&b->loop, &b->timer);
-  b->timer.data = b;
-  rc = uv_poll_init(&b->loop, &b->wake_poll, b->wake_fd);
+  rc = poll_open(b, &b->wake_poll, b->wake_fd, on_wake);
   if (rc == 0) {
-    b->wake_poll.data = b;
-    rc = uv_poll_start(&b->wake_poll, UV_READABLE, on_wake);
+    rc = poll_open(b, &b->timer_poll, b->timer_fd, on_timer);
     if (rc < 0)
       uv_close((uv_handle_t *)&b->wake_poll, NULL);
   }
   if (rc < 0) {
-    uv_close((uv_handle_t *)&b->timer, NULL);
     uv_run(&b->loop, UV_RUN_DEFAULT);
     uv_loop_close(&b->loop);
     close(b->wake_fd);
+    close(b->timer_fd);
     free(b);
     return rc;
   }
@@ -94,12 +110,13 @@ static void close_leftover(uv_handle_t *h, void *arg) {
 static void uvb_loop_close(void *p) {
   uvb *b = p;
   uv_close((uv_handle_t *)&b->wake_poll, NULL);
-  uv_close((uv_handle_t *)&b->timer, NULL);
+  uv_close((uv_handle_t *)&b->timer_poll, NULL);
   /* Handles an extension created on the native loop and left open. */
   uv_walk(&b->loop, close_leftover, NULL);
   uv_run(&b->loop, UV_RUN_DEFAULT);
   uv_loop_close(&b->loop);
   close(b->wake_fd);
+  close(b->timer_fd);
   free(b);
 }
 
@@ -117,17 +134,20 @@ static int uvb_wake(void *p) {
   return 0;
 }
 
-static int uvb_timer_start(void *p, uint64_t timeout_ns) {
-  uvb *b = p;
-  uint64_t ms = timeout_ns / AIOB_MSEC + (timeout_ns % AIOB_MSEC != 0);
-  uv_update_time(&b->loop);
-  return uv_timer_start(&b->timer, on_timer, ms, 0);
+/* Arms the timerfd relative to now; 0 disarms it. */
+static int timer_set(uvb *b, uint64_t ns) {
+  struct itimerspec its = {
+      .it_value = {.tv_sec = (time_t)(ns / AIOB_SEC),
+                   .tv_nsec = (long)(ns % AIOB_SEC)},
+  };
+  return timerfd_settime(b->timer_fd, 0, &its, NULL) < 0 ? -errno : 0;
 }
 
-static void uvb_timer_stop(void *p) {
-  uvb *b = p;
-  uv_timer_stop(&b->timer);
+static int uvb_timer_start(void *p, uint64_t timeout_ns) {
+  return timer_set(p, timeout_ns ? timeout_ns : 1); /* 0 would disarm */
 }
+
+static void uvb_timer_stop(void *p) { timer_set(p, 0); }
 
 static void on_io(uv_poll_t *h, int status, int events) {
   uvb_io *io = h->data;
