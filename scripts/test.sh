@@ -40,13 +40,14 @@ for v in "${variants[@]}"; do
   only=()
   case "$v" in
     plain) flags=(-DCMAKE_BUILD_TYPE=RelWithDebInfo "-DAIOB_BACKENDS=$ALL_BACKENDS") ;;
-    # Python extensions are not built in sanitizer trees: loading a sanitized
-    # extension needs the sanitizer runtime preloaded into an interpreter
-    # that was not built for it. The C suites cover the core there.
-    asan)  flags=(-DCMAKE_BUILD_TYPE=Debug -DAIOB_SANITIZE=address "-DAIOB_BACKENDS=$ALL_BACKENDS" -DAIOB_PYTHON=OFF)
-           echo "=== [asan] Python suites skipped: sanitized extensions cannot load into stock interpreters" ;;
-    tsan)  flags=(-DCMAKE_BUILD_TYPE=Debug -DAIOB_SANITIZE=thread "-DAIOB_BACKENDS=$ALL_BACKENDS" -DAIOB_PYTHON=OFF)
-           echo "=== [tsan] Python suites skipped: sanitized extensions cannot load into stock interpreters" ;;
+    # Sanitizer trees: a sanitized extension cannot load into a stock
+    # interpreter, so the Python suites run in the plain tree only. The
+    # bridge's C API test (bridge_capi) embeds CPython in a sanitized
+    # program, so the bridge's concurrency runs under ASan and TSan there.
+    asan)  flags=(-DCMAKE_BUILD_TYPE=Debug -DAIOB_SANITIZE=address "-DAIOB_BACKENDS=$ALL_BACKENDS" -DAIOB_PYTHON_SUITES=OFF -DAIOB_PYTHONS=/usr/bin/python3)
+           echo "=== [asan] Python suites skipped: sanitized extensions cannot load into stock interpreters (bridge_capi embeds one)" ;;
+    tsan)  flags=(-DCMAKE_BUILD_TYPE=Debug -DAIOB_SANITIZE=thread "-DAIOB_BACKENDS=$ALL_BACKENDS" -DAIOB_PYTHON_SUITES=OFF -DAIOB_PYTHONS=/usr/bin/python3)
+           echo "=== [tsan] Python suites skipped: sanitized extensions cannot load into stock interpreters (bridge_capi embeds one)" ;;
     single-*)
       b=${v#single-}
       flags=(-DCMAKE_BUILD_TYPE=RelWithDebInfo "-DAIOB_BACKENDS=$b" -DAIOB_BUILD_BENCH=OFF -DAIOB_BUILD_EXAMPLES=OFF -DAIOB_PYTHON=OFF)
