@@ -57,7 +57,9 @@ static deferred *orphans;
 static size_t norphans, corphans;
 
 static void with_gil(void (*fn)(void *), void *arg) {
-  if (PyGILState_Check()) {
+  /* Runtime threads never hold it (and PyGILState_Check answers 1 on any
+   * thread once its check is off, e.g. with sub-interpreters). */
+  if (!aiob__current_loop && PyGILState_Check()) {
     fn(arg);
     return;
   }
@@ -96,6 +98,14 @@ void aiob_py_release(PyObject *obj) {
 }
 
 static void release_cb(void *obj) { aiob_py_release(obj); }
+
+/* tp_new of the bridge's types: made by the bridge only. */
+static PyObject *no_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+  (void)args;
+  (void)kw;
+  PyErr_Format(PyExc_TypeError, "cannot create '%s' instances", type->tp_name);
+  return NULL;
+}
 
 /* ---- Errors carried in task outputs ------------------------------------ */
 
@@ -292,10 +302,15 @@ static void locals_free(void *v) {
   Py_CLEAR(l->loop);
   if (l->port)
     port_unref(l->port);
-  if (l->embedded)
-    PyObject_GC_Del(AIOB__CONTAINER_OF(l, cfut, loc));
-  else
+  if (l->embedded) {
+    /* The memory kept the type alive: GC_Del reads it (3.12+). */
+    PyObject *obj = (PyObject *)AIOB__CONTAINER_OF(l, cfut, loc);
+    PyTypeObject *tp = Py_TYPE(obj);
+    PyObject_GC_Del(obj);
+    Py_DECREF(tp);
+  } else {
     free(l);
+  }
 }
 
 static void *locals_clone(void *v) {
@@ -684,6 +699,7 @@ static void waiter_dealloc(PyObject *self) {
 }
 
 static PyType_Slot waiter_slots[] = {
+    {Py_tp_new, no_new},
     {Py_tp_dealloc, waiter_dealloc},
     {Py_tp_call, waiter_call},
     {0, NULL},
@@ -1074,6 +1090,7 @@ static PyMethodDef pyport_methods[] = {
 };
 
 static PyType_Slot pyport_slots[] = {
+    {Py_tp_new, no_new},
     {Py_tp_dealloc, pyport_dealloc},
     {Py_tp_methods, pyport_methods},
     {0, NULL},
@@ -1512,34 +1529,46 @@ static PyObject *cf_add_done_callback(PyObject *self, PyObject *args,
   Py_RETURN_NONE;
 }
 
+/* Compares with references held: a user __eq__ may change the callbacks. */
 static PyObject *cf_remove_done_callback(PyObject *self, PyObject *fn) {
   cfut *f = (cfut *)self;
   Py_ssize_t removed = 0;
-  if (f->cb0) {
-    int eq = PyObject_RichCompareBool(f->cb0, fn, Py_EQ);
-    if (eq < 0)
-      return NULL;
-    if (eq) {
+  PyObject *cb0 = f->cb0;
+  if (cb0) {
+    Py_INCREF(cb0);
+    int eq = PyObject_RichCompareBool(cb0, fn, Py_EQ);
+    if (eq > 0 && f->cb0 == cb0) {
       Py_CLEAR(f->cb0);
       Py_CLEAR(f->ctx0);
       removed++;
     }
-  }
-  for (Py_ssize_t i = 0; f->cbs && i < PyList_GET_SIZE(f->cbs);) {
-    PyObject *cb = PyTuple_GET_ITEM(PyList_GET_ITEM(f->cbs, i), 0);
-    int eq = PyObject_RichCompareBool(cb, fn, Py_EQ);
+    Py_DECREF(cb0);
     if (eq < 0)
       return NULL;
-    if (eq) {
-      if (PySequence_DelItem(f->cbs, i) < 0)
-        return NULL;
-      removed++;
-    } else {
-      i++;
-    }
   }
-  if (f->cbs && PyList_GET_SIZE(f->cbs) == 0)
-    Py_CLEAR(f->cbs);
+  PyObject *cbs = f->cbs;
+  if (cbs) {
+    PyObject *keep = PyList_New(0);
+    Py_INCREF(cbs);
+    for (Py_ssize_t i = 0; keep && i < PyList_GET_SIZE(cbs); i++) {
+      PyObject *pair = PyList_GET_ITEM(cbs, i);
+      Py_INCREF(pair);
+      int eq = PyObject_RichCompareBool(PyTuple_GET_ITEM(pair, 0), fn, Py_EQ);
+      if (eq < 0 || (eq == 0 && PyList_Append(keep, pair) < 0))
+        Py_CLEAR(keep);
+      removed += eq > 0;
+      Py_DECREF(pair);
+    }
+    if (keep && f->cbs == cbs) {
+      Py_SETREF(f->cbs, PyList_GET_SIZE(keep) ? keep : NULL);
+      if (f->cbs)
+        keep = NULL;
+    }
+    Py_XDECREF(keep);
+    Py_DECREF(cbs);
+    if (PyErr_Occurred())
+      return NULL;
+  }
   return PyLong_FromSsize_t(removed);
 }
 
@@ -1755,11 +1784,12 @@ static int cf_clear(PyObject *self) {
  * memory stays while C still holds the locals or the completion. */
 static void cf_dealloc(PyObject *self) {
   cfut *f = (cfut *)self;
-  PyTypeObject *tp = Py_TYPE(self);
   if (PyObject_CallFinalizerFromDealloc(self) < 0)
     return; /* resurrected */
   PyObject_GC_UnTrack(self);
-  cf_clear(self);
+  /* Dead before any Python code can run (cf_clear may run some, and let
+   * another thread drain this future's completion meanwhile). */
+  f->it.dead = 1;
   if (f->loc.port) {
     if (CF_STATE(f) == CF_PENDING)
       aiob_task_cancel(f->u.task);
@@ -1768,9 +1798,8 @@ static void cf_dealloc(PyObject *self) {
   } else if (CF_STATE(f) == CF_UNBOUND) {
     cf_drop_state(f);
   }
-  f->it.dead = 1;
-  locals_destroy(&f->loc);
-  Py_DECREF(tp);
+  cf_clear(self);
+  locals_destroy(&f->loc); /* the type's reference goes with the memory */
 }
 
 static PyMethodDef cf_methods[] = {
@@ -1801,17 +1830,12 @@ static PyGetSetDef cf_getset[] = {
 };
 
 static PyType_Slot cf_slots[] = {
-    {Py_tp_dealloc, cf_dealloc},
-    {Py_tp_traverse, cf_traverse},
-    {Py_tp_clear, cf_clear},
-    {Py_tp_finalize, cf_finalize},
-    {Py_tp_repr, cf_repr},
-    {Py_tp_iter, cf_self},
-    {Py_tp_iternext, cf_iternext},
-    {Py_am_await, cf_self},
-    {Py_tp_methods, cf_methods},
-    {Py_tp_getset, cf_getset},
-    {0, NULL},
+    {Py_tp_new, no_new},           {Py_tp_dealloc, cf_dealloc},
+    {Py_tp_traverse, cf_traverse}, {Py_tp_clear, cf_clear},
+    {Py_tp_finalize, cf_finalize}, {Py_tp_repr, cf_repr},
+    {Py_tp_iter, cf_self},         {Py_tp_iternext, cf_iternext},
+    {Py_am_await, cf_self},        {Py_tp_methods, cf_methods},
+    {Py_tp_getset, cf_getset},     {0, NULL},
 };
 
 static PyType_Spec cf_spec = {

@@ -126,6 +126,8 @@ class TestCTaskAsAwaitable(BridgeCase):
         self.assertEqual(await gathered, [5, 6])
         self.assertEqual((fut.done(), fut.cancelled(), fut.result()), (True, False, 5))
         self.assertIsNone(fut.exception())
+        with self.assertRaises(TypeError):
+            type(fut)()  # made by the bridge only
 
     async def test_done_callbacks(self):
         fut = demo.echo(1)
@@ -134,7 +136,9 @@ class TestCTaskAsAwaitable(BridgeCase):
         fut.add_done_callback(lambda f: seen.append(("b", f.result())))
         drop = lambda f: seen.append("removed")
         fut.add_done_callback(drop)
-        self.assertEqual(fut.remove_done_callback(drop), 1)
+        fut.add_done_callback(drop)
+        self.assertEqual(fut.remove_done_callback(drop), 2)
+        self.assertEqual(fut.remove_done_callback(drop), 0)
         await fut
         await asyncio.sleep(0)
         self.assertEqual(seen, [("a", 1), ("b", 1)])
