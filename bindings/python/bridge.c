@@ -134,6 +134,19 @@ int aiob_py_task_raise(aiob_task *self, PyObject *exc_type, const char *msg) {
   return 0;
 }
 
+/* The current exception, normalized and with its traceback attached, as a
+ * new reference (NULL if none was set); the error indicator is cleared. */
+static PyObject *take_exception(void) {
+  PyObject *type, *value, *tb;
+  PyErr_Fetch(&type, &value, &tb);
+  PyErr_NormalizeException(&type, &value, &tb);
+  if (value && tb)
+    PyException_SetTraceback(value, tb);
+  Py_XDECREF(type);
+  Py_XDECREF(tb);
+  return value;
+}
+
 /* A new exception object for a failed output (GIL). */
 static PyObject *exception_for(aiob_output *out) {
   if (out->status == AIOB_PY_EXCEPTION && out->value) {
@@ -247,8 +260,9 @@ static aiob_runtime *bridge_runtime(aiob_py_bridge *b) {
 
 /* ---- Task locals: (asyncio loop, contextvars context) ------------------ */
 
-/* Set once (GIL) before the locals are shared; refcounted from any thread.
- * The last reference is released with the GIL (with_gil). */
+/* Set (GIL) before the locals are shared, except an empty context, which
+ * is made on first use with the GIL (locals_context); refcounted from any
+ * thread. The last reference is released with the GIL (with_gil). */
 struct aiob_py_locals {
   _Atomic uint32_t refs;
   uint32_t embedded; /* part of a CTask's memory, freed with it */
@@ -422,6 +436,22 @@ static int call_soon_with(aiob_py_bridge *b, PyObject *loop, PyObject *cb,
   return 0;
 }
 
+/* loop.call_exception_handler({message, exception, future: f}) (GIL);
+ * -1 with an exception set if that call failed. */
+static int report_to_loop(cfut *f, PyObject *message, PyObject *exc) {
+  PyObject *ctx =
+      Py_BuildValue("{s:O,s:O,s:O}", "message", message, "exception",
+                    exc ? exc : Py_None, "future", (PyObject *)f);
+  PyObject *r =
+      ctx ? PyObject_CallMethod(f->loc.loop, "call_exception_handler", "O", ctx)
+          : NULL;
+  Py_XDECREF(ctx);
+  if (!r)
+    return -1;
+  Py_DECREF(r);
+  return 0;
+}
+
 /* After a done callback raised: SystemExit and KeyboardInterrupt stay set
  * (-1), as a loop lets them out of a handle; anything else goes to the
  * loop's exception handler (0). */
@@ -429,27 +459,12 @@ static int callback_failed(cfut *f, PyObject *cb) {
   if (PyErr_ExceptionMatches(PyExc_SystemExit) ||
       PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
     return -1;
-  PyObject *type, *value, *tb;
-  PyErr_Fetch(&type, &value, &tb);
-  PyErr_NormalizeException(&type, &value, &tb);
-  if (value && tb)
-    PyException_SetTraceback(value, tb);
+  PyObject *exc = take_exception();
   PyObject *msg = PyUnicode_FromFormat("Exception in callback %R", cb);
-  PyObject *ctx =
-      msg ? Py_BuildValue("{s:O,s:O,s:O}", "message", msg, "exception",
-                          value ? value : Py_None, "future", (PyObject *)f)
-          : NULL;
-  PyObject *r =
-      ctx ? PyObject_CallMethod(f->loc.loop, "call_exception_handler", "O", ctx)
-          : NULL;
-  if (!r)
+  if (!msg || report_to_loop(f, msg, exc) < 0)
     PyErr_WriteUnraisable(cb);
-  Py_XDECREF(r);
-  Py_XDECREF(ctx);
   Py_XDECREF(msg);
-  Py_XDECREF(type);
-  Py_XDECREF(value);
-  Py_XDECREF(tb);
+  Py_XDECREF(exc);
   return 0;
 }
 
@@ -525,13 +540,7 @@ static int cf_callbacks(cfut *f, int now) {
 
 /* Takes the current exception as the future's outcome. */
 static void cf_set_current_exception(cfut *f) {
-  PyObject *type, *value, *tb;
-  PyErr_Fetch(&type, &value, &tb);
-  PyErr_NormalizeException(&type, &value, &tb);
-  if (value && tb)
-    PyException_SetTraceback(value, tb);
-  Py_XDECREF(type);
-  Py_XDECREF(tb);
+  PyObject *value = take_exception();
   if (!value) {
     CF_STATE(f) = CF_CANCELLED;
     return;
@@ -714,13 +723,7 @@ static PyType_Spec waiter_spec = {
 
 /* Completes the promise with the current Python exception. */
 static void fail_request_with_current(request *r) {
-  PyObject *type, *value, *tb;
-  PyErr_Fetch(&type, &value, &tb);
-  PyErr_NormalizeException(&type, &value, &tb);
-  if (tb && value)
-    PyException_SetTraceback(value, tb);
-  Py_XDECREF(type);
-  Py_XDECREF(tb);
+  PyObject *value = take_exception();
   py_error *e = calloc(1, sizeof *e);
   aiob_promise *pr = r->promise;
   r->promise = NULL;
@@ -1747,15 +1750,10 @@ static void cf_finalize(PyObject *self) {
   f->it.log_exc = 0;
   PyObject *type, *value, *tb;
   PyErr_Fetch(&type, &value, &tb);
-  PyObject *ctx = Py_BuildValue("{s:s,s:O,s:O}", "message",
-                                "CTask exception was never retrieved",
-                                "exception", f->value, "future", self);
-  PyObject *r =
-      ctx ? PyObject_CallMethod(f->loc.loop, "call_exception_handler", "O", ctx)
-          : NULL;
-  Py_XDECREF(r);
-  Py_XDECREF(ctx);
-  PyErr_Clear();
+  PyObject *msg = PyUnicode_FromString("CTask exception was never retrieved");
+  if (!msg || report_to_loop(f, msg, f->value) < 0)
+    PyErr_Clear();
+  Py_XDECREF(msg);
   PyErr_Restore(type, value, tb);
 }
 

@@ -120,7 +120,9 @@ aiob_py_locals *aiob_py_locals_clone(aiob_py_locals *l);
 /* Releases a reference (NULL is a no-op). Any thread, no GIL needed. */
 void aiob_py_locals_release(aiob_py_locals *l);
 
-/* Borrowed loop and context of `l` (GIL to use them). */
+/* Borrowed loop and context of `l` (GIL held). The context of locals made
+ * from an empty contextvars snapshot is created on the first call; NULL
+ * only if that fails (out of memory). */
 PyObject *aiob_py_locals_loop(aiob_py_locals *l);
 PyObject *aiob_py_locals_context(aiob_py_locals *l);
 
