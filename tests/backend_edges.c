@@ -362,17 +362,13 @@ static aiob_poll ws_poll(aiob_task *t, void *p) {
   }
   if (!atomic_load(&k->ctx->stop))
     return AIOB_PENDING;
-  aiob_waker *w = atomic_exchange(&k->w, NULL);
-  if (w)
-    aiob_waker_release(w);
+  aiob_waker_release(atomic_exchange(&k->w, NULL));
   return AIOB_READY;
 }
 
 static void ws_drop(void *p) {
   ws_task *k = p;
-  aiob_waker *w = atomic_exchange(&k->w, NULL);
-  if (w)
-    aiob_waker_release(w);
+  aiob_waker_release(atomic_exchange(&k->w, NULL));
   drop_count(p);
 }
 static const aiob_task_vtable ws_vt = {.poll = ws_poll, .drop = ws_drop};

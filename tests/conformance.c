@@ -169,17 +169,13 @@ static aiob_poll wk_poll(aiob_task *t, void *p) {
   }
   if (!atomic_load(&k->go))
     return AIOB_PENDING;
-  aiob_waker *w = atomic_exchange(&k->w, NULL);
-  if (w)
-    aiob_waker_release(w);
+  aiob_waker_release(atomic_exchange(&k->w, NULL));
   return AIOB_READY;
 }
 
 static void wk_drop(void *p) {
   wk_task *k = p;
-  aiob_waker *w = atomic_exchange(&k->w, NULL);
-  if (w)
-    aiob_waker_release(w);
+  aiob_waker_release(atomic_exchange(&k->w, NULL));
   drop_count(p);
 }
 static const aiob_task_vtable wk_vt = {.poll = wk_poll, .drop = wk_drop};
@@ -586,9 +582,7 @@ static aiob_poll wc_a_poll(aiob_task *t, void *p) {
 
 static void wc_a_drop(void *p) {
   wc_a *a = p;
-  aiob_waker *w = atomic_exchange(&a->w, NULL);
-  if (w)
-    aiob_waker_release(w);
+  aiob_waker_release(atomic_exchange(&a->w, NULL));
   drop_count(p);
 }
 static const aiob_task_vtable wc_a_vt = {.poll = wc_a_poll, .drop = wc_a_drop};

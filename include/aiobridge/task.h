@@ -179,7 +179,7 @@ AIOB_API aiob_waker *aiob_waker_clone(aiob_waker *w);
  * does nothing. Does not consume the waker. Thread-safe. */
 AIOB_API void aiob_waker_wake(aiob_waker *w);
 
-/* Drops a waker reference. Thread-safe. */
+/* Drops a waker reference; NULL is a no-op. Thread-safe. */
 AIOB_API void aiob_waker_release(aiob_waker *w);
 
 /* ---- Coroutine macros --------------------------------------------------
