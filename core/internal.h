@@ -81,6 +81,13 @@ static inline void aiob__inbox_rearm(aiob__inbox *in) {
  * if it was already closed. */
 bool aiob__inbox_close(aiob__inbox *in);
 
+/* After fork(), in the child: closes the inbox without waiting. Producers
+ * that were mid-push in the parent do not exist here, and their counts,
+ * copied mid-update, would never go back to zero. */
+static inline void aiob__inbox_abandon(aiob__inbox *in) {
+  atomic_store(&in->closed, 1);
+}
+
 static inline bool aiob__inbox_closed(aiob__inbox *in) {
   return atomic_load(&in->closed) != 0;
 }
@@ -190,6 +197,11 @@ struct aiob_loop {
 struct aiob_runtime {
   _Atomic uint32_t refs;
   _Atomic int shut; /* 0 running, 1 shutting down or shut */
+  /* Inherited through fork(): its loop threads do not exist in this
+   * process and its backend state is shared with the parent, so nothing of
+   * it is ever stopped, joined or closed here. */
+  bool forked;
+  struct aiob_runtime *next_alive; /* every runtime alive, for fork */
   pthread_mutex_t shutdown_mu;
   bool shutdown_done;
   const aiob_backend *backend;

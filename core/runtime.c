@@ -23,9 +23,82 @@ void aiob__runtime_ref(aiob_runtime *rt) {
   atomic_fetch_add_explicit(&rt->refs, 1, memory_order_relaxed);
 }
 
+/* ---- Every runtime alive, and fork() ------------------------------------
+ *
+ * A forked child has only the thread that called fork(). Runtimes it
+ * inherited have no loop threads, and their backends' state (an epoll set,
+ * an io_uring ring, an eventfd) is shared with the parent: in the child
+ * they are marked forked and shut (spawns fail with AIOB_ESHUTDOWN, wakes
+ * and pushes are refused, shutdown joins and closes nothing), and the
+ * default runtime is forgotten so that the next use creates a fresh one.
+ * The locks these handlers take are never held across anything that can
+ * wait for another thread's progress. */
+
+static pthread_mutex_t alive_mu = PTHREAD_MUTEX_INITIALIZER;
+static aiob_runtime *alive; /* linked through next_alive */
+
+static pthread_mutex_t default_mu = PTHREAD_MUTEX_INITIALIZER;
+static aiob_runtime *default_rt;
+
+static void alive_link(aiob_runtime *rt) {
+  pthread_mutex_lock(&alive_mu);
+  rt->next_alive = alive;
+  alive = rt;
+  pthread_mutex_unlock(&alive_mu);
+}
+
+static void alive_unlink(aiob_runtime *rt) {
+  pthread_mutex_lock(&alive_mu);
+  for (aiob_runtime **p = &alive; *p; p = &(*p)->next_alive) {
+    if (*p == rt) {
+      *p = rt->next_alive;
+      break;
+    }
+  }
+  pthread_mutex_unlock(&alive_mu);
+}
+
+static void fork_prepare(void) {
+  pthread_mutex_lock(&default_mu);
+  pthread_mutex_lock(&alive_mu);
+}
+
+static void fork_parent(void) {
+  pthread_mutex_unlock(&alive_mu);
+  pthread_mutex_unlock(&default_mu);
+}
+
+static void fork_child(void) {
+  for (aiob_runtime *rt = alive; rt; rt = rt->next_alive) {
+    rt->forked = true;
+    atomic_store(&rt->shut, 1);
+    for (unsigned i = 0; i < rt->nloops; i++)
+      aiob__inbox_abandon(&rt->loops[i].remote);
+    /* Other threads' locks may have been copied held. */
+    pthread_mutex_init(&rt->shutdown_mu, NULL);
+    pthread_mutex_init(&rt->wait_mu, NULL);
+  }
+  /* Still reachable through `alive`: the child never frees what the
+   * default runtime of its parent was. */
+  default_rt = NULL;
+  pthread_mutex_unlock(&alive_mu);
+  pthread_mutex_unlock(&default_mu);
+}
+
+static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
+
+static void fork_register(void) {
+  pthread_atfork(fork_prepare, fork_parent, fork_child);
+}
+
+/* Before any runtime exists, and never with default_mu held (a fork in
+ * another thread would wait for it inside the registration). */
+static void fork_watch(void) { pthread_once(&fork_once, fork_register); }
+
 void aiob__runtime_unref(aiob_runtime *rt) {
   if (atomic_fetch_sub_explicit(&rt->refs, 1, memory_order_acq_rel) != 1)
     return;
+  alive_unlink(rt);
   for (unsigned i = 0; i < rt->nloops; i++)
     aiob__heap_free(&rt->loops[i].timers);
   free(rt->loops);
@@ -251,6 +324,7 @@ int aiob_runtime_new(aiob_runtime **out, const aiob_runtime_config *cfg) {
   if (rc < 0)
     return rc;
 
+  fork_watch();
   aiob_runtime *rt = calloc(1, sizeof *rt);
   aiob_loop *loops = calloc(cfg->threads, sizeof *loops);
   if (!rt || !loops) {
@@ -296,6 +370,7 @@ int aiob_runtime_new(aiob_runtime **out, const aiob_runtime_config *cfg) {
       break;
     }
   }
+  alive_link(rt);
   if (rc < 0) {
     stop_loops(rt, started);
     aiob__runtime_unref(rt);
@@ -318,7 +393,8 @@ int aiob_runtime_shutdown(aiob_runtime *rt) {
   pthread_mutex_lock(&rt->shutdown_mu);
   if (!rt->shutdown_done) {
     atomic_store(&rt->shut, 1);
-    stop_loops(rt, rt->nloops);
+    if (!rt->forked) /* else its threads are the parent's */
+      stop_loops(rt, rt->nloops);
     rt->shutdown_done = true;
   }
   pthread_mutex_unlock(&rt->shutdown_mu);
@@ -416,8 +492,6 @@ int aiob_runtime_call(aiob_runtime *rt, unsigned index, aiob_call_fn fn,
 
 /* ---- The default runtime ----------------------------------------------- */
 
-static pthread_mutex_t default_mu = PTHREAD_MUTEX_INITIALIZER;
-static aiob_runtime *default_rt;
 static aiob_runtime_config default_cfg;
 static bool default_configured;
 static bool default_used; /* stays set: the choice never changes after use */
@@ -438,9 +512,11 @@ int aiob_runtime_default_configure(const aiob_runtime_config *cfg) {
   return rc;
 }
 
-int aiob_runtime_default(aiob_runtime **out) {
+/* The default runtime, created if needed, with a reference if `ref`. */
+static int default_get(aiob_runtime **out, bool ref) {
   if (!out)
     return AIOB_EINVAL;
+  fork_watch();
   pthread_mutex_lock(&default_mu);
   int rc = 0;
   if (!default_rt) {
@@ -467,10 +543,28 @@ int aiob_runtime_default(aiob_runtime **out) {
       rc = aiob_runtime_new(&default_rt, &cfg);
     default_used = default_used || rc == 0;
   }
-  if (rc == 0)
+  if (rc == 0) {
     *out = default_rt;
+    if (ref)
+      aiob__runtime_ref(default_rt);
+  }
   pthread_mutex_unlock(&default_mu);
   return rc;
+}
+
+int aiob_runtime_default(aiob_runtime **out) { return default_get(out, false); }
+
+int aiob_runtime_default_acquire(aiob_runtime **out) {
+  return default_get(out, true);
+}
+
+void aiob_runtime_release(aiob_runtime *rt) {
+  if (!rt)
+    return;
+  if (atomic_load_explicit(&rt->refs, memory_order_acquire) == 1 &&
+      !atomic_load(&rt->shut))
+    abort(); /* the last reference of a running runtime: a caller's bug */
+  aiob__runtime_unref(rt);
 }
 
 int aiob_runtime_default_peek(void (*fn)(aiob_runtime *rt, void *arg),

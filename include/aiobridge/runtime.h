@@ -75,6 +75,19 @@ AIOB_API void aiob_runtime_free(aiob_runtime *rt);
  * creation error (AIOB_EINVAL for a malformed AIOBRIDGE_SPIN_US). */
 AIOB_API int aiob_runtime_default(aiob_runtime **out);
 
+/* Like aiob_runtime_default, and takes a reference: *out stays valid memory
+ * until aiob_runtime_release, even if another thread calls
+ * aiob_runtime_default_shutdown meanwhile (spawns on it then fail with
+ * AIOB_ESHUTDOWN, and a later aiob_runtime_default_acquire gives the fresh
+ * runtime). For code that uses the default runtime while other threads may
+ * shut it down, such as a language binding. Errors as aiob_runtime_default;
+ * on error no reference is taken. */
+AIOB_API int aiob_runtime_default_acquire(aiob_runtime **out);
+
+/* Releases a reference taken by aiob_runtime_default_acquire (NULL is a
+ * no-op). Any thread, including the runtime's own loop threads. */
+AIOB_API void aiob_runtime_release(aiob_runtime *rt);
+
 /* Sets the configuration of the default runtime. Must be called before its
  * first successful use: afterwards (even after aiob_runtime_default_shutdown)
  * it returns AIOB_EBUSY and changes nothing, so the process-wide choice can
@@ -84,7 +97,16 @@ AIOB_API int aiob_runtime_default_configure(const aiob_runtime_config *cfg);
 
 /* Shuts down and frees the default runtime, if it exists. A later
  * aiob_runtime_default creates a fresh one with the same configuration.
- * Returns 0, or AIOB_EDEADLK when called from one of its loop threads. */
+ * Returns 0, or AIOB_EDEADLK when called from one of its loop threads.
+ *
+ * fork(): a child process has none of its parent's loop threads. In the
+ * child, every runtime inherited from the parent is shut (spawns fail with
+ * AIOB_ESHUTDOWN; its unfinished tasks are abandoned: never polled nor
+ * dropped there; aiob_runtime_free only releases its memory), and the
+ * default runtime is forgotten: the child's next aiob_runtime_default
+ * creates a fresh one. Nothing the child does touches the state a runtime
+ * shares with the parent (epoll sets, io_uring rings, eventfds), so the
+ * parent's runtimes keep working whatever the child does. */
 AIOB_API int aiob_runtime_default_shutdown(void);
 
 /* Calls fn(rt, arg) with the default runtime if it exists, holding the lock
