@@ -381,6 +381,28 @@ static const aiob_task_vtable nopoll_vt = {.poll = NULL, .drop = owned_drop};
 static const aiob_task_vtable owned_vt = {.poll = owned_poll,
                                           .drop = owned_drop};
 
+/* sleep_us(n): a C sleep (its state, freed by drop, checks it is polled
+ * only before its drop). */
+typedef struct nap {
+  uint64_t ns;
+  int armed;
+  aiob_sleep sleep;
+} nap;
+
+static aiob_poll nap_poll(aiob_task *t, void *p) {
+  nap *n = p;
+  CHECK(n != NULL);
+  if (!n)
+    return AIOB_READY;
+  if (!n->armed) {
+    aiob_sleep_init(&n->sleep, n->ns);
+    n->armed = 1;
+  }
+  return aiob_sleep_poll(t, &n->sleep, NULL);
+}
+static void nap_drop(void *p) { free(p); }
+static const aiob_task_vtable nap_vt = {.poll = nap_poll, .drop = nap_drop};
+
 /* ---- The module `bcapi` (functions called from Python, GIL) ------------ */
 
 static PyObject *m_value(PyObject *m, PyObject *arg) {
@@ -390,6 +412,21 @@ static PyObject *m_value(PyObject *m, PyObject *arg) {
     return NULL;
   return aiob_py_future_into_py(g_bridge, &value_vt, (void *)(intptr_t)n,
                                 conv_long);
+}
+
+static PyObject *m_sleep_us(PyObject *m, PyObject *arg) {
+  (void)m;
+  uint64_t ns;
+  if (aiob_py_duration_ns(arg, 1e3, &ns) < 0)
+    return NULL;
+  nap *n = calloc(1, sizeof *n);
+  if (!n)
+    return PyErr_NoMemory();
+  n->ns = ns;
+  PyObject *f = aiob_py_future_into_py(g_bridge, &nap_vt, n, NULL);
+  if (!f)
+    free(n);
+  return f;
 }
 
 static PyObject *m_none(PyObject *m, PyObject *unused) {
@@ -624,6 +661,7 @@ static PyObject *m_plain_await(PyObject *m, PyObject *args) {
 static PyMethodDef bcapi_methods[] = {
     {"value", m_value, METH_O, NULL},
     {"none", m_none, METH_NOARGS, NULL},
+    {"sleep_us", m_sleep_us, METH_O, NULL},
     {"bad_conv", m_bad_conv, METH_NOARGS, NULL},
     {"fail_enoent", m_fail_enoent, METH_NOARGS, NULL},
     {"fail_canceled", m_fail_canceled, METH_NOARGS, NULL},
@@ -1211,6 +1249,109 @@ static void test_many_in_flight(void **state) {
   assert_clean();
 }
 
+/* ======================================================================== */
+/* 13. Two threads first-await the same unbound awaitable, each in its own  */
+/*     loop: one binds it and gets the result, the other gets asyncio's     */
+/*     RuntimeError (another loop's future) or, if the first finished       */
+/*     already, the result too. A third variant cancels it from another     */
+/*     thread while it binds. Never a crash, a C task polled after its      */
+/*     drop, or a completion pushed to no loop.                             */
+static void test_concurrent_first_await(void **state) {
+  (void)state;
+  PyObject *g = run_ok(
+      "import asyncio, bcapi, sys, threading\n"
+      "async def use(f, out):\n"
+      "    try:\n"
+      "        out.append(await f)\n"
+      "    except RuntimeError:\n"
+      "        out.append('other loop')\n"
+      "    except asyncio.CancelledError:\n"
+      "        out.append('cancelled')\n"
+      "def run(f, out):\n"
+      "    asyncio.run(use(f, out))\n"
+      "def cancel(f, out):\n"
+      "    f.cancel()\n"
+      "interval = sys.getswitchinterval()\n"
+      "sys.setswitchinterval(1e-5)  # switch threads inside the bridge\n"
+      "bad = []\n"
+      "for i in range(300):\n"
+      "    f, out = bcapi.sleep_us(1000 if i % 2 else 200), []\n"
+      "    second = cancel if i % 4 == 3 else run\n"
+      "    ts = [threading.Thread(target=run, args=(f, out)),\n"
+      "          threading.Thread(target=second, args=(f, out))]\n"
+      "    for t in ts: t.start()\n"
+      "    for t in ts: t.join(60)\n"
+      "    if any(t.is_alive() for t in ts): bad.append((i, 'hung')); break\n"
+      "    if second is run:\n"
+      "        ok = None in out and set(out) <= {None, 'other loop'}\n"
+      "    else:\n"
+      "        ok = out in ([None], ['cancelled']) and f.done()\n"
+      "    if not ok or len(out) != (2 if second is run else 1):\n"
+      "        bad.append((i, out))\n"
+      "sys.setswitchinterval(interval)\n"
+      "ok = bad == []\n");
+  if (py_get(g, "bad") && PyObject_Length(py_get(g, "bad")) > 0) {
+    PyObject *rep = PyObject_Repr(py_get(g, "bad"));
+    fail_msg("rounds that went wrong: %s", rep ? PyUnicode_AsUTF8(rep) : "?");
+  }
+  assert_py_true(g, "ok");
+  Py_DECREF(g);
+  assert_clean();
+}
+
+/* ======================================================================== */
+/* 14. aiobridge.shutdown() over and over while three threads start C tasks */
+/*     and C awaits of Python in their own loops: every awaitable resolves  */
+/*     (None, the awaited value, ShutdownError or a cancellation) and       */
+/*     nothing uses a runtime after it was freed. Afterwards the runtime    */
+/*     starts again.                                                        */
+static void test_shutdown_while_starting(void **state) {
+  (void)state;
+  PyObject *g = run_ok(
+      "import asyncio, aiobridge, bcapi, random, threading\n"
+      "async def co():\n"
+      "    await asyncio.sleep(0)\n"
+      "    return 1\n"
+      "async def one():\n"
+      "    return await asyncio.wait_for(asyncio.gather(\n"
+      "        bcapi.sleep_us(random.random() * 1000), bcapi.none(),\n"
+      "        bcapi.parent_child(co()), return_exceptions=True), 30)\n"
+      "allowed = (type(None), int, str, aiobridge.ShutdownError,\n"
+      "           asyncio.CancelledError)\n"
+      "bad, runs, done = [], [0], threading.Event()\n"
+      "def worker():\n"
+      "    for _ in range(60):\n"
+      "        try:\n"
+      "            res = asyncio.run(one())\n"
+      "        except aiobridge.ShutdownError:\n"
+      "            res = []\n"
+      "        except BaseException as e:\n"
+      "            res = [e]\n"
+      "        bad.extend(r for r in res if not isinstance(r, allowed))\n"
+      "        runs[0] += 1\n"
+      "def stopper():\n"
+      "    while not done.is_set():\n"
+      "        aiobridge.shutdown()\n"
+      "        done.wait(random.random() * 0.0005)\n"
+      "ws = [threading.Thread(target=worker) for _ in range(3)]\n"
+      "s = threading.Thread(target=stopper)\n"
+      "for t in ws + [s]: t.start()\n"
+      "for t in ws: t.join(120)\n"
+      "done.set()\n"
+      "s.join(60)\n"
+      "alive = sum(t.is_alive() for t in ws + [s])\n"
+      "after = asyncio.run(asyncio.wait_for(bcapi.value(5), 30))\n"
+      "ok = bad == [] and runs[0] == 180 and after == 5\n");
+  assert_int_equal(py_long(g, "alive"), 0);
+  if (PyObject_Length(py_get(g, "bad")) > 0) {
+    PyObject *rep = PyObject_Repr(py_get(g, "bad"));
+    fail_msg("unexpected outcomes: %s", rep ? PyUnicode_AsUTF8(rep) : "?");
+  }
+  assert_py_true(g, "ok");
+  Py_DECREF(g);
+  assert_clean();
+}
+
 int main(void) {
   g_loop_thread = pthread_self();
   latch_init(&g_started);
@@ -1269,10 +1410,20 @@ int main(void) {
 
 #define T(name) cmocka_unit_test_setup_teardown(test_##name, setup, teardown)
   const struct CMUnitTest tests[] = {
-      T(backend),        T(future_converter),  T(errors),
-      T(null_vtable),    T(current_locals),    T(locals_in_poll),
-      T(child_inherits), T(await_converter),   T(with_locals_off_thread),
-      T(plain_task),     T(locals_new_errors), T(many_in_flight),
+      T(backend),
+      T(future_converter),
+      T(errors),
+      T(null_vtable),
+      T(current_locals),
+      T(locals_in_poll),
+      T(child_inherits),
+      T(await_converter),
+      T(with_locals_off_thread),
+      T(plain_task),
+      T(locals_new_errors),
+      T(many_in_flight),
+      T(concurrent_first_await),
+      T(shutdown_while_starting),
   };
   int failed = cmocka_run_group_tests_name("bridge_capi", tests, NULL, NULL);
 

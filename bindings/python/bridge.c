@@ -18,6 +18,7 @@
 
 #include "internal.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -56,6 +57,29 @@ static pthread_mutex_t orphan_mu = PTHREAD_MUTEX_INITIALIZER;
 static deferred *orphans;
 static size_t norphans, corphans;
 
+/* ---- fork() ------------------------------------------------------------
+ *
+ * A forked child shares with its parent the eventfds of the parent's ports
+ * and the epoll sets (or uv loops) of the parent's asyncio loops. A port
+ * made before the fork is never used by the child: it does not read the
+ * eventfd (that would steal the parent's wake), push to it, or unregister
+ * it from a loop (epoll_ctl on a shared epoll set would unregister it for
+ * the parent too). The child makes fresh ports (and the core a fresh
+ * runtime) on its next use. */
+static _Atomic unsigned fork_gen; /* bumped in every child */
+
+static void fork_prepare(void) { pthread_mutex_lock(&orphan_mu); }
+static void fork_parent(void) { pthread_mutex_unlock(&orphan_mu); }
+static void fork_child(void) {
+  pthread_mutex_unlock(&orphan_mu);
+  atomic_fetch_add(&fork_gen, 1);
+}
+
+static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
+static void fork_register(void) {
+  pthread_atfork(fork_prepare, fork_parent, fork_child);
+}
+
 static void with_gil(void (*fn)(void *), void *arg) {
   /* Runtime threads never hold it (and PyGILState_Check answers 1 on any
    * thread once its check is off, e.g. with sub-interpreters). */
@@ -90,7 +114,26 @@ static void release_orphans(void) {
   }
 }
 
-static void decref_cb(void *obj) { Py_DECREF((PyObject *)obj); }
+/* Drops a reference (GIL). A coroutine whose last reference this is gets
+ * closed first: a C task that drops a coroutine it was handed, because it
+ * was cancelled before awaiting it, abandons it as an asyncio Task
+ * cancelled before its first step does, without a "coroutine ... was never
+ * awaited" warning. (Dropping the last reference would close a started
+ * coroutine anyway.) */
+static void decref_cb(void *p) {
+  PyObject *obj = p;
+  if (PyCoro_CheckExact(obj) && Py_REFCNT(obj) == 1) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *r = PyObject_CallMethod(obj, "close", NULL);
+    if (r)
+      Py_DECREF(r);
+    else
+      PyErr_WriteUnraisable(obj);
+    PyErr_Restore(type, value, tb);
+  }
+  Py_DECREF(obj);
+}
 
 void aiob_py_release(PyObject *obj) {
   if (obj)
@@ -148,7 +191,8 @@ static PyObject *take_exception(void) {
 }
 
 /* A new exception object for a failed output (GIL). */
-static PyObject *exception_for(aiob_output *out) {
+/* shutdown_error: the bridge's aiobridge.ShutdownError. */
+static PyObject *exception_for(PyObject *shutdown_error, aiob_output *out) {
   if (out->status == AIOB_PY_EXCEPTION && out->value) {
     py_error *e = out->value;
     if (e->exc) {
@@ -159,9 +203,33 @@ static PyObject *exception_for(aiob_output *out) {
   }
   if (out->status == AIOB_PY_EXCEPTION)
     return PyObject_CallFunction(PyExc_RuntimeError, "s", "unknown error");
+  if (out->status == AIOB_ESHUTDOWN) /* not ESHUTDOWN's BrokenPipeError */
+    return PyObject_CallFunction(shutdown_error, "s",
+                                 "aiobridge: the runtime is shutting down");
   /* OSError(errno, msg) returns the subclass Python uses for that errno. */
   int err = -out->status;
   return PyObject_CallFunction(PyExc_OSError, "is", err, strerror(err));
+}
+
+/* ---- Durations ---------------------------------------------------------- */
+
+int aiob_py_duration_ns(PyObject *number, double unit_ns, uint64_t *out) {
+  double v = PyFloat_AsDouble(number);
+  if (v == -1.0 && PyErr_Occurred())
+    return -1;
+  if (isnan(v)) {
+    PyErr_SetString(PyExc_ValueError, "duration is NaN");
+    return -1;
+  }
+  if (v < 0) {
+    PyErr_SetString(PyExc_ValueError, "negative duration");
+    return -1;
+  }
+  double ns = v * unit_ns;
+  /* 2^64 and beyond (inf included) do not fit: the longest sleep there is,
+   * about 584 years, is "forever" as asyncio.sleep(math.inf) is. */
+  *out = ns >= 18446744073709551616.0 ? UINT64_MAX : (uint64_t)ns;
+  return 0;
 }
 
 /* ---- Ports ------------------------------------------------------------- */
@@ -171,7 +239,11 @@ typedef struct port {
   aiob_py_bridge *b;
   aiob__inbox in; /* items for the loop; closed when the loop goes away */
   int efd;        /* the wake: watched with loop.add_reader */
+  unsigned gen;   /* fork_gen when made */
 } port;
+
+/* Made before a fork() that made this process: the parent's (see above). */
+static bool port_inherited(port *p) { return p->gen != atomic_load(&fork_gen); }
 
 static port *port_new(void) {
   port *p = calloc(1, sizeof *p);
@@ -184,6 +256,7 @@ static port *port_new(void) {
   }
   atomic_init(&p->refs, 1);
   aiob__inbox_init(&p->in);
+  p->gen = atomic_load(&fork_gen);
   return p;
 }
 
@@ -225,12 +298,15 @@ struct aiob_py_bridge {
   PyObject *invalid_state_error; /* asyncio.InvalidStateError */
   PyTypeObject *ctask_type, *port_type, *waiter_type;
   PyObject *s_add_done_callback, *s_cancel, *s_cancelled, *s_add_reader,
-      *s_remove_reader, *s_is_closed, *s_call_soon, *s_result, *s_exception;
+      *s_is_closed, *s_call_soon, *s_call_soon_threadsafe, *s_result,
+      *s_exception;
   PyObject *kw_context; /* ("context",) */
 };
 
-/* The runtime, started if needed (GIL), or NULL with aiobridge.ShutdownError
- * (after the interpreter-exit hook) or aiobridge.BackendError set. */
+/* The runtime, started if needed, with a reference the caller releases
+ * (aiob_runtime_release): another thread may shut it down meanwhile, and
+ * its memory must outlive our use. NULL with aiobridge.ShutdownError
+ * (after the interpreter-exit hook) or aiobridge.BackendError set (GIL). */
 static aiob_runtime *bridge_runtime(aiob_py_bridge *b) {
   if (b->exited) {
     PyErr_SetString(b->shutdown_error,
@@ -238,7 +314,7 @@ static aiob_runtime *bridge_runtime(aiob_py_bridge *b) {
     return NULL;
   }
   aiob_runtime *rt = NULL;
-  int rc = aiob_runtime_default(&rt);
+  int rc = aiob_runtime_default_acquire(&rt);
   if (rc < 0) {
     /* An OSError subclass: errno and a message naming the knob in use. */
     const char *env = getenv("AIOBRIDGE_BACKEND");
@@ -411,18 +487,25 @@ static aiob_py_bridge *cf_bridge(cfut *f) {
 static bool cf_done(cfut *f) { return CF_STATE(f) >= CF_RESULT; }
 
 /* loop.call_soon(cb, fut, context=ctx) (GIL); ctx NULL: a fresh empty
- * context. */
+ * context. From a thread that does not run `loop` (a future cancelled from
+ * another thread), call_soon_threadsafe: call_soon would neither be safe
+ * nor wake the loop. */
 static int call_soon_with(aiob_py_bridge *b, PyObject *loop, PyObject *cb,
                           PyObject *fut, PyObject *ctx) {
+  PyObject *running = PyObject_CallNoArgs(b->get_running_loop);
+  if (!running)
+    return -1;
+  PyObject *name = running == loop ? b->s_call_soon : b->s_call_soon_threadsafe;
+  Py_DECREF(running);
   PyObject *fresh = NULL;
   if (!ctx && !(ctx = fresh = PyContext_New()))
     return -1;
 #if PY_VERSION_HEX >= 0x03090000
   PyObject *args[4] = {loop, cb, fut, ctx};
   PyObject *r = PyObject_VectorcallMethod(
-      b->s_call_soon, args, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, b->kw_context);
+      name, args, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, b->kw_context);
 #else
-  PyObject *r = NULL, *meth = PyObject_GetAttr(loop, b->s_call_soon);
+  PyObject *r = NULL, *meth = PyObject_GetAttr(loop, name);
   if (meth) {
     PyObject *args[3] = {cb, fut, ctx};
     r = _PyObject_Vectorcall(meth, args, 2, b->kw_context);
@@ -584,7 +667,7 @@ static int cf_complete(aiob_py_bridge *b, cfut *f) {
   } else if (out.status == AIOB_ECANCELED) {
     CF_STATE(f) = CF_CANCELLED;
   } else {
-    PyObject *exc = exception_for(&out);
+    PyObject *exc = exception_for(b->shutdown_error, &out);
     if (exc) {
       f->value = exc;
       CF_STATE(f) = CF_EXCEPTION;
@@ -737,11 +820,12 @@ static void fail_request_with_current(request *r) {
 }
 
 /* Starts an awaited Python awaitable on this loop (loop thread, GIL).
- * Consumes the Python side's reference to r. */
-static void start_request(aiob_py_bridge *b, request *r) {
+ * Consumes the Python side's reference to r. -1: SystemExit or
+ * KeyboardInterrupt is set, to leave the loop. */
+static int start_request(aiob_py_bridge *b, request *r) {
   if (atomic_load(&r->cancelled)) {
     request_unref(r);
-    return;
+    return 0;
   }
   b->py_awaits++;
   /* The C side cannot release `object` or the context before `cancelled`
@@ -750,7 +834,7 @@ static void start_request(aiob_py_bridge *b, request *r) {
   if (!ctx) {
     fail_request_with_current(r);
     request_unref(r);
-    return;
+    return 0;
   }
   Py_INCREF(obj);
   Py_INCREF(ctx);
@@ -767,16 +851,27 @@ static void start_request(aiob_py_bridge *b, request *r) {
   Py_XDECREF(aw);
   Py_DECREF(ctx);
   if (!fut) {
+    /* SystemExit and KeyboardInterrupt leave the loop, as from any
+     * callback (and as asyncio's Task does, the awaiting side gets them
+     * too); other exceptions only go to the C task. */
+    int leave = PyErr_ExceptionMatches(PyExc_SystemExit) ||
+                PyErr_ExceptionMatches(PyExc_KeyboardInterrupt);
+    PyObject *exc = leave ? take_exception() : NULL;
+    if (exc)
+      PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
     fail_request_with_current(r);
     request_unref(r);
-    return;
+    if (exc)
+      PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+    Py_XDECREF(exc);
+    return exc ? -1 : 0;
   }
   waiter *w = PyObject_New(waiter, b->waiter_type);
   if (!w) {
     Py_DECREF(fut);
     fail_request_with_current(r);
     request_unref(r);
-    return;
+    return 0;
   }
   w->b = b;
   w->req = r; /* the Python side's reference */
@@ -792,6 +887,7 @@ static void start_request(aiob_py_bridge *b, request *r) {
     Py_XDECREF(c);
     PyErr_Clear();
   }
+  return 0;
 }
 
 static void cancel_request(aiob_py_bridge *b, request *r) {
@@ -959,7 +1055,8 @@ static PyObject *pyport_call(pyport *pp, PyObject *name, PyObject *arg1,
   return r;
 }
 
-/* -1: SystemExit or KeyboardInterrupt is set (from a done callback). */
+/* -1: SystemExit or KeyboardInterrupt is set (from a done callback or an
+ * awaitable's factory). */
 static int dispatch(aiob_py_bridge *b, item *it) {
   int rc = 0;
   switch (it->kind) {
@@ -970,7 +1067,7 @@ static int dispatch(aiob_py_bridge *b, item *it) {
     break;
   }
   case ITEM_REQUEST:
-    start_request(b, AIOB__CONTAINER_OF(it, request, it));
+    rc = start_request(b, AIOB__CONTAINER_OF(it, request, it));
     break;
   case ITEM_CANCEL:
     cancel_request(b, AIOB__CONTAINER_OF(it, request, cancel_it));
@@ -986,6 +1083,9 @@ static PyObject *pyport_drain(PyObject *self, PyObject *unused) {
   (void)unused;
   pyport *pp = (pyport *)self;
   port *p = pp->port;
+  /* Closed: the bridge may be gone. Inherited: the parent's eventfd. */
+  if (aiob__inbox_closed(&p->in) || port_inherited(p))
+    Py_RETURN_NONE;
   uint64_t v;
   if (read(p->efd, &v, sizeof v) > 0)
     pp->b->py_wakes++; /* not a re-scheduled drain */
@@ -1016,24 +1116,22 @@ static PyObject *pyport_drain(PyObject *self, PyObject *unused) {
   Py_RETURN_NONE;
 }
 
-/* Closes the port: no more pushes; pending items are released (GIL). */
+/* Closes the port: no more pushes; pending items are released (GIL). The
+ * eventfd stays registered with its loop, whose drain then finds nothing:
+ * only the loop's own thread may unregister it (loop methods are not
+ * thread-safe), and a closed or collected loop needs no unregistering. A
+ * port inherited through fork() is only marked closed: its queue and its
+ * registration are the parent's. */
 static void pyport_close(pyport *pp) {
   port *p = pp->port;
-  if (!p || !aiob__inbox_close(&p->in))
+  if (!p)
     return;
-  if (pp->reader) {
-    PyObject *closed = pyport_call(pp, pp->b->s_is_closed, NULL, NULL);
-    if (closed == Py_False) {
-      PyObject *fd = PyLong_FromLong(p->efd);
-      PyObject *r =
-          fd ? pyport_call(pp, pp->b->s_remove_reader, fd, NULL) : NULL;
-      Py_XDECREF(r);
-      Py_XDECREF(fd);
-    }
-    Py_XDECREF(closed);
-    PyErr_Clear();
-    pp->reader = 0;
+  if (port_inherited(p)) {
+    aiob__inbox_abandon(&p->in);
+    return;
   }
+  if (!aiob__inbox_close(&p->in))
+    return;
   aiob__mpsc_node *node;
   while ((node = aiob__mpsc_pop(&p->in.queue))) {
     item *it = AIOB__CONTAINER_OF(node, item, node);
@@ -1107,13 +1205,19 @@ static PyType_Spec pyport_spec = {
 };
 
 /* Forgets ports of closed or collected loops (their futures can never be
- * resolved; their C tasks are cancelled when the futures are collected). */
+ * resolved; their C tasks are cancelled when the futures are collected),
+ * and ports inherited through fork(). */
 static void prune_ports(aiob_py_bridge *b) {
   PyObject *key, *value;
   Py_ssize_t pos = 0;
   PyObject *dead = NULL;
   while (PyDict_Next(b->ports, &pos, &key, &value)) {
-    PyObject *c = pyport_call((pyport *)value, b->s_is_closed, NULL, NULL);
+    pyport *pp = (pyport *)value;
+    PyObject *c = Py_True;
+    if (port_inherited(pp->port))
+      Py_INCREF(c);
+    else
+      c = pyport_call(pp, b->s_is_closed, NULL, NULL);
     if (c != Py_False) {
       if (!dead)
         dead = PyList_New(0);
@@ -1143,11 +1247,11 @@ static pyport *port_for(aiob_py_bridge *b, PyObject *loop, int on_thread) {
   if (!ref)
     return NULL;
   pyport *pp = (pyport *)PyDict_GetItemWithError(b->ports, ref);
-  if (pp || PyErr_Occurred()) {
+  if ((pp && !port_inherited(pp->port)) || PyErr_Occurred()) {
     Py_DECREF(ref);
     return pp;
   }
-  prune_ports(b);
+  prune_ports(b); /* and an inherited port of this loop */
   pp = PyObject_New(pyport, b->port_type);
   if (!pp) {
     Py_DECREF(ref);
@@ -1300,37 +1404,62 @@ static void cf_drop_state(cfut *f) {
     f->u.lazy.vt->drop(st); /* never spawned: released here */
 }
 
-static void cf_unbind(cfut *f) {
-  Py_CLEAR(f->loc.context);
-  Py_CLEAR(f->loc.loop);
-  if (f->loc.port)
-    port_unref(f->loc.port);
-  f->loc.port = NULL;
+/* Releases what a py_locals holds and empties it (GIL). */
+static void locals_clear(py_locals *l) {
+  Py_CLEAR(l->context);
+  Py_CLEAR(l->loop);
+  if (l->port)
+    port_unref(l->port);
+  l->port = NULL;
 }
 
 /* Binds an unbound future to `from`'s locals, or to the running `loop` in
  * a snapshot of the current context, and spawns its C task (GIL). On
- * failure it stays unbound, with an exception set. */
+ * failure it stays unbound, with an exception set.
+ *
+ * Finding the port and snapshotting the context run Python code, during
+ * which another thread may bind or cancel this future, or shut the runtime
+ * down: the locals are gathered first, the future's state is checked once
+ * that code is behind us, and nothing from the check to the spawn lets
+ * another thread in. A future that another thread bound meanwhile is left
+ * as it is (its loop tells the caller it belongs elsewhere); one cancelled
+ * meanwhile gets this loop for its done callbacks. */
 static int cf_start(cfut *f, py_locals *from, PyObject *loop) {
   aiob_py_bridge *b = f->u.lazy.b;
-  aiob_runtime *rt = bridge_runtime(b);
-  if (!rt)
-    return -1;
   aiob_local_key key;
   if (locals_key_get(&key) < 0) {
     PyErr_SetString(PyExc_RuntimeError, "aiobridge: no task-local key left");
     return -1;
   }
+  py_locals got = {0};
   if (from) {
-    f->loc.port = from->port;
-    port_ref(f->loc.port);
-    f->loc.loop = from->loop;
-    Py_INCREF(f->loc.loop);
-    f->loc.context = from->context;
-    Py_XINCREF(f->loc.context);
-  } else if (locals_fill(b, &f->loc, loop, NULL, 1) < 0) {
+    got.port = from->port;
+    port_ref(got.port);
+    got.loop = from->loop;
+    Py_INCREF(got.loop);
+    got.context = from->context;
+    Py_XINCREF(got.context);
+  } else if (locals_fill(b, &got, loop, NULL, 1) < 0) {
     return -1;
   }
+  if (f->loc.loop) { /* bound by another thread meanwhile */
+    locals_clear(&got);
+    return 0;
+  }
+  if (CF_STATE(f) != CF_UNBOUND) { /* cancelled meanwhile */
+    f->loc.loop = got.loop;
+    got.loop = NULL;
+    locals_clear(&got);
+    return 0;
+  }
+  aiob_runtime *rt = bridge_runtime(b);
+  if (!rt) {
+    locals_clear(&got);
+    return -1;
+  }
+  f->loc.port = got.port;
+  f->loc.loop = got.loop;
+  f->loc.context = got.context;
   aiob_local_init li = {.key = key, .value = &f->loc};
   aiob_spawn_opts o;
   aiob_spawn_opts_init(&o);
@@ -1339,14 +1468,16 @@ static int cf_start(cfut *f, py_locals *from, PyObject *loop) {
   o.nlocals = 1;
   o.on_finish = cf_finished;
   o.on_finish_arg = f;
-  const aiob_task_vtable *vt = f->u.lazy.vt;
-  void *state = f->u.lazy.state;
   aiob_task *task = NULL;
   atomic_fetch_add(&f->loc.refs, 2); /* the task-local + the completion */
-  int rc = aiob_spawn_ex(rt, &o, vt, state, &task);
+  int rc = aiob_spawn_ex(rt, &o, f->u.lazy.vt, f->u.lazy.state, &task);
+  aiob_runtime_release(rt);
   if (rc < 0) {
     atomic_fetch_sub(&f->loc.refs, 2); /* the object still holds one */
-    cf_unbind(f);
+    got = f->loc; /* Python code may run in the releases: unbind first */
+    f->loc.port = NULL;
+    f->loc.loop = f->loc.context = NULL;
+    locals_clear(&got);
     if (rc == AIOB_ESHUTDOWN)
       PyErr_SetString(b->shutdown_error,
                       "aiobridge: the runtime is shutting down");
@@ -1371,10 +1502,6 @@ static PyObject *cf_loop(cfut *f) {
       PyErr_SetString(PyExc_RuntimeError,
                       "aiobridge awaitable used outside a running event loop");
     return NULL;
-  }
-  if (CF_STATE(f) != CF_UNBOUND) {
-    f->loc.loop = loop; /* cancelled before binding: callbacks go here */
-    return loop;
   }
   int rc = cf_start(f, NULL, loop);
   Py_DECREF(loop);
@@ -1919,7 +2046,11 @@ PyObject *aiob_py_bridge_stats(aiob_py_bridge *b) {
 
 PyObject *aiob_py_bridge_backend(aiob_py_bridge *b) {
   aiob_runtime *rt = bridge_runtime(b);
-  return rt ? PyUnicode_FromString(aiob_runtime_backend_name(rt)) : NULL;
+  if (!rt)
+    return NULL;
+  PyObject *name = PyUnicode_FromString(aiob_runtime_backend_name(rt));
+  aiob_runtime_release(rt);
+  return name;
 }
 
 typedef struct info_snap {
@@ -2036,17 +2167,21 @@ static void close_all_ports(aiob_py_bridge *b) {
 }
 
 /* atexit: runtime threads stop before the interpreter finalizes, and no
- * runtime starts again in this process. */
+ * runtime starts again in this process. The ports close first, so the
+ * tasks the shutdown cancels resolve nothing: loops still running in
+ * daemon threads are left as they are without aiobridge (their awaits
+ * simply never finish, and the interpreter stops those threads), rather
+ * than woken with cancellations they would report as errors. */
 static PyObject *reg_atexit(PyObject *cap, PyObject *unused) {
   (void)unused;
   bridge_reg *r = reg_of(cap);
   if (!r)
     return NULL;
-  if (r->b)
+  if (r->b) {
     r->b->exited = 1;
-  aiob_runtime_default_shutdown();
-  if (r->b)
     close_all_ports(r->b);
+  }
+  aiob_runtime_default_shutdown();
   release_orphans();
   Py_RETURN_NONE;
 }
@@ -2128,6 +2263,7 @@ int aiob_py_bridge_init(PyObject *module, aiob_py_bridge **out) {
     PyErr_SetString(PyExc_RuntimeError, "aiobridge: no task-local key left");
     goto fail;
   }
+  pthread_once(&fork_once, fork_register);
   PyObject *asyncio = PyImport_ImportModule("asyncio");
   if (!asyncio)
     goto fail;
@@ -2147,9 +2283,9 @@ int aiob_py_bridge_init(PyObject *module, aiob_py_bridge **out) {
   INTERN(s_cancel, "cancel");
   INTERN(s_cancelled, "cancelled");
   INTERN(s_add_reader, "add_reader");
-  INTERN(s_remove_reader, "remove_reader");
   INTERN(s_is_closed, "is_closed");
   INTERN(s_call_soon, "call_soon");
+  INTERN(s_call_soon_threadsafe, "call_soon_threadsafe");
   INTERN(s_result, "result");
   INTERN(s_exception, "exception");
   if (!(b->kw_context = Py_BuildValue("(s)", "context")))
@@ -2196,9 +2332,9 @@ void aiob_py_bridge_free(aiob_py_bridge *b) {
   Py_CLEAR(b->s_cancel);
   Py_CLEAR(b->s_cancelled);
   Py_CLEAR(b->s_add_reader);
-  Py_CLEAR(b->s_remove_reader);
   Py_CLEAR(b->s_is_closed);
   Py_CLEAR(b->s_call_soon);
+  Py_CLEAR(b->s_call_soon_threadsafe);
   Py_CLEAR(b->s_result);
   Py_CLEAR(b->s_exception);
   free(b);

@@ -97,21 +97,17 @@ static const aiob_task_vtable sleep_vt = {.poll = sleep_poll,
                                           .drop = free_state};
 
 /* Starts a sleep task of `arg` milliseconds with vtable vt (sleep_vt or
- * stamp_vt); `name` prefixes argument errors. */
-static PyObject *spawn_sleep(PyObject *m, PyObject *arg, const char *name,
+ * stamp_vt). Too long to represent (inf included): sleeps forever. */
+static PyObject *spawn_sleep(PyObject *m, PyObject *arg,
                              const aiob_task_vtable *vt,
                              aiob_py_converter conv) {
-  double ms = PyFloat_AsDouble(arg);
-  if (ms == -1.0 && PyErr_Occurred())
-    return NULL;
-  if (ms < 0) {
-    PyErr_Format(PyExc_ValueError, "%s: negative duration", name);
-    return NULL;
-  }
+  uint64_t ns;
+  if (aiob_py_duration_ns(arg, 1e6, &ns) < 0)
+    return NULL; /* TypeError, or ValueError (negative, NaN) */
   sleep_state *s = calloc(1, sizeof *s);
   if (!s)
     return PyErr_NoMemory();
-  s->ns = (uint64_t)(ms * 1e6);
+  s->ns = ns;
   PyObject *r = aiob_py_future_into_py(state_of(m)->bridge, vt, s, conv);
   if (!r)
     free(s);
@@ -119,7 +115,7 @@ static PyObject *spawn_sleep(PyObject *m, PyObject *arg, const char *name,
 }
 
 static PyObject *demo_sleep_ms(PyObject *m, PyObject *arg) {
-  return spawn_sleep(m, arg, "sleep_ms", &sleep_vt, NULL);
+  return spawn_sleep(m, arg, &sleep_vt, NULL);
 }
 
 /* ---- sleep_stamp_ms(ms) ------------------------------------------------ */
@@ -141,7 +137,7 @@ static PyObject *conv_u64(aiob_output *out) {
 }
 
 static PyObject *demo_sleep_stamp_ms(PyObject *m, PyObject *arg) {
-  return spawn_sleep(m, arg, "sleep_stamp_ms", &stamp_vt, conv_u64);
+  return spawn_sleep(m, arg, &stamp_vt, conv_u64);
 }
 
 /* ---- await_py(awaitable) and await_py_n(factory, n) -------------------- */

@@ -32,17 +32,13 @@ static aiob_poll nap_poll(aiob_task *self, void *p) {
 static const aiob_task_vtable nap_vt = {.poll = nap_poll, .drop = free};
 
 static PyObject *guide_sleep(PyObject *module, PyObject *arg) {
-  double seconds = PyFloat_AsDouble(arg);
-  if (seconds == -1.0 && PyErr_Occurred())
+  uint64_t ns; /* seconds; inf: forever; NaN or negative: ValueError */
+  if (aiob_py_duration_ns(arg, 1e9, &ns) < 0)
     return NULL;
-  if (seconds < 0) {
-    PyErr_SetString(PyExc_ValueError, "sleep: negative duration");
-    return NULL;
-  }
   nap *n = calloc(1, sizeof *n);
   if (!n)
     return PyErr_NoMemory();
-  n->ns = (uint64_t)(seconds * 1e9);
+  n->ns = ns;
   PyObject *awaitable =
       aiob_py_future_into_py(bridge_of(module), &nap_vt, n, NULL);
   if (!awaitable)

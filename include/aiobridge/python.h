@@ -142,8 +142,20 @@ PyObject *aiob_py_future_into_py_with_locals(aiob_py_bridge *b,
 int aiob_py_task_raise(aiob_task *self, PyObject *exc_type, const char *msg);
 
 /* Releases a Python reference from any thread: at once if this thread holds
- * the GIL, otherwise on a later drain of the bridge's queues. */
+ * the GIL, otherwise on a later drain of the bridge's queues. A coroutine
+ * whose last reference this is is closed first, as an asyncio Task cancelled
+ * before its first step closes its coroutine: a C task cancelled before it
+ * awaited a coroutine it was handed leaves no "coroutine ... was never
+ * awaited" warning. */
 void aiob_py_release(PyObject *obj);
+
+/* Converts a Python number of durations of `unit_ns` nanoseconds each (1e9
+ * for seconds, 1e6 for milliseconds) to nanoseconds for aiob_sleep_init
+ * (GIL). Returns 0, or -1 with TypeError (not a number) or ValueError
+ * (negative, NaN) set. A duration too long for 64 bits of nanoseconds,
+ * +inf included, gives UINT64_MAX: a sleep that never ends in practice
+ * (about 584 years), as asyncio.sleep(math.inf) never ends. */
+int aiob_py_duration_ns(PyObject *number, double unit_ns, uint64_t *out);
 
 /* ---- Awaiting Python from C ------------------------------------------- */
 
