@@ -744,9 +744,13 @@ static uint64_t cpu_now_ns(void) {
   return (uint64_t)ts.tv_sec * AIOB_SEC + (uint64_t)ts.tv_nsec;
 }
 
-/* The process burns little CPU while loop `loop` waits out a 50 ms sleep:
- * a backend that keeps reporting readiness nobody wants would spin. */
-#define IDLE_WINDOW (50 * AIOB_MSEC)
+/* The process burns little CPU while loop `loop` waits out a 200 ms sleep:
+ * a backend that keeps reporting readiness nobody wants would spin. An idle
+ * loop's CPU time is a small constant (a spawn, a wake, a spin or two of at
+ * most AIOB_SPIN_US_DEFAULT) that preemption does not grow: a quarter of
+ * the window leaves ample room for a 10x slower machine, and a spinning
+ * loop thread exceeds it unless it got less than a quarter of a CPU. */
+#define IDLE_WINDOW (200 * AIOB_MSEC)
 
 static void assert_loop_idle(aiob_runtime *rt, int loop, const char *what) {
   tm_ctx *ctx = tm_ctx_new();
