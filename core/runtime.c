@@ -39,6 +39,10 @@ static aiob_runtime *alive; /* linked through next_alive */
 
 static pthread_mutex_t default_mu = PTHREAD_MUTEX_INITIALIZER;
 static aiob_runtime *default_rt;
+/* Default runtimes being shut down (default_mu); a new one starts only
+ * once they stopped, so their threads never overlap (see default_get). */
+static unsigned default_stopping;
+static pthread_cond_t default_stopped = PTHREAD_COND_INITIALIZER;
 
 static void alive_link(aiob_runtime *rt) {
   pthread_mutex_lock(&alive_mu);
@@ -81,6 +85,8 @@ static void fork_child(void) {
   /* Still reachable through `alive`: the child never frees what the
    * default runtime of its parent was. */
   default_rt = NULL;
+  default_stopping = 0; /* their shutdowns ran in the parent's threads */
+  pthread_cond_init(&default_stopped, NULL);
   pthread_mutex_unlock(&alive_mu);
   pthread_mutex_unlock(&default_mu);
 }
@@ -518,6 +524,10 @@ static int default_get(aiob_runtime **out, bool ref) {
     return AIOB_EINVAL;
   fork_watch();
   pthread_mutex_lock(&default_mu);
+  /* A fresh default runtime waits for the previous one to stop, except on
+   * a loop thread, which the shutdown in progress may be joining. */
+  while (!default_rt && default_stopping && !aiob__current_loop)
+    pthread_cond_wait(&default_stopped, &default_mu);
   int rc = 0;
   if (!default_rt) {
     aiob_runtime_config cfg;
@@ -587,8 +597,16 @@ int aiob_runtime_default_shutdown(void) {
     return AIOB_EDEADLK;
   }
   default_rt = NULL;
+  if (!rt) {
+    pthread_mutex_unlock(&default_mu);
+    return 0;
+  }
+  default_stopping++;
   pthread_mutex_unlock(&default_mu);
-  if (rt)
-    aiob_runtime_free(rt);
+  aiob_runtime_free(rt); /* without the lock: its drops may use it */
+  pthread_mutex_lock(&default_mu);
+  default_stopping--;
+  pthread_cond_broadcast(&default_stopped);
+  pthread_mutex_unlock(&default_mu);
   return 0;
 }

@@ -96,7 +96,8 @@ AIOB_API void aiob_runtime_release(aiob_runtime *rt);
 AIOB_API int aiob_runtime_default_configure(const aiob_runtime_config *cfg);
 
 /* Shuts down and frees the default runtime, if it exists. A later
- * aiob_runtime_default creates a fresh one with the same configuration.
+ * aiob_runtime_default creates a fresh one with the same configuration,
+ * once this shutdown has finished (on a loop thread: at once).
  * Returns 0, or AIOB_EDEADLK when called from one of its loop threads.
  *
  * fork(): a child process has none of its parent's loop threads. In the
