@@ -25,6 +25,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <setjmp.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stddef.h>
@@ -1383,6 +1384,11 @@ int main(void) {
   PyConfig config;
   PyConfig_InitPythonConfig(&config);
   config.install_signal_handlers = 0; /* as Py_InitializeEx(0) */
+  /* Which also leaves SIGPIPE fatal, unlike the python program: asyncio
+   * relies on it being ignored (call_soon_threadsafe from another thread
+   * can write to a loop's self-pipe while that loop closes it; the send
+   * then fails with EPIPE, which asyncio ignores). */
+  signal(SIGPIPE, SIG_IGN);
 #ifdef AIOB_TEST_PYTHON_EXE
   /* Locate the standard library of the interpreter we link, not of
    * whichever python3 comes first on PATH. */
