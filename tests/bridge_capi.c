@@ -766,6 +766,15 @@ static void assert_py_true(PyObject *g, const char *name) {
   }
 }
 
+/* Test thread: the Python list `name` is empty, else fails showing it. */
+static void assert_py_empty(PyObject *g, const char *name, const char *what) {
+  PyObject *v = py_get(g, name);
+  if (PyObject_Length(v) != 0) {
+    PyObject *rep = PyObject_Repr(v);
+    fail_msg("%s: %s", what, rep ? PyUnicode_AsUTF8(rep) : "<repr failed>");
+  }
+}
+
 static long long bridge_stat(const char *key) {
   PyObject *d = aiob_py_bridge_stats(g_bridge);
   assert_non_null(d);
@@ -1291,10 +1300,7 @@ static void test_concurrent_first_await(void **state) {
       "        bad.append((i, out))\n"
       "sys.setswitchinterval(interval)\n"
       "ok = bad == []\n");
-  if (py_get(g, "bad") && PyObject_Length(py_get(g, "bad")) > 0) {
-    PyObject *rep = PyObject_Repr(py_get(g, "bad"));
-    fail_msg("rounds that went wrong: %s", rep ? PyUnicode_AsUTF8(rep) : "?");
-  }
+  assert_py_empty(g, "bad", "rounds that went wrong");
   assert_py_true(g, "ok");
   Py_DECREF(g);
   assert_clean();
@@ -1344,10 +1350,7 @@ static void test_shutdown_while_starting(void **state) {
       "after = asyncio.run(asyncio.wait_for(bcapi.value(5), 30))\n"
       "ok = bad == [] and runs[0] == 180 and after == 5\n");
   assert_int_equal(py_long(g, "alive"), 0);
-  if (PyObject_Length(py_get(g, "bad")) > 0) {
-    PyObject *rep = PyObject_Repr(py_get(g, "bad"));
-    fail_msg("unexpected outcomes: %s", rep ? PyUnicode_AsUTF8(rep) : "?");
-  }
+  assert_py_empty(g, "bad", "unexpected outcomes");
   assert_py_true(g, "ok");
   Py_DECREF(g);
   assert_clean();

@@ -190,8 +190,8 @@ static PyObject *take_exception(void) {
   return value;
 }
 
-/* A new exception object for a failed output (GIL). */
-/* shutdown_error: the bridge's aiobridge.ShutdownError. */
+/* A new exception object for a failed output (GIL); shutdown_error is the
+ * bridge's aiobridge.ShutdownError. */
 static PyObject *exception_for(PyObject *shutdown_error, aiob_output *out) {
   if (out->status == AIOB_PY_EXCEPTION && out->value) {
     py_error *e = out->value;
@@ -386,12 +386,27 @@ typedef struct cfut {
 
 #define CF_STATE(f) ((f)->it.state)
 
-static void locals_free(void *v) {
-  py_locals *l = v;
+/* Releases what a py_locals holds and empties it (GIL). */
+static void locals_clear(py_locals *l) {
   Py_CLEAR(l->context);
   Py_CLEAR(l->loop);
   if (l->port)
     port_unref(l->port);
+  l->port = NULL;
+}
+
+/* Moves the loop, context and port of src to dst (no GIL needed). */
+static void locals_move(py_locals *dst, py_locals *src) {
+  dst->port = src->port;
+  dst->loop = src->loop;
+  dst->context = src->context;
+  src->port = NULL;
+  src->loop = src->context = NULL;
+}
+
+static void locals_free(void *v) {
+  py_locals *l = v;
+  locals_clear(l);
   if (l->embedded) {
     /* The memory kept the type alive: GC_Del reads it (3.12+). */
     PyObject *obj = (PyObject *)AIOB__CONTAINER_OF(l, cfut, loc);
@@ -712,7 +727,24 @@ typedef struct waiter {
   request *req;
 } waiter;
 
-static void fail_request_with_current(request *r);
+/* Completes pr with the exception exc (owned; NULL: out of memory). */
+static void promise_raise(aiob_promise *pr, PyObject *exc) {
+  py_error *e = exc ? calloc(1, sizeof *e) : NULL;
+  if (!e) {
+    Py_XDECREF(exc);
+    aiob_promise_complete(pr, AIOB_ENOMEM, NULL, NULL);
+    return;
+  }
+  e->exc = exc;
+  aiob_promise_complete(pr, AIOB_PY_EXCEPTION, e, py_error_free);
+}
+
+/* Completes the request's promise with the current Python exception. */
+static void fail_request_with_current(request *r) {
+  aiob_promise *pr = r->promise;
+  r->promise = NULL;
+  promise_raise(pr, take_exception());
+}
 
 static void finish_request(aiob_py_bridge *b, request *r, PyObject *fut) {
   aiob_promise *pr = r->promise;
@@ -729,14 +761,7 @@ static void finish_request(aiob_py_bridge *b, request *r, PyObject *fut) {
   Py_DECREF(c);
   PyObject *exc = PyObject_CallMethodObjArgs(fut, b->s_exception, NULL);
   if (exc && exc != Py_None) {
-    py_error *e = calloc(1, sizeof *e);
-    if (e) {
-      e->exc = exc; /* owned */
-      aiob_promise_complete(pr, AIOB_PY_EXCEPTION, e, py_error_free);
-    } else {
-      Py_DECREF(exc);
-      aiob_promise_complete(pr, AIOB_ENOMEM, NULL, NULL);
-    }
+    promise_raise(pr, exc);
     return;
   }
   Py_XDECREF(exc);
@@ -753,8 +778,7 @@ static void finish_request(aiob_py_bridge *b, request *r, PyObject *fut) {
     Py_DECREF(res);
     if (rc < 0) {
       aiob_output_clear(&o);
-      r->promise = pr;
-      fail_request_with_current(r);
+      promise_raise(pr, take_exception());
       return;
     }
     aiob_promise_complete(pr, 0, o.value, o.free_value);
@@ -804,21 +828,6 @@ static PyType_Spec waiter_spec = {
     .slots = waiter_slots,
 };
 
-/* Completes the promise with the current Python exception. */
-static void fail_request_with_current(request *r) {
-  PyObject *value = take_exception();
-  py_error *e = calloc(1, sizeof *e);
-  aiob_promise *pr = r->promise;
-  r->promise = NULL;
-  if (!e) {
-    Py_XDECREF(value);
-    aiob_promise_complete(pr, AIOB_ENOMEM, NULL, NULL);
-    return;
-  }
-  e->exc = value;
-  aiob_promise_complete(pr, AIOB_PY_EXCEPTION, e, py_error_free);
-}
-
 /* Starts an awaited Python awaitable on this loop (loop thread, GIL).
  * Consumes the Python side's reference to r. -1: SystemExit or
  * KeyboardInterrupt is set, to leave the loop. */
@@ -856,15 +865,18 @@ static int start_request(aiob_py_bridge *b, request *r) {
      * too); other exceptions only go to the C task. */
     int leave = PyErr_ExceptionMatches(PyExc_SystemExit) ||
                 PyErr_ExceptionMatches(PyExc_KeyboardInterrupt);
-    PyObject *exc = leave ? take_exception() : NULL;
-    if (exc)
-      PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
-    fail_request_with_current(r);
+    PyObject *exc = take_exception();
+    if (leave)
+      Py_INCREF(exc); /* one for the C task, one to raise */
+    aiob_promise *pr = r->promise;
+    r->promise = NULL;
+    promise_raise(pr, exc);
     request_unref(r);
-    if (exc)
-      PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
-    Py_XDECREF(exc);
-    return exc ? -1 : 0;
+    if (!leave)
+      return 0;
+    PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+    Py_DECREF(exc);
+    return -1;
   }
   waiter *w = PyObject_New(waiter, b->waiter_type);
   if (!w) {
@@ -1213,11 +1225,9 @@ static void prune_ports(aiob_py_bridge *b) {
   PyObject *dead = NULL;
   while (PyDict_Next(b->ports, &pos, &key, &value)) {
     pyport *pp = (pyport *)value;
-    PyObject *c = Py_True;
-    if (port_inherited(pp->port))
-      Py_INCREF(c);
-    else
-      c = pyport_call(pp, b->s_is_closed, NULL, NULL);
+    PyObject *c = port_inherited(pp->port)
+                      ? NULL
+                      : pyport_call(pp, b->s_is_closed, NULL, NULL);
     if (c != Py_False) {
       if (!dead)
         dead = PyList_New(0);
@@ -1404,15 +1414,6 @@ static void cf_drop_state(cfut *f) {
     f->u.lazy.vt->drop(st); /* never spawned: released here */
 }
 
-/* Releases what a py_locals holds and empties it (GIL). */
-static void locals_clear(py_locals *l) {
-  Py_CLEAR(l->context);
-  Py_CLEAR(l->loop);
-  if (l->port)
-    port_unref(l->port);
-  l->port = NULL;
-}
-
 /* Binds an unbound future to `from`'s locals, or to the running `loop` in
  * a snapshot of the current context, and spawns its C task (GIL). On
  * failure it stays unbound, with an exception set.
@@ -1457,9 +1458,7 @@ static int cf_start(cfut *f, py_locals *from, PyObject *loop) {
     locals_clear(&got);
     return -1;
   }
-  f->loc.port = got.port;
-  f->loc.loop = got.loop;
-  f->loc.context = got.context;
+  locals_move(&f->loc, &got);
   aiob_local_init li = {.key = key, .value = &f->loc};
   aiob_spawn_opts o;
   aiob_spawn_opts_init(&o);
@@ -1474,9 +1473,7 @@ static int cf_start(cfut *f, py_locals *from, PyObject *loop) {
   aiob_runtime_release(rt);
   if (rc < 0) {
     atomic_fetch_sub(&f->loc.refs, 2); /* the object still holds one */
-    got = f->loc; /* Python code may run in the releases: unbind first */
-    f->loc.port = NULL;
-    f->loc.loop = f->loc.context = NULL;
+    locals_move(&got, &f->loc);        /* unbound before Python code may run */
     locals_clear(&got);
     if (rc == AIOB_ESHUTDOWN)
       PyErr_SetString(b->shutdown_error,

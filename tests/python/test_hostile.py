@@ -16,6 +16,7 @@ import time
 import unittest
 
 import aiobridge_demo as demo
+from test_bridge import wait_until
 
 LOOP = os.environ.get("AIOB_TEST_LOOP", "asyncio")
 if LOOP == "uvloop":
@@ -453,16 +454,6 @@ class TestFork(ChildCase):
             "process": 0,
             "parent": "p",
         }, p.stderr)
-
-
-async def wait_until(predicate, timeout=10.0):
-    """Polls a condition the C runtime makes true asynchronously."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.001)
-    return True
 
 
 class TestSleepDurations(unittest.IsolatedAsyncioTestCase):
