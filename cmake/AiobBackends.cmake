@@ -3,7 +3,10 @@
 #   AIOB_BACKEND_SOURCES      sources of the selected backends
 #   AIOB_BACKEND_LIBRARIES    imported targets to link
 #   AIOB_BACKEND_DEFINITIONS  AIOB_HAVE_<NAME> for the registry
-# Only the selected backends' libraries are linked.
+#   AIOB_BACKEND_PKG_<name>   its pkg-config module (for aiobridge.pc)
+#   AIOB_BACKEND_LIB_<name>   its imported target
+# Only the selected backends' libraries are linked. The imported targets are
+# global, so a parent project that add_subdirectory()s aiobridge links them.
 find_package(PkgConfig REQUIRED)
 
 set(AIOB_BACKEND_SOURCES)
@@ -17,7 +20,7 @@ list(REMOVE_DUPLICATES AIOB_BACKENDS)
 
 # aiob_require_pkg(<prefix> <pkg-config module> <Debian package>)
 macro(aiob_require_pkg prefix module debpkg)
-  pkg_check_modules(${prefix} QUIET IMPORTED_TARGET ${module})
+  pkg_check_modules(${prefix} QUIET IMPORTED_TARGET GLOBAL ${module})
   if(NOT ${prefix}_FOUND)
     message(FATAL_ERROR
       "${module} not found through pkg-config: install the Debian package "
@@ -35,14 +38,20 @@ foreach(b IN LISTS AIOB_BACKENDS)
     aiob_require_pkg(AIOB_PKG_UV libuv libuv1-dev)
     list(APPEND AIOB_BACKEND_SOURCES backends/uv/uv_backend.c)
     list(APPEND AIOB_BACKEND_LIBRARIES PkgConfig::AIOB_PKG_UV)
+    set(AIOB_BACKEND_PKG_${b} libuv)
+    set(AIOB_BACKEND_LIB_${b} PkgConfig::AIOB_PKG_UV)
   elseif(b STREQUAL "event")
     aiob_require_pkg(AIOB_PKG_EVENT libevent_core libevent-dev)
     list(APPEND AIOB_BACKEND_SOURCES backends/event/event_backend.c)
     list(APPEND AIOB_BACKEND_LIBRARIES PkgConfig::AIOB_PKG_EVENT)
+    set(AIOB_BACKEND_PKG_${b} libevent_core)
+    set(AIOB_BACKEND_LIB_${b} PkgConfig::AIOB_PKG_EVENT)
   elseif(b STREQUAL "uring")
     aiob_require_pkg(AIOB_PKG_URING liburing liburing-dev)
     list(APPEND AIOB_BACKEND_SOURCES backends/uring/uring_backend.c)
     list(APPEND AIOB_BACKEND_LIBRARIES PkgConfig::AIOB_PKG_URING)
+    set(AIOB_BACKEND_PKG_${b} liburing)
+    set(AIOB_BACKEND_LIB_${b} PkgConfig::AIOB_PKG_URING)
   endif()
 endforeach()
 

@@ -1,7 +1,8 @@
 # Python extensions built against every CPython interpreter found.
 #
 #   AIOB_PYTHONS   list of interpreters (default: /usr/bin/python3,
-#                  /usr/bin/python3-dbg, and every pyenv python3)
+#                  /usr/bin/python3-dbg, and every pyenv python3; inside a
+#                  parent project, the parent's find_package(Python))
 #
 # For each usable interpreter (CPython >= 3.8 with headers) this defines
 #   AIOB_PY_TAGS                 list of tags (cp311, cp311d, ...)
@@ -14,7 +15,10 @@
 
 set(AIOB_PYTHONS "" CACHE STRING "Python interpreters to build extensions for")
 
-if(AIOB_PYTHONS STREQUAL "")
+if(AIOB_PYTHONS STREQUAL "" AND NOT AIOB_TOP)
+  # Inside a parent project: its interpreter (find_package(Python)).
+  _aiobridge_default_python(candidates)
+elseif(AIOB_PYTHONS STREQUAL "")
   set(candidates /usr/bin/python3 /usr/bin/python3-dbg)
   set(pyenv_root "$ENV{PYENV_ROOT}")
   if(pyenv_root STREQUAL "")
@@ -79,43 +83,65 @@ foreach(py IN LISTS candidates)
   set(AIOB_PY_EXE_${tag} "${py}")
   set(AIOB_PY_INC_${tag} "${inc}")
   set(AIOB_PY_SUFFIX_${tag} "${suffix}")
-  set(AIOB_PY_DIR_${tag} "${CMAKE_BINARY_DIR}/python/${tag}")
+  set(AIOB_PY_DIR_${tag} "${PROJECT_BINARY_DIR}/python/${tag}")
   message(STATUS "python: ${py}: CPython ${ver} (${tag})")
 endforeach()
 
-# The `aiobridge` module itself (exception types, runtime introspection):
-# every aiobridge extension imports it. Target aiobridge_module_<tag>.
-foreach(tag IN LISTS AIOB_PY_TAGS)
-  set(target aiobridge_module_${tag})
-  add_library(${target} MODULE ${PROJECT_SOURCE_DIR}/bindings/python/aiobridge_module.c)
-  target_include_directories(${target} PRIVATE ${AIOB_PY_INC_${tag}})
-  set_target_properties(${target} PROPERTIES
-      OUTPUT_NAME aiobridge PREFIX "" SUFFIX "${AIOB_PY_SUFFIX_${tag}}"
-      LIBRARY_OUTPUT_DIRECTORY "${AIOB_PY_DIR_${tag}}"
+# aiob_python_add_tag(<tag> <interpreter>): for one Python ABI, the bridge
+# archive aiobridge::python_<tag> (bindings/python/bridge.c, static, hidden
+# symbols) and the `aiobridge` package in ${AIOB_PYTHON_BUILD_DIR}/<tag>:
+# __init__.py, _layout.py and the _aiobridge module (target
+# aiobridge_module_<tag>). aiobridge_add_python_extension calls it for an
+# interpreter whose tag is not built yet.
+set(AIOB_PYTHON_BUILD_DIR ${PROJECT_BINARY_DIR}/python)
+set_property(GLOBAL PROPERTY AIOBRIDGE_PYTHON_BUILD_DIR ${AIOB_PYTHON_BUILD_DIR})
+set_property(GLOBAL PROPERTY AIOBRIDGE_SOURCE_DIR ${PROJECT_SOURCE_DIR})
+function(aiob_python_add_tag tag py)
+  get_property(src GLOBAL PROPERTY AIOBRIDGE_SOURCE_DIR)
+  get_property(pydir GLOBAL PROPERTY AIOBRIDGE_PYTHON_BUILD_DIR)
+  _aiobridge_python_info("${py}" info)
+  set(lib aiobridge_python_${tag})
+  add_library(${lib} STATIC ${src}/bindings/python/bridge.c)
+  target_include_directories(${lib} PRIVATE ${info_INCLUDE} ${src}/core)
+  target_include_directories(${lib} PUBLIC
+      $<BUILD_INTERFACE:${src}/include> $<INSTALL_INTERFACE:include>)
+  target_compile_definitions(${lib} PRIVATE _GNU_SOURCE AIOB_STATIC)
+  target_link_libraries(${lib} PUBLIC Threads::Threads)
+  set_target_properties(${lib} PROPERTIES EXPORT_NAME python_${tag}
+      C_VISIBILITY_PRESET hidden POSITION_INDEPENDENT_CODE ON)
+  aiob_target_flags(${lib})
+  add_library(aiobridge::python_${tag} ALIAS ${lib})
+
+  set(mod aiobridge_module_${tag})
+  add_library(${mod} MODULE ${src}/bindings/python/aiobridge_module.c)
+  target_include_directories(${mod} PRIVATE ${info_INCLUDE})
+  set_target_properties(${mod} PROPERTIES
+      OUTPUT_NAME _aiobridge PREFIX "" SUFFIX "${info_SUFFIX}"
+      LIBRARY_OUTPUT_DIRECTORY "${pydir}/${tag}/aiobridge"
       C_VISIBILITY_PRESET hidden)
-  aiob_target_flags(${target})
+  aiob_target_flags(${mod})
+  configure_file(${src}/bindings/python/aiobridge/__init__.py
+                 ${pydir}/${tag}/aiobridge/__init__.py COPYONLY)
+  file(WRITE ${pydir}/${tag}/aiobridge/_layout.py
+       "VERSION = \"${aiobridge_VERSION}\"\nINCLUDE_DIR = None\nCMAKE_DIR = None\n")
+  set_property(GLOBAL APPEND PROPERTY AIOBRIDGE_PYTHON_TAGS ${tag})
+  set_property(GLOBAL APPEND PROPERTY AIOBRIDGE_PYTHON_TAG_EXES "${py}")
+endfunction()
+
+set_property(GLOBAL PROPERTY AIOBRIDGE_PYTHON_TAGS "")
+foreach(tag IN LISTS AIOB_PY_TAGS)
+  aiob_python_add_tag(${tag} "${AIOB_PY_EXE_${tag}}")
 endforeach()
 
-# aiob_add_python_extension(<module name> SOURCES <files...>)
-# Each extension carries its own copy of the core and the bridge (hidden
-# symbols), like a Rust extension carries its own runtime; at import it
-# registers that runtime with the `aiobridge` module (built next to it).
+# aiob_add_python_extension(<name> SOURCES <files...>): this tree's own
+# extensions (the demo, the guide), built for every interpreter found into
+# python/<tag>/, on every backend of AIOB_BACKENDS.
 function(aiob_add_python_extension name)
   cmake_parse_arguments(ARG "" "" "SOURCES" ${ARGN})
   foreach(tag IN LISTS AIOB_PY_TAGS)
-    set(target ${name}_${tag})
-    add_library(${target} MODULE ${ARG_SOURCES}
-                ${PROJECT_SOURCE_DIR}/bindings/python/bridge.c
-                $<TARGET_OBJECTS:aiobridge_objects>)
-    target_include_directories(${target} PRIVATE ${AIOB_PY_INC_${tag}}
-        ${PROJECT_SOURCE_DIR}/include ${PROJECT_SOURCE_DIR}/core)
-    target_compile_definitions(${target} PRIVATE _GNU_SOURCE AIOB_STATIC)
-    target_link_libraries(${target} PRIVATE Threads::Threads ${AIOB_BACKEND_LIBRARIES})
-    set_target_properties(${target} PROPERTIES
-        OUTPUT_NAME ${name} PREFIX "" SUFFIX "${AIOB_PY_SUFFIX_${tag}}"
-        LIBRARY_OUTPUT_DIRECTORY "${AIOB_PY_DIR_${tag}}"
-        C_VISIBILITY_PRESET hidden)
-    aiob_target_flags(${target})
-    add_dependencies(${target} aiobridge_module_${tag})
+    aiobridge_add_python_extension(${name} SOURCES ${ARG_SOURCES}
+        PYTHON "${AIOB_PY_EXE_${tag}}" TARGET ${name}_${tag}
+        OUTPUT_DIRECTORY "${AIOB_PY_DIR_${tag}}")
+    aiob_target_flags(${name}_${tag})
   endforeach()
 endfunction()

@@ -294,8 +294,7 @@ static int resolve_backend(const aiob_runtime_config *cfg,
     *out = cfg->backend_table;
     return 0;
   }
-  const char *name = cfg->backend ? cfg->backend : AIOB_DEFAULT_BACKEND;
-  *out = aiob_backend_find(name);
+  *out = cfg->backend ? aiob_backend_find(cfg->backend) : aiob_backend_at(0);
   return *out ? 0 : AIOB_ENOENT;
 }
 

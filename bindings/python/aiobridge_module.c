@@ -1,5 +1,7 @@
-/* The `aiobridge` Python module: the exception types every aiobridge
- * extension raises, and one place to inspect and stop their runtimes.
+/* `aiobridge._aiobridge`, the core of the `aiobridge` Python package
+ * (bindings/python/aiobridge/__init__.py re-exports it): the exception
+ * types every aiobridge extension raises, and one place to inspect and stop
+ * their runtimes.
  *
  * Each extension built with aiobridge carries its own copy of the core and
  * its own default runtime, on the backend its author chose. On import, an
@@ -328,7 +330,7 @@ static PyModuleDef_Slot hub_slots[] = {
 
 static struct PyModuleDef hub_def = {
     PyModuleDef_HEAD_INIT,
-    .m_name = "aiobridge",
+    .m_name = "aiobridge._aiobridge",
     .m_doc = "aiobridge: exception types, and the runtimes of the imported "
              "aiobridge extensions (backend, runtime_info, stats, shutdown).",
     .m_size = sizeof(hub_state),
@@ -339,5 +341,5 @@ static struct PyModuleDef hub_def = {
     .m_free = hub_free,
 };
 
-__attribute__((visibility("default"))) PyMODINIT_FUNC PyInit_aiobridge(void);
-PyMODINIT_FUNC PyInit_aiobridge(void) { return PyModuleDef_Init(&hub_def); }
+__attribute__((visibility("default"))) PyMODINIT_FUNC PyInit__aiobridge(void);
+PyMODINIT_FUNC PyInit__aiobridge(void) { return PyModuleDef_Init(&hub_def); }

@@ -1,6 +1,7 @@
 /* aiobridge — runtimes: N loop threads running one backend.
  *
- * Functions here are thread-safe unless a comment says otherwise.
+ * Nearly every function here is thread-safe; each comment says so, or says
+ * which threads it must not be called from.
  */
 #ifndef AIOBRIDGE_RUNTIME_H
 #define AIOBRIDGE_RUNTIME_H
@@ -41,38 +42,45 @@ typedef struct aiob_runtime_config {
 #define AIOB_SPIN_US_MAX 10000
 
 /* Fills *cfg with defaults: build's default backend, one thread, a spin of
- * AIOB_SPIN_US_DEFAULT. */
+ * AIOB_SPIN_US_DEFAULT. Thread-safe. */
 AIOB_API void aiob_runtime_config_init(aiob_runtime_config *cfg);
 
-/* Creates a runtime and starts its loop threads. Each loop is initialised
- * on its own thread; if any fails (for example the kernel refuses
- * io_uring), every started thread is stopped and that error is returned.
- * On success the caller owns *out until aiob_runtime_free.
- * Errors: AIOB_EINVAL (bad config or backend table), AIOB_ENOENT (no such
- * backend compiled in), AIOB_ENOMEM, or the backend's loop_init error. */
+/* Creates a runtime and starts its loop threads; each loop is initialised
+ * on its own thread. cfg may be NULL (the defaults) and is not kept, but a
+ * backend_table must outlive the runtime. On success the caller owns *out
+ * until aiob_runtime_free. Thread-safe. If a loop fails to initialise (for
+ * example the kernel refuses io_uring), every started thread is stopped and
+ * that error is returned. Errors: AIOB_EINVAL (bad config or backend
+ * table), AIOB_ENOENT (no such backend compiled in), AIOB_ENOMEM,
+ * AIOB_EAGAIN (no thread could be created), or the backend's loop_init
+ * error. */
 AIOB_API int aiob_runtime_new(aiob_runtime **out,
                               const aiob_runtime_config *cfg);
 
 /* Stops the runtime: new spawns fail with AIOB_ESHUTDOWN, every task that
  * has not finished is dropped exactly once on its loop thread (joiners see
  * AIOB_ECANCELED), pending aiob_runtime_call callbacks run with
- * AIOB_ECANCELED, the loop threads exit and are joined. Idempotent; returns
- * 0. Must not be called from one of the runtime's own loop threads
- * (AIOB_EDEADLK). */
+ * AIOB_ECANCELED, the loop threads exit and are joined. rt stays valid
+ * until aiob_runtime_free. Thread-safe, except on one of the runtime's own
+ * loop threads. Idempotent. Returns 0, AIOB_EDEADLK on one of its loop
+ * threads (nothing is done), or AIOB_EINVAL for a NULL rt. */
 AIOB_API int aiob_runtime_shutdown(aiob_runtime *rt);
 
 /* Shuts the runtime down (if not yet) and releases the caller's reference.
  * Memory lives on while task handles still refer to it, so handles stay
- * valid until released. Must not be called from one of its loop threads. */
+ * valid until released. Any thread but the runtime's own loop threads:
+ * there it aborts, as the shutdown could never finish. NULL is a no-op. */
 AIOB_API void aiob_runtime_free(aiob_runtime *rt);
 
 /* The process-wide default runtime, created on first call with the
  * configuration given to aiob_runtime_default_configure (or the defaults).
  * The environment variables AIOBRIDGE_BACKEND (a backend name) and
  * AIOBRIDGE_SPIN_US (a decimal spin_us), when set, override the
- * configuration (testing and benchmarking knobs). Returns 0 and stores a
- * borrowed pointer valid until aiob_runtime_default_shutdown, or the
- * creation error (AIOB_EINVAL for a malformed AIOBRIDGE_SPIN_US). */
+ * configuration (testing and benchmarking knobs). Thread-safe; while an
+ * aiob_runtime_default_shutdown is in progress it waits for it (except on a
+ * loop thread). Returns 0 and stores a borrowed pointer valid until
+ * aiob_runtime_default_shutdown, or the creation error (AIOB_EINVAL for a
+ * malformed or too large AIOBRIDGE_SPIN_US or a NULL out). */
 AIOB_API int aiob_runtime_default(aiob_runtime **out);
 
 /* Like aiob_runtime_default, and takes a reference: *out stays valid memory
@@ -80,8 +88,8 @@ AIOB_API int aiob_runtime_default(aiob_runtime **out);
  * aiob_runtime_default_shutdown meanwhile (spawns on it then fail with
  * AIOB_ESHUTDOWN, and a later aiob_runtime_default_acquire gives the fresh
  * runtime). For code that uses the default runtime while other threads may
- * shut it down, such as a language binding. Errors as aiob_runtime_default;
- * on error no reference is taken. */
+ * shut it down, such as a language binding. Thread-safe. Errors as
+ * aiob_runtime_default; on error no reference is taken. */
 AIOB_API int aiob_runtime_default_acquire(aiob_runtime **out);
 
 /* Releases a reference taken by aiob_runtime_default_acquire (NULL is a
@@ -92,13 +100,18 @@ AIOB_API void aiob_runtime_release(aiob_runtime *rt);
  * first successful use: afterwards (even after aiob_runtime_default_shutdown)
  * it returns AIOB_EBUSY and changes nothing, so the process-wide choice can
  * never change under code that already used it. The config is copied;
- * `backend` and `backend_table` must point to static storage. */
+ * `backend` and `backend_table` must point to static storage (the backend
+ * is looked up at first use). Thread-safe. Returns 0, AIOB_EBUSY, or
+ * AIOB_EINVAL (NULL cfg, threads or spin_us out of range). */
 AIOB_API int aiob_runtime_default_configure(const aiob_runtime_config *cfg);
 
 /* Shuts down and frees the default runtime, if it exists. A later
  * aiob_runtime_default creates a fresh one with the same configuration,
- * once this shutdown has finished (on a loop thread: at once).
- * Returns 0, or AIOB_EDEADLK when called from one of its loop threads.
+ * once this shutdown has finished (on a loop thread: at once). Borrowed
+ * pointers to it are invalid afterwards; references from
+ * aiob_runtime_default_acquire keep its memory. Thread-safe, except on one
+ * of its loop threads. Returns 0, or AIOB_EDEADLK (nothing is done) when
+ * called from one of its loop threads.
  *
  * fork(): a child process has none of its parent's loop threads. In the
  * child, every runtime inherited from the parent is shut (spawns fail with
@@ -111,26 +124,30 @@ AIOB_API int aiob_runtime_default_configure(const aiob_runtime_config *cfg);
 AIOB_API int aiob_runtime_default_shutdown(void);
 
 /* Calls fn(rt, arg) with the default runtime if it exists, holding the lock
- * that keeps it from being shut down meanwhile; never creates it. fn must
- * not call the aiob_runtime_default* functions. Returns 0, or AIOB_ENOENT
- * (fn not called) when there is no default runtime: never used yet, or shut
- * down. For reporting (stats, info) without starting threads. */
+ * that keeps it from being shut down meanwhile; never creates it. For
+ * reporting (stats, info) without starting threads. rt is borrowed for the
+ * call only; fn runs on the calling thread and must not call the
+ * aiob_runtime_default* functions. Thread-safe. Returns 0, AIOB_EINVAL for
+ * a NULL fn, or AIOB_ENOENT (fn not called) when there is no default
+ * runtime: never used yet, or shut down. */
 AIOB_API int aiob_runtime_default_peek(void (*fn)(aiob_runtime *rt, void *arg),
                                        void *arg);
 
-/* The backend name ("uv", ...). The string lives as long as the backend. */
+/* The backend name ("uv", ...). The string lives as long as the backend
+ * table: static for a compiled-in backend. Thread-safe. */
 AIOB_API const char *aiob_runtime_backend_name(const aiob_runtime *rt);
 
-/* Number of loop threads. */
+/* Number of loop threads. Thread-safe. */
 AIOB_API unsigned aiob_runtime_threads(const aiob_runtime *rt);
 
-/* The configured spin_us. */
+/* The configured spin_us. Thread-safe. */
 AIOB_API unsigned aiob_runtime_spin_us(const aiob_runtime *rt);
 
 /* The native loop handle of loop thread `index` (uv_loop_t * for "uv"), or
  * NULL if the index is out of range, the backend has no native slot or the
- * runtime is shut down. Use it only on that loop thread (for example from a
- * task running there or from aiob_runtime_call). */
+ * runtime is shut down. The backend owns it until the runtime shuts down.
+ * Thread-safe, but use the handle only on that loop thread (for example
+ * from a task running there or from aiob_runtime_call). */
 AIOB_API void *aiob_runtime_native(aiob_runtime *rt, unsigned index);
 
 /* Callback for aiob_runtime_call. status is 0 when it runs normally, or
@@ -138,14 +155,15 @@ AIOB_API void *aiob_runtime_native(aiob_runtime *rt, unsigned index);
  * exactly once, on loop thread `index`. */
 typedef void (*aiob_call_fn)(void *arg, int status);
 
-/* Queues fn(arg, status) to run on loop thread `index`. Returns 0, or
- * AIOB_EINVAL (bad index or NULL fn), AIOB_ESHUTDOWN, AIOB_ENOMEM; on error
- * fn is never called. */
+/* Queues fn(arg, status) to run on loop thread `index`. On success fn runs
+ * exactly once (see aiob_call_fn), so it may release arg. Thread-safe.
+ * Returns 0, or AIOB_EINVAL (bad index or NULL fn), AIOB_ESHUTDOWN,
+ * AIOB_ENOMEM; on error fn is never called. */
 AIOB_API int aiob_runtime_call(aiob_runtime *rt, unsigned index,
                                aiob_call_fn fn, void *arg);
 
-/* Index of the loop thread the caller runs on, if it is one of rt's loop
- * threads, else -1. */
+/* Returns the index of the loop thread the caller runs on, if it is one of
+ * rt's loop threads, else -1. Thread-safe. */
 AIOB_API int aiob_runtime_current_loop(const aiob_runtime *rt);
 
 typedef struct aiob_runtime_stats {
@@ -161,7 +179,8 @@ typedef struct aiob_runtime_stats {
 } aiob_runtime_stats;
 
 /* Fills *st with counters summed over the loop threads. Counters are
- * updated with relaxed atomics: exact once the runtime is idle. */
+ * updated with relaxed atomics: exact once the runtime is idle.
+ * Thread-safe. */
 AIOB_API void aiob_runtime_stats_get(const aiob_runtime *rt,
                                      aiob_runtime_stats *st);
 

@@ -1,0 +1,105 @@
+# aiobridge_add_python_extension: builds a CPython extension module on
+# aiobridge. Installed with the CMake package and used the same way inside
+# aiobridge's tree, from a parent that add_subdirectory()s it, and after
+# find_package(aiobridge CONFIG COMPONENTS python):
+#
+#   aiobridge_add_python_extension(<name> SOURCES <files>...
+#       [BACKEND uv|event|uring]   # default: every backend of the install
+#       [PYTHON <interpreter>]     # default: find_package(Python)'s
+#       [TARGET <target>]          # default: <name>
+#       [OUTPUT_DIRECTORY <dir>])  # default: the current binary directory
+#
+# The module is <name><EXT_SUFFIX of that interpreter>. The core, the chosen
+# backend and the Python bridge are linked in statically with hidden
+# symbols: only PyInit_<name> is exported, so extensions built separately
+# never clash. With BACKEND, only that backend's library is linked and the
+# default runtime uses it. At import, the module needs the `aiobridge`
+# Python package (pip install of this repository, or the build tree's
+# python/<tag> directory on sys.path).
+
+# _aiobridge_python_info(<interpreter> <out prefix>): sets <prefix>_TAG
+# (cp311, cp311d for a debug build), <prefix>_INCLUDE and <prefix>_SUFFIX.
+function(_aiobridge_python_info py out)
+  get_property(cached GLOBAL PROPERTY "AIOBRIDGE_PYINFO_${py}")
+  if(NOT cached)
+    execute_process(
+      COMMAND "${py}" -c "import sys, sysconfig; v = sys.version_info; print(f'cp{v[0]}{v[1]}' + ('d' if hasattr(sys, 'gettotalrefcount') else '') + '|' + sysconfig.get_paths()['include'] + '|' + sysconfig.get_config_var('EXT_SUFFIX') + '|' + str(int(v >= (3, 8))))"
+      OUTPUT_VARIABLE cached OUTPUT_STRIP_TRAILING_WHITESPACE
+      RESULT_VARIABLE rc ERROR_VARIABLE err)
+    if(NOT rc EQUAL 0)
+      message(FATAL_ERROR "aiobridge: cannot query the Python interpreter '${py}': ${err}")
+    endif()
+    string(REPLACE "|" ";" cached "${cached}")
+    list(GET cached 3 new_enough)
+    if(NOT new_enough)
+      message(FATAL_ERROR "aiobridge: '${py}' is older than CPython 3.8")
+    endif()
+    set_property(GLOBAL PROPERTY "AIOBRIDGE_PYINFO_${py}" "${cached}")
+  endif()
+  list(GET cached 0 tag)
+  list(GET cached 1 inc)
+  list(GET cached 2 suffix)
+  set(${out}_TAG ${tag} PARENT_SCOPE)
+  set(${out}_INCLUDE ${inc} PARENT_SCOPE)
+  set(${out}_SUFFIX ${suffix} PARENT_SCOPE)
+endfunction()
+
+# _aiobridge_default_python(<out>): the interpreter of find_package(Python).
+function(_aiobridge_default_python out)
+  if(NOT Python_EXECUTABLE)
+    find_package(Python 3.8 REQUIRED COMPONENTS Interpreter)
+  endif()
+  set(${out} ${Python_EXECUTABLE} PARENT_SCOPE)
+endfunction()
+
+function(aiobridge_add_python_extension name)
+  cmake_parse_arguments(ARG "" "BACKEND;PYTHON;TARGET;OUTPUT_DIRECTORY" "SOURCES" ${ARGN})
+  if(ARG_UNPARSED_ARGUMENTS)
+    message(FATAL_ERROR "aiobridge_add_python_extension(${name}): unknown arguments ${ARG_UNPARSED_ARGUMENTS}")
+  endif()
+  if(NOT ARG_SOURCES)
+    message(FATAL_ERROR "aiobridge_add_python_extension(${name}): SOURCES is empty")
+  endif()
+  set(target ${name})
+  if(ARG_TARGET)
+    set(target ${ARG_TARGET})
+  endif()
+  set(py ${ARG_PYTHON})
+  if(NOT py)
+    _aiobridge_default_python(py)
+  endif()
+  _aiobridge_python_info("${py}" info)
+  get_property(tags GLOBAL PROPERTY AIOBRIDGE_PYTHON_TAGS)
+  get_property(backends GLOBAL PROPERTY AIOBRIDGE_BACKENDS)
+  if(NOT TARGET aiobridge::python_${info_TAG} AND COMMAND aiob_python_add_tag)
+    aiob_python_add_tag(${info_TAG} "${py}")  # inside aiobridge's tree
+  endif()
+  if(NOT TARGET aiobridge::python_${info_TAG})
+    message(FATAL_ERROR
+      "aiobridge_add_python_extension(${name}): this aiobridge has no Python "
+      "bridge for ${info_TAG} (${py}); it has: ${tags}. Build aiobridge for "
+      "that interpreter (pip install it with that interpreter, or configure "
+      "it with -DAIOB_PYTHONS=${py}).")
+  endif()
+  set(core aiobridge::aiobridge_static)
+  if(ARG_BACKEND)
+    if(NOT ARG_BACKEND IN_LIST backends)
+      message(FATAL_ERROR
+        "aiobridge_add_python_extension(${name}): backend '${ARG_BACKEND}' is "
+        "not in this aiobridge (it has: ${backends})")
+    endif()
+    set(core aiobridge::${ARG_BACKEND})
+  endif()
+  add_library(${target} MODULE ${ARG_SOURCES})
+  target_include_directories(${target} PRIVATE ${info_INCLUDE})
+  target_link_libraries(${target} PRIVATE aiobridge::python_${info_TAG} ${core})
+  set_target_properties(${target} PROPERTIES
+      OUTPUT_NAME ${name} PREFIX "" SUFFIX "${info_SUFFIX}"
+      C_VISIBILITY_PRESET hidden)
+  if(ARG_OUTPUT_DIRECTORY)
+    set_target_properties(${target} PROPERTIES LIBRARY_OUTPUT_DIRECTORY ${ARG_OUTPUT_DIRECTORY})
+  endif()
+  if(TARGET aiobridge_module_${info_TAG})
+    add_dependencies(${target} aiobridge_module_${info_TAG})
+  endif()
+endfunction()
