@@ -20,8 +20,13 @@ set(AIOB_INSTALL_PYTHONDIR "" CACHE STRING
 set(AIOB_INSTALL_CMAKEDIR ${CMAKE_INSTALL_LIBDIR}/cmake/aiobridge)
 
 install(FILES include/aiobridge.h DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
+# aiobridge/uring.h only with the uring backend (it includes liburing.h).
+set(aiob_header_excludes)
+if(NOT "uring" IN_LIST AIOB_BACKENDS)
+  set(aiob_header_excludes PATTERN uring.h EXCLUDE)
+endif()
 install(DIRECTORY include/aiobridge DESTINATION ${CMAKE_INSTALL_INCLUDEDIR}
-        FILES_MATCHING PATTERN "*.h")
+        FILES_MATCHING PATTERN "*.h" ${aiob_header_excludes})
 
 get_property(aiob_installed_tags GLOBAL PROPERTY AIOBRIDGE_PYTHON_TAGS)
 get_property(aiob_tag_exes GLOBAL PROPERTY AIOBRIDGE_PYTHON_TAG_EXES)

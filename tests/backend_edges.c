@@ -62,6 +62,7 @@
 #include <event2/event.h>
 #endif
 #ifdef AIOB_TEST_HAVE_URING
+#include <aiobridge/uring.h>
 #include <liburing.h>
 #endif
 
@@ -1203,6 +1204,127 @@ static void test_native_handle(void **state) {
 }
 
 /* ======================================================================== */
+/* uring_ops (uring only): an extension's own requests on a loop's ring
+ * (aiobridge/uring.h). A NOP and a pipe read complete through their op; a
+ * cancelled read completes once with -ECANCELED; a read still in flight
+ * when the runtime shuts down completes once, during the shutdown; bad
+ * arguments are refused.                                                    */
+
+#ifdef AIOB_TEST_HAVE_URING
+typedef struct uo_op {
+  aiob_uring_op op;
+  atomic_int calls, res;
+  latch done;
+  char buf[16];
+} uo_op;
+
+typedef struct uo_ctx {
+  aiob_runtime *rt;
+  int pipes[3][2]; /* read, cancelled read, read left at shutdown */
+  uo_op nop, read, cancelled, orphan;
+  atomic_int cancel_rc, cancel_again_rc, null_sqe;
+} uo_ctx;
+
+static void uo_complete(aiob_uring_op *op, int res, unsigned flags) {
+  uo_op *o = (uo_op *)op;
+  CHECK(!(flags & IORING_CQE_F_MORE));
+  atomic_store(&o->res, res);
+  atomic_fetch_add(&o->calls, 1);
+  latch_add(&o->done, 1);
+}
+
+static struct io_uring *uo_ring(uo_ctx *c) {
+  return aiob_runtime_native(c->rt, (unsigned)aiob_runtime_current_loop(c->rt));
+}
+
+static void uo_read(struct io_uring *ring, uo_op *o, int fd) {
+  struct io_uring_sqe *sqe = aiob_uring_get_sqe(ring);
+  CHECK(sqe != NULL);
+  if (!sqe)
+    return;
+  io_uring_prep_read(sqe, fd, o->buf, sizeof o->buf, 0);
+  aiob_uring_sqe_set_op(ring, sqe, &o->op);
+}
+
+/* Loop thread: starts the NOP and the three reads, cancels one. */
+static void uo_start(void *arg) {
+  uo_ctx *c = arg;
+  struct io_uring *ring = uo_ring(c);
+  atomic_store(&c->null_sqe, aiob_uring_get_sqe(NULL) == NULL);
+  struct io_uring_sqe *sqe = aiob_uring_get_sqe(ring);
+  CHECK(sqe != NULL);
+  if (!sqe)
+    return;
+  io_uring_prep_nop(sqe);
+  aiob_uring_sqe_set_op(ring, sqe, &c->nop.op);
+  uo_read(ring, &c->read, c->pipes[0][0]);
+  uo_read(ring, &c->cancelled, c->pipes[1][0]);
+  uo_read(ring, &c->orphan, c->pipes[2][0]);
+  atomic_store(&c->cancel_rc, aiob_uring_cancel(ring, &c->cancelled.op));
+}
+
+/* Loop thread: a finished op is not in flight any more. */
+static void uo_cancel_again(void *arg) {
+  uo_ctx *c = arg;
+  atomic_store(&c->cancel_again_rc, aiob_uring_cancel(uo_ring(c), &c->read.op));
+}
+
+static void test_uring_ops(void **state) {
+  (void)state;
+  if (!backend_is("uring"))
+    skip(); /* aiobridge/uring.h is the uring backend's */
+  uo_ctx *c = xcalloc(1, sizeof *c);
+  uo_op *ops[] = {&c->nop, &c->read, &c->cancelled, &c->orphan};
+  for (int i = 0; i < 4; i++) {
+    ops[i]->op.complete = uo_complete;
+    latch_init(&ops[i]->done);
+  }
+  for (int i = 0; i < 3; i++)
+    assert_int_equal(pipe2(c->pipes[i], O_CLOEXEC), 0);
+  assert_rc(runtime_new(&c->rt, 1), 0);
+  run_on_loop(c->rt, 0, uo_start, c);
+  assert_int_equal(atomic_load(&c->null_sqe), 1);
+  assert_rc(atomic_load(&c->cancel_rc), 0);
+
+  latch_ok(&c->nop.done, 1);
+  assert_int_equal(atomic_load(&c->nop.res), 0);
+  latch_ok(&c->cancelled.done, 1);
+  assert_int_equal(atomic_load(&c->cancelled.res), -ECANCELED);
+
+  /* The read completes when the pipe has data. */
+  assert_int_equal(atomic_load(&c->read.calls), 0);
+  assert_int_equal(write(c->pipes[0][1], "hello", 5), 5);
+  latch_ok(&c->read.done, 1);
+  assert_int_equal(atomic_load(&c->read.res), 5);
+  assert_memory_equal(c->read.buf, "hello", 5);
+  run_on_loop(c->rt, 0, uo_cancel_again, c);
+  assert_rc(atomic_load(&c->cancel_again_rc), AIOB_EINVAL);
+
+  /* Shutdown with a read in flight: it completes, once, cancelled. */
+  assert_int_equal(atomic_load(&c->orphan.calls), 0);
+  assert_rc(aiob_runtime_shutdown(c->rt), 0);
+  assert_int_equal(atomic_load(&c->orphan.calls), 1);
+  assert_int_equal(atomic_load(&c->orphan.res), -ECANCELED);
+  aiob_runtime_free(c->rt);
+  for (int i = 0; i < 4; i++) {
+    assert_int_equal(atomic_load(&ops[i]->calls), 1);
+    latch_destroy(&ops[i]->done);
+  }
+  for (int i = 0; i < 3; i++) {
+    close(c->pipes[i][0]);
+    close(c->pipes[i][1]);
+  }
+  free(c);
+  assert_clean();
+}
+#else
+static void test_uring_ops(void **state) {
+  (void)state;
+  skip(); /* built without the uring backend */
+}
+#endif
+
+/* ======================================================================== */
 
 /* Plain test names, so the filter takes "many_timers" or "fd_*". */
 #define EDGE(test, setup)                                                      \
@@ -1242,6 +1364,7 @@ int main(int argc, char **argv) {
       EDGE(fd_modify_and_stop, setup1),  /* 1 loop */
       EDGE(refused_kernel, setup_none),  /* runtimes in a child process */
       EDGE(native_handle, setup_none),   /* its own: shut down in the test */
+      EDGE(uring_ops, setup_none),       /* its own: shut down in the test */
   };
 
   char group[96];

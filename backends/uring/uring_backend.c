@@ -11,28 +11,37 @@
  * the request in flight; the new mask is armed when its completion arrives.
  * Full submission queue: submit and retry. Completion-queue overflow: the
  * kernel keeps overflowed completions (IORING_FEAT_NODROP, required) and
- * run() flushes them before returning. */
+ * run() flushes them before returning.
+ * Extension requests (aiobridge/uring.h): user_data is the op's address
+ * with bit 0 set; the loop keeps them in a list so that closing the loop
+ * cancels them and still calls each op's complete. */
 #include "aiobridge/backend.h"
+#include "aiobridge/uring.h"
 
 #include <liburing.h>
 #include <poll.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <sys/eventfd.h>
 #include <time.h>
 #include <unistd.h>
 
 #define DEFAULT_ENTRIES 256
-#define TAG_WAKE ((uint64_t)1)
-#define TAG_IGNORE ((uint64_t)2) /* poll-remove completions */
+#define TAG_OP_BIT ((uint64_t)1) /* an aiob_uring_op (aligned, so bit 0 free)  \
+                                  */
+#define TAG_WAKE ((uint64_t)2)
+#define TAG_IGNORE ((uint64_t)4) /* poll-remove and cancel completions */
 
 typedef struct urb {
-  struct io_uring ring;
+  struct io_uring ring; /* first: aiob_uring_* get the urb from the ring */
   int wake_fd;
   aiob_loop *core;
   int timer_armed;
   uint64_t deadline; /* aiob_now_ns clock */
   unsigned dying;    /* stopped watches with a request in flight */
+  aiob_uring_op ops; /* list head of extension requests in flight */
 } urb;
+_Static_assert(offsetof(urb, ring) == 0, "a ring's address is its urb's");
 
 typedef struct urb_io {
   urb *b;
@@ -101,6 +110,7 @@ static int urb_loop_init(aiob_loop *core, const aiob_backend_options *opts,
   if (!b)
     return AIOB_ENOMEM;
   b->core = core;
+  b->ops.aiob__next = b->ops.aiob__prev = &b->ops;
   unsigned entries =
       opts && opts->ring_entries ? opts->ring_entries : DEFAULT_ENTRIES;
   struct io_uring_params params = {0};
@@ -133,12 +143,17 @@ static int urb_loop_init(aiob_loop *core, const aiob_backend_options *opts,
 }
 
 static unsigned reap(urb *b);
+static int cancel_op(urb *b, aiob_uring_op *op);
 
 static void urb_loop_close(void *p) {
   urb *b = p;
   /* Every watch was stopped, but a stopped watch's struct is freed only when
-   * its (cancelled) poll completes: wait for those. */
-  while (b->dying > 0) {
+   * its (cancelled) poll completes, and every extension request still gets
+   * its completion: cancel those and wait for all of them. */
+  for (aiob_uring_op *op = b->ops.aiob__next; op != &b->ops;
+       op = op->aiob__next)
+    cancel_op(b, op);
+  while (b->dying > 0 || b->ops.aiob__next != &b->ops) {
     struct io_uring_cqe *cqe;
     if (io_uring_submit_and_wait(&b->ring, 1) < 0 &&
         io_uring_peek_cqe(&b->ring, &cqe) != 0)
@@ -179,6 +194,15 @@ static void io_completion(urb_io *io, int res) {
   arm_io(io);
 }
 
+static void op_completion(aiob_uring_op *op, int res, unsigned flags) {
+  if (!(flags & IORING_CQE_F_MORE)) { /* the request's last completion */
+    op->aiob__prev->aiob__next = op->aiob__next;
+    op->aiob__next->aiob__prev = op->aiob__prev;
+    op->aiob__next = op->aiob__prev = NULL;
+  }
+  op->complete(op, res, flags); /* may free op */
+}
+
 /* Dispatches every available completion; returns how many. */
 static unsigned reap(urb *b) {
   unsigned n = 0;
@@ -186,6 +210,7 @@ static unsigned reap(urb *b) {
   while (io_uring_peek_cqe(&b->ring, &cqe) == 0) {
     uint64_t tag = io_uring_cqe_get_data64(cqe);
     int res = cqe->res;
+    unsigned cqe_flags = cqe->flags;
     io_uring_cqe_seen(&b->ring, cqe);
     n++;
     if (tag == TAG_WAKE) {
@@ -193,6 +218,9 @@ static unsigned reap(urb *b) {
       while (read(b->wake_fd, &v, sizeof v) > 0)
         ;
       arm_wake(b);
+    } else if (tag & TAG_OP_BIT) {
+      op_completion((aiob_uring_op *)(uintptr_t)(tag & ~TAG_OP_BIT), res,
+                    cqe_flags);
     } else if (tag != TAG_IGNORE && tag != 0) {
       io_completion((urb_io *)(uintptr_t)tag, res);
     }
@@ -290,6 +318,35 @@ static void urb_io_stop(void *p, void *handle) {
 }
 
 static void *urb_native(void *p) { return &((urb *)p)->ring; }
+
+static int cancel_op(urb *b, aiob_uring_op *op) {
+  struct io_uring_sqe *sqe = get_sqe(b);
+  if (!sqe)
+    return AIOB_EIO;
+  io_uring_prep_cancel64(sqe, (uint64_t)(uintptr_t)op | TAG_OP_BIT, 0);
+  io_uring_sqe_set_data64(sqe, TAG_IGNORE);
+  return 0;
+}
+
+struct io_uring_sqe *aiob_uring_get_sqe(struct io_uring *ring) {
+  return ring ? get_sqe((urb *)ring) : NULL;
+}
+
+void aiob_uring_sqe_set_op(struct io_uring *ring, struct io_uring_sqe *sqe,
+                           aiob_uring_op *op) {
+  urb *b = (urb *)ring;
+  io_uring_sqe_set_data64(sqe, (uint64_t)(uintptr_t)op | TAG_OP_BIT);
+  op->aiob__prev = &b->ops;
+  op->aiob__next = b->ops.aiob__next;
+  b->ops.aiob__next->aiob__prev = op;
+  b->ops.aiob__next = op;
+}
+
+int aiob_uring_cancel(struct io_uring *ring, aiob_uring_op *op) {
+  if (!ring || !op || !op->aiob__prev)
+    return AIOB_EINVAL;
+  return cancel_op((urb *)ring, op);
+}
 
 const aiob_backend aiob__backend_uring = {
     .abi_major = AIOB_BACKEND_ABI_MAJOR,
