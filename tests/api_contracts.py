@@ -20,7 +20,9 @@ check, listed as file:line name: what is missing, when
 
 --write renders the reference to API.md; --check compares API.md with what
 it would write and prints a unified diff and the command that regenerates
-it. Both also run the check. Exit status: 0 ok, 1 a check failed, 2 usage.
+it. Both also run the check, so one CTest test can run both:
+  api_contracts.py --check docs/api.md include
+Exit status: 0 ok, 1 a check failed, 2 usage.
 The output depends only on the headers' text (Python 3.8+, standard library
 only).
 """
@@ -32,8 +34,9 @@ import sys
 import textwrap
 
 # Phrases that state which thread may call a function, matched without case
-# against the comment with its whitespace collapsed (so one may span lines). Each with its meaning,
-# as the reference's conventions section shows it.
+# against the comment with its whitespace collapsed (so one may span lines);
+# <x> stands for one word, such as `ring`. Each with its meaning, as the
+# reference's conventions section shows it.
 THREAD_PHRASES = [
     ("Thread-safe", "any thread, concurrently with other calls"),
     ("Any thread", "any thread; the comment says what else it needs"),
@@ -44,6 +47,8 @@ THREAD_PHRASES = [
     ("On the task's loop thread", "on the loop thread the task runs on"),
     ("Loop thread of its task", "on the loop thread of the task that "
      "armed it"),
+    ("Loop thread of <x> only", "only on the loop thread that owns the "
+     "object named, such as a ring"),
     ("With the GIL", "Python bridge: the caller holds the GIL"),
     ("GIL held", "Python bridge: the caller holds the GIL"),
     ("No GIL needed", "Python bridge: callable without the GIL, e.g. from "
@@ -73,7 +78,8 @@ BANNER = re.compile(r"^-{2,}\s*(.*?)\s*-*$")
 
 
 class Comment:
-    def __init__(self, start, end, text, own_line):
+    def __init__(self, kind, start, end, text, own_line):
+        self.kind = kind  # "/*" or "//"
         self.start = start  # first and last line, 1-based
         self.end = end
         self.text = text  # without delimiters and leading " * "
@@ -231,9 +237,7 @@ class Header:
             body.pop()
         while body and not body[0]:
             body.pop(0)
-        c = Comment(line, end, "\n".join(body), own)
-        c.kind = kind
-        self.comments.append(c)
+        self.comments.append(Comment(kind, line, end, "\n".join(body), own))
 
     def _merge_line_comments(self):
         merged = []
@@ -392,12 +396,16 @@ def normalise(text):
     return " ".join(text.lower().split())
 
 
+def phrase_re(phrase):
+    return re.escape(phrase.lower()).replace(re.escape("<x>"), r"\S+")
+
+
 def problems_of(entry):
     if entry.comment is None:
         return ["no comment block directly above it"]
     out = []
     text = normalise(entry.comment.text)
-    if not any(p.lower() in text for p, _ in THREAD_PHRASES):
+    if not any(re.search(phrase_re(p), text) for p, _ in THREAD_PHRASES):
         out.append("no thread contract (none of THREAD_PHRASES)")
     if entry.ret == "int" and not any(
             re.search(w, entry.comment.text, re.I) for w in RETURN_WORDS):
@@ -476,9 +484,11 @@ def text_to_md(text):
         indents = [len(ln) - len(ln.lstrip()) for ln in lines if ln.strip()]
         if indents and min(indents) >= 2 and \
                 not lines[0].lstrip().startswith("- "):
-            cut = min(indents)
-            out.append("```c\n" + "\n".join(ln[cut:] for ln in lines) +
-                       "\n```")
+            code = "\n".join(ln[2:] for ln in lines)
+            if out and out[-1].startswith("```c\n"):  # one block, gaps kept
+                out[-1] = out[-1][:-len("\n```")] + "\n\n" + code + "\n```"
+            else:
+                out.append("```c\n" + code + "\n```")
             continue
         block = []
         mode = "prose"
@@ -501,19 +511,17 @@ def text_to_md(text):
 
 
 def declaration(h, group):
-    """The group's declarations as in the header, without AIOB_API."""
-    first = group[0].start
-    last = max(e.end for e in group)
-    lines = h.lines[first - 1:last]
-    out = []
+    """The group's declarations as in the header, without AIOB_API (and
+    their continuation lines moved left as far)."""
     marker = "AIOB_API "
-    for ln in lines:
-        if ln.startswith(marker):
-            out.append(ln[len(marker):])
-        elif ln.startswith(" " * len(marker)) and group[0].kind == "function":
-            out.append(ln[len(marker):])
-        else:
-            out.append(ln)
+    out = []
+    for e in group:
+        lines = h.lines[e.start - 1:e.end]
+        if e.kind == "function" and lines[0].startswith(marker):
+            lines = [lines[0][len(marker):]] + [
+                ln[len(marker):] if ln.startswith(" " * len(marker)) else ln
+                for ln in lines[1:]]
+        out.extend(lines)
     return "\n".join(out)
 
 

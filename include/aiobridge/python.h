@@ -8,9 +8,9 @@
  *     into a per-asyncio-loop queue, and the loop is woken once per batch
  *     through an eventfd watched with loop.add_reader.
  *
- * Threads: functions tagged "GIL" must be called with the GIL held on the
- * thread that runs the asyncio loop concerned; the others are for C tasks
- * on runtime threads and never need the GIL.
+ * Threads: each function says "With the GIL" (the caller holds the GIL;
+ * where a running asyncio loop is involved, on that loop's thread) or "No
+ * GIL needed" (for C tasks on runtime threads, which never take the GIL).
  */
 #ifndef AIOBRIDGE_PYTHON_H
 #define AIOBRIDGE_PYTHON_H
@@ -33,21 +33,24 @@ typedef struct aiob_py_locals aiob_py_locals;
  * aiob_py_task_raise or by an awaited Python awaitable that raised). */
 #define AIOB_PY_EXCEPTION (-100000)
 
-/* Creates the bridge for `module` (call from its Py_mod_exec slot; GIL).
+/* Creates the bridge for `module`, from its Py_mod_exec slot, with the GIL.
  * The runtime is the process-wide default runtime of this extension's copy
  * of aiobridge, created on first use. Imports the `aiobridge` module (an
  * ImportError if it is missing), takes its exception types and registers
  * this runtime there under the module's name, so aiobridge.stats(),
  * runtime_info(), backend() and shutdown() cover it. Registers an atexit
  * hook that stops the runtime before the interpreter finalizes; afterwards
- * new C tasks raise aiobridge.ShutdownError. Returns 0, or -1 with a Python
- * exception set. */
+ * new C tasks raise aiobridge.ShutdownError. The module state owns *out
+ * until aiob_py_bridge_free. Returns 0, or -1 with a Python exception set
+ * (*out untouched). */
 int aiob_py_bridge_init(PyObject *module, aiob_py_bridge **out);
 
-/* Releases the bridge (module free/clear; GIL). Idempotent on NULL. */
+/* Releases the bridge, from the module's m_free or m_clear, with the GIL.
+ * NULL is a no-op. */
 void aiob_py_bridge_free(aiob_py_bridge *b);
 
-/* Counters of the bridge's runtime and of the bridge, as a new dict (GIL):
+/* Counters of the bridge's runtime and of the bridge, as a new dict (with
+ * the GIL; NULL with an exception set if it cannot be made):
  * tasks_live, tasks_spawned, tasks_completed, tasks_cancelled, polls,
  * loop_wakes, spins, spin_hits, spin_ns (runtime; zeros while it is not
  * running), completions (C results delivered to asyncio futures),
@@ -55,8 +58,8 @@ void aiob_py_bridge_free(aiob_py_bridge *b);
  * (Python awaitables started for C tasks), ports (asyncio loops known). */
 PyObject *aiob_py_bridge_stats(aiob_py_bridge *b);
 
-/* The runtime's backend name as a new str, starting the runtime if needed
- * (GIL); NULL with aiobridge.BackendError or ShutdownError set. */
+/* The runtime's backend name as a new str, starting the runtime if needed.
+ * With the GIL. NULL with aiobridge.BackendError or ShutdownError set. */
 PyObject *aiob_py_bridge_backend(aiob_py_bridge *b);
 
 /* Converts a finished task's output (status >= 0) to a Python object: a new
@@ -64,18 +67,21 @@ PyObject *aiob_py_bridge_backend(aiob_py_bridge *b);
  * GIL; owns out->value (free it or keep it). NULL converter: None. */
 typedef PyObject *(*aiob_py_converter)(aiob_output *out);
 
-/* Spawns a C task and returns its awaitable, an aiobridge.CTask (GIL). It is
- * an asyncio future of the running loop (asyncio.isfuture is true: done
- * callbacks, result, exception, cancel(msg), get_loop) and a coroutine
- * (send, throw, close): it can be awaited, given to gather / wait_for /
- * shield / ensure_future (Python 3.10+ take it as it is, no Task), to
- * create_task, used in a TaskGroup, or given to asyncio.run. (asyncio.wait
- * refuses coroutines from 3.11: give it asyncio.create_task(obj) there.)
+/* Spawns a C task and returns its awaitable, an aiobridge.CTask, as a new
+ * reference. With the GIL. It is an asyncio future of the running loop
+ * (asyncio.isfuture is true: done callbacks, result, exception,
+ * cancel(msg), get_loop) and a coroutine (send, throw, close): it can be
+ * awaited, given to gather / wait_for / shield / ensure_future (Python
+ * 3.10+ take it as it is, no Task), to create_task, used in a TaskGroup, or
+ * given to asyncio.run. (asyncio.wait refuses coroutines from 3.11: give it
+ * asyncio.create_task(obj) there.)
  * - Inside a running asyncio loop the task starts at once.
  * - With no running loop, it binds to the loop that first runs it and
  *   starts the task then (so asyncio.run(ext.fn()) works); until then it
  *   is not a future (isfuture false), only a coroutine.
- * Cancelling it cancels the C task; collecting it unfinished does too. A
+ * Cancelling it cancels the C task; collecting it unfinished does too. On
+ * success the awaitable owns `state` (through vt->drop, which also runs if
+ * the task never starts: the awaitable cancelled or collected first). A
  * negative status raises the OSError subclass for that errno
  * (AIOB_ECANCELED: asyncio.CancelledError); AIOB_PY_EXCEPTION raises the
  * carried exception; a failure nobody retrieved goes to the loop's
@@ -101,20 +107,24 @@ PyObject *aiob_py_future_into_py(aiob_py_bridge *b, const aiob_task_vtable *vt,
  * NULL with RuntimeError("no running event loop") if neither holds. */
 aiob_py_locals *aiob_py_get_current_locals(aiob_py_bridge *b);
 
-/* The loop of aiob_py_get_current_locals, a new reference (GIL); NULL with
- * RuntimeError if there is none. */
+/* The loop of aiob_py_get_current_locals, a new reference. With the GIL.
+ * NULL with RuntimeError if there is none. */
 PyObject *aiob_py_get_current_loop(aiob_py_bridge *b);
 
-/* Explicit locals (GIL, any thread, for callers off the loop thread):
- * `loop` and `context` (a contextvars.Context; NULL = a copy of the current
- * one). NULL with TypeError for a missing loop or a bad context. */
+/* Explicit locals: `loop` and `context` (a contextvars.Context; NULL = a
+ * copy of the current one), as a new reference; loop and context are not
+ * stolen. With the GIL, on any thread (for callers off the loop's thread).
+ * NULL with an exception set: TypeError for a missing loop or a bad
+ * context. */
 aiob_py_locals *aiob_py_locals_new(aiob_py_bridge *b, PyObject *loop,
                                    PyObject *context);
 
-/* A C task's locals as a new reference, or NULL if it has none. No GIL. */
+/* A C task's locals as a new reference, or NULL if it has none. Inside the
+ * task's poll function; no GIL needed. */
 aiob_py_locals *aiob_py_task_locals(aiob_task *self);
 
-/* New reference to the same locals (NULL gives NULL). Any thread. */
+/* New reference to the same locals (NULL gives NULL). Any thread, no GIL
+ * needed. */
 aiob_py_locals *aiob_py_locals_clone(aiob_py_locals *l);
 
 /* Releases a reference (NULL is a no-op). Any thread, no GIL needed. */
@@ -127,18 +137,20 @@ PyObject *aiob_py_locals_loop(aiob_py_locals *l);
 PyObject *aiob_py_locals_context(aiob_py_locals *l);
 
 /* Like aiob_py_future_into_py, for the loop and context of `locals`: the C
- * task starts at once even when the caller is not on that loop's thread
- * (GIL held); the returned awaitable must be awaited on that loop. The
- * locals are not consumed. */
+ * task starts at once even when the caller is not on that loop's thread;
+ * the returned awaitable must be awaited on that loop. The locals are not
+ * consumed. With the GIL held, on any thread. Errors as
+ * aiob_py_future_into_py, and ValueError for NULL locals. */
 PyObject *aiob_py_future_into_py_with_locals(aiob_py_bridge *b,
                                              aiob_py_locals *locals,
                                              const aiob_task_vtable *vt,
                                              void *state,
                                              aiob_py_converter conv);
 
-/* Inside a C task: make the task finish with `exc_type(msg)`. exc_type must
- * outlive the task (a built-in exception or one the module keeps). No GIL
- * needed. Returns 0 or AIOB_ENOMEM. */
+/* Makes the task finish with `exc_type(msg)` (status AIOB_PY_EXCEPTION).
+ * exc_type is borrowed and must outlive the task (a built-in exception or
+ * one the module keeps); msg is copied. Inside the task's poll function; no
+ * GIL needed. Returns 0 or AIOB_ENOMEM (nothing is set). */
 int aiob_py_task_raise(aiob_task *self, PyObject *exc_type, const char *msg);
 
 /* Releases a Python reference from any thread: at once if this thread holds
@@ -150,8 +162,8 @@ int aiob_py_task_raise(aiob_task *self, PyObject *exc_type, const char *msg);
 void aiob_py_release(PyObject *obj);
 
 /* Converts a Python number of durations of `unit_ns` nanoseconds each (1e9
- * for seconds, 1e6 for milliseconds) to nanoseconds for aiob_sleep_init
- * (GIL). Returns 0, or -1 with TypeError (not a number) or ValueError
+ * for seconds, 1e6 for milliseconds) to nanoseconds for aiob_sleep_init.
+ * With the GIL. Returns 0, or -1 with TypeError (not a number) or ValueError
  * (negative, NaN) set. A duration too long for 64 bits of nanoseconds,
  * +inf included, gives UINT64_MAX: a sleep that never ends in practice
  * (about 584 years), as asyncio.sleep(math.inf) never ends. */
@@ -191,22 +203,25 @@ void aiob_py_await_init_call(aiob_py_await *aw, PyObject *factory);
 /* Awaits on the loop and context of `locals` instead of the task's own
  * (for C tasks not started by the bridge, e.g. spawned with aiob_spawn on
  * the runtime). Borrowed: keep them alive until the await finished. Call
- * after init, before the first poll. */
+ * after init, before the first poll; no GIL needed. */
 void aiob_py_await_set_locals(aiob_py_await *aw, aiob_py_locals *locals);
 
 /* The result reaches the C task through `conv` (see above) instead of as a
- * PyObject reference. Call after init, before the first poll. */
+ * PyObject reference. Call after init, before the first poll; no GIL
+ * needed. */
 void aiob_py_await_set_converter(aiob_py_await *aw,
                                  aiob_py_result_converter conv);
 
-/* Inside a C task spawned by aiob_py_future_into_py (or a descendant): runs
- * the awaitable on the task's asyncio loop in the task's contextvars context.
+/* In a C task spawned by aiob_py_future_into_py (or a descendant): runs the
+ * awaitable on the task's asyncio loop in the task's contextvars context.
  * READY with *out filled: status 0 and value = the result (a PyObject
  * reference, free_value releases it from any thread; or what the converter
  * produced), or AIOB_PY_EXCEPTION (value is the exception to propagate), or
  * AIOB_ECANCELED (the Python side was cancelled, or its loop is gone), or
- * AIOB_EINVAL if neither aiob_py_await_set_locals nor the task gave locals.
- * Cancelling the C task cancels the Python task. */
+ * AIOB_EINVAL if neither aiob_py_await_set_locals nor the task gave locals,
+ * or AIOB_ENOMEM; once READY, a further poll gives AIOB_EALREADY. out may
+ * be NULL. Cancelling the C task cancels the Python task. Inside the
+ * task's poll function; no GIL needed. */
 aiob_poll aiob_py_await_poll(aiob_task *self, aiob_py_await *aw,
                              aiob_output *out);
 

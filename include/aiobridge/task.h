@@ -43,8 +43,8 @@ typedef struct aiob_output {
   void (*free_value)(void *value); /* may be NULL */
 } aiob_output;
 
-/* Frees o->value with o->free_value (if both set) and zeroes *o.
- * Thread-safe for distinct outputs. */
+/* Frees o->value with o->free_value (if both set), on the calling thread,
+ * and zeroes *o. Thread-safe for distinct outputs. */
 AIOB_API void aiob_output_clear(aiob_output *o);
 
 /* ---- Task-local storage ------------------------------------------------ */
@@ -55,19 +55,22 @@ typedef unsigned aiob_local_key;
 /* Registers a task-local key for the life of the process. `clone` makes the
  * child's copy when a task spawns a child (NULL: the key is not inherited;
  * a clone returning NULL also skips it); `destroy` releases a value (may be
- * NULL). Both run on the loop thread of the task involved. Returns 0 or
- * AIOB_ENOSPC when AIOB_LOCAL_KEYS_MAX keys exist. Thread-safe. */
+ * NULL). Both run on the loop thread of the task involved. Thread-safe.
+ * Returns 0, AIOB_ENOSPC when AIOB_LOCAL_KEYS_MAX keys exist, or
+ * AIOB_EINVAL for a NULL key. */
 AIOB_API int aiob_local_key_create(aiob_local_key *key,
                                    void *(*clone)(void *value),
                                    void (*destroy)(void *value));
 
-/* Sets the task's value for key, destroying the previous one. Inside the
- * task's poll function. Returns 0, AIOB_EINVAL (bad key) or AIOB_ENOMEM (the
- * value is then not stored and not destroyed). */
+/* Sets the task's value for key, destroying the previous one. The task owns
+ * value: the key's destroy releases it when it is replaced or the task
+ * finishes. Inside the task's poll function. Returns 0, AIOB_EINVAL (bad
+ * key) or AIOB_ENOMEM (the value is then not stored and not destroyed). */
 AIOB_API int aiob_task_local_set(aiob_task *self, aiob_local_key key,
                                  void *value);
 
-/* The task's value for key, or NULL. Inside the task's poll function. */
+/* The task's value for key, or NULL; borrowed, the task keeps owning it.
+ * Inside the task's poll function. */
 AIOB_API void *aiob_task_local_get(const aiob_task *self, aiob_local_key key);
 
 /* ---- Spawning ---------------------------------------------------------- */
@@ -94,6 +97,8 @@ typedef struct aiob_spawn_opts {
   void *on_finish_arg;
 } aiob_spawn_opts;
 
+/* Fills *opts with defaults: loop -1, inherit task locals, no initial
+ * locals, no on_finish. Thread-safe. */
 AIOB_API void aiob_spawn_opts_init(aiob_spawn_opts *opts);
 
 /* Spawns a task running vt->poll over `state` on rt. When called from
@@ -106,7 +111,9 @@ AIOB_API void aiob_spawn_opts_init(aiob_spawn_opts *opts);
 AIOB_API int aiob_spawn(aiob_runtime *rt, const aiob_task_vtable *vt,
                         void *state, aiob_task **handle);
 
-/* aiob_spawn with options (opts may be NULL). Thread-safe. */
+/* aiob_spawn with options (opts may be NULL; it is not kept). Thread-safe.
+ * Errors as aiob_spawn, AIOB_EINVAL also for bad opts (loop out of range,
+ * bad local key); on error the caller keeps the values of opts->locals. */
 AIOB_API int aiob_spawn_ex(aiob_runtime *rt, const aiob_spawn_opts *opts,
                            const aiob_task_vtable *vt, void *state,
                            aiob_task **handle);
@@ -117,7 +124,7 @@ AIOB_API int aiob_spawn_ex(aiob_runtime *rt, const aiob_spawn_opts *opts,
 AIOB_API aiob_task *aiob_task_ref(aiob_task *t);
 
 /* Drops a reference; the task keeps running if it has not finished (a
- * handle is not ownership of the work). Thread-safe. */
+ * handle is not ownership of the work). NULL is a no-op. Thread-safe. */
 AIOB_API void aiob_task_release(aiob_task *t);
 
 /* Requests cancellation: unless it already finished, the task is dropped on
@@ -126,49 +133,60 @@ AIOB_API void aiob_task_release(aiob_task *t);
  * progress completes normally. Idempotent. Thread-safe. */
 AIOB_API void aiob_task_cancel(aiob_task *t);
 
-/* Non-zero once the task finished (completed or dropped) and its drop ran.
- * Thread-safe. */
+/* Returns non-zero once the task finished (completed or dropped) and its
+ * drop ran, else 0. Thread-safe. */
 AIOB_API int aiob_task_is_finished(const aiob_task *t);
 
 /* Blocks the calling thread until the task finished or timeout_ns elapsed
- * (UINT64_MAX: no limit). Returns 0, AIOB_ETIMEDOUT, or AIOB_EDEADLK when
- * called from a loop thread (which would stall that loop). Thread-safe. */
+ * (UINT64_MAX: no limit). The caller holds a reference to t. Thread-safe,
+ * but not on a loop thread of any runtime. Returns 0, AIOB_ETIMEDOUT, or
+ * AIOB_EDEADLK when called from a loop thread (which would stall that
+ * loop). */
 AIOB_API int aiob_task_wait(aiob_task *t, uint64_t timeout_ns);
 
-/* Inside a task: awaits `target`. READY once it finished, with *status set
- * to its status (may be NULL); PENDING otherwise, and `self` is woken when
- * it finishes. One task at a time can await a given target: a second one
- * gets READY with AIOB_EBUSY. */
+/* Awaits `target`: READY once it finished, with *status set to its status
+ * (status may be NULL); PENDING otherwise, and `self` is woken when it
+ * finishes. The caller keeps its reference to target; the output stays for
+ * aiob_task_take_output. Inside the task's poll function. One task at a
+ * time can await a given target: a second one gets READY with AIOB_EBUSY;
+ * a task awaiting itself gets READY with AIOB_EDEADLK. */
 AIOB_API aiob_poll aiob_task_join(aiob_task *self, aiob_task *target,
                                   int *status);
 
-/* Moves a finished task's output into *out. Returns 0, AIOB_EAGAIN if the
- * task has not finished, or AIOB_EALREADY if the value was already taken
- * (out->status is still filled, out->value is NULL). Thread-safe. */
+/* Moves a finished task's output into *out; the caller then owns out->value
+ * (aiob_output_clear). Thread-safe. Returns 0, AIOB_EAGAIN if the task has
+ * not finished, or AIOB_EALREADY if the value was already taken
+ * (out->status is still filled, out->value is NULL). */
 AIOB_API int aiob_task_take_output(aiob_task *t, aiob_output *out);
 
 /* ---- Inside a poll function -------------------------------------------- */
 
 /* Sets the value the task finishes with (call before returning READY).
  * The task owns value until a joiner takes it; if nobody does, free_value
- * runs when the last reference goes (on any thread). Replaces an earlier
- * value (freeing it). */
+ * runs when the last reference goes (on any thread), or when the task is
+ * dropped by cancellation. Replaces an earlier value (freeing it); a status
+ * set by aiob_task_fail stays. Inside the task's poll function. */
 AIOB_API void aiob_task_return(aiob_task *self, void *value,
                                void (*free_value)(void *value));
 
-/* Sets a negative status the task finishes with. */
+/* Sets a negative status the task finishes with; a value set by
+ * aiob_task_return stays in the output. A task dropped by cancellation
+ * finishes with AIOB_ECANCELED whatever was set. Inside the task's poll
+ * function. */
 AIOB_API void aiob_task_fail(aiob_task *self, int err);
 
-/* The task being polled on this thread, or NULL. Thread-safe. */
+/* The task being polled on this thread, or NULL; borrowed. Thread-safe. */
 AIOB_API aiob_task *aiob_task_current(void);
 
-/* The runtime a task belongs to. Thread-safe (the caller holds a ref). */
+/* The runtime a task belongs to, borrowed: its memory lives while the task
+ * does. Thread-safe (the caller holds a ref). */
 AIOB_API aiob_runtime *aiob_task_runtime(const aiob_task *t);
 
 /* ---- Wakers ------------------------------------------------------------ */
 
-/* A new waker for the task (a counted reference). Inside the task, or on
- * any thread that holds a reference to it. */
+/* A new waker for the task: a counted reference the caller releases with
+ * aiob_waker_release. Inside the task, or on any thread that holds a
+ * reference to it. */
 AIOB_API aiob_waker *aiob_task_waker(aiob_task *self);
 
 /* Another reference to the same waker. Thread-safe. */
@@ -253,11 +271,13 @@ typedef struct aiob_sleep {
 } aiob_sleep;
 
 /* Prepares a sleep of duration_ns, counted from its first poll. A duration
- * of 0 yields once. Must not be called on an armed sleep (aiob_sleep_stop
- * it first). */
+ * of 0 yields once. The sleep lives in memory the caller owns (usually the
+ * task's state). Any thread, while no poll uses *s; must not be called on
+ * an armed sleep (aiob_sleep_stop it first). */
 AIOB_API void aiob_sleep_init(aiob_sleep *s, uint64_t duration_ns);
 
-/* Prepares a sleep until the absolute aiob_now_ns() time deadline_ns. */
+/* Prepares a sleep until the absolute aiob_now_ns() time deadline_ns. Any
+ * thread, as aiob_sleep_init. */
 AIOB_API void aiob_sleep_init_until(aiob_sleep *s, uint64_t deadline_ns);
 
 /* READY once aiob_now_ns() >= the deadline (never earlier), with *status 0;
@@ -280,14 +300,17 @@ typedef struct aiob_io_wait {
 } aiob_io_wait;
 
 /* Prepares a one-shot wait for fd to become AIOB_READABLE and/or
- * AIOB_WRITABLE. Several waits (from several tasks) may watch one fd. */
+ * AIOB_WRITABLE. Several waits (from several tasks) may watch one fd. The
+ * fd stays the caller's: aiobridge never closes it. Any thread, while no
+ * poll uses *w; must not be called on an armed wait. */
 AIOB_API void aiob_io_wait_init(aiob_io_wait *w, int fd, unsigned events);
 
 /* READY when the fd is ready, with *result set to the ready bits
  * (AIOB_IO_ERROR included on error/hang-up); or READY at once with a
  * negative *result: AIOB_EBADF (fd < 0), AIOB_EINVAL (no events),
- * AIOB_ENOTSUP (backend without fd support), AIOB_ENOMEM, or the backend's
- * error. Inside the task's poll function. */
+ * AIOB_ENOTSUP (backend without fd support), AIOB_ENOMEM, the backend's
+ * error, or AIOB_ECANCELED once the wait was stopped. result may be NULL.
+ * Inside the task's poll function. */
 AIOB_API aiob_poll aiob_io_wait_poll(aiob_task *self, aiob_io_wait *w,
                                      int *result);
 
@@ -303,30 +326,36 @@ AIOB_API void aiob_io_wait_stop(aiob_io_wait *w);
 
 typedef struct aiob_promise aiob_promise;
 
-/* Creates a promise; the caller holds both sides. Returns 0 or AIOB_ENOMEM.
- * Thread-safe. */
+/* Creates a promise; the caller holds both sides: it gives up the
+ * completer side with aiob_promise_complete or aiob_promise_abandon and the
+ * waiter side with aiob_promise_release, and the promise is freed with the
+ * second. Thread-safe. Returns 0, AIOB_ENOMEM, or AIOB_EINVAL for a NULL
+ * out. */
 AIOB_API int aiob_promise_new(aiob_promise **out);
 
 /* Completes the promise with status and value and gives up the completer
  * side. The value goes to the waiter; if the waiter side was already
- * released, free_value(value) runs here. Returns 0, or AIOB_EALREADY if the
- * completer side was already given up (then value is not touched).
- * Thread-safe. */
+ * released, free_value(value) runs here. Thread-safe. Returns 0,
+ * AIOB_EALREADY if the completer side was already given up (then value is
+ * not touched), or AIOB_EINVAL for a NULL p. */
 AIOB_API int aiob_promise_complete(aiob_promise *p, int status, void *value,
                                    void (*free_value)(void *value));
 
 /* Gives up the completer side without a value: the waiter is woken with
- * AIOB_ECANCELED. Returns 0 or AIOB_EALREADY. Thread-safe. */
+ * AIOB_ECANCELED. Thread-safe. Returns 0 or AIOB_EALREADY (or AIOB_EINVAL
+ * for a NULL p). */
 AIOB_API int aiob_promise_abandon(aiob_promise *p);
 
-/* Inside a task: READY once completed, moving the output into *out (the
- * value only the first time); PENDING otherwise and `self` is woken on
- * completion. One task at a time may await a promise (another gets READY
- * with AIOB_EBUSY). */
+/* READY once completed, moving the output into *out (the value only the
+ * first time; the caller then owns it; out may be NULL); PENDING otherwise
+ * and `self` is woken on completion. Inside the task's poll function. One
+ * task at a time may await a promise (another gets READY with
+ * out->status AIOB_EBUSY). */
 AIOB_API aiob_poll aiob_promise_poll(aiob_task *self, aiob_promise *p,
                                      aiob_output *out);
 
-/* Gives up the waiter side (frees an untaken value). Thread-safe. */
+/* Gives up the waiter side (frees an untaken value once the completer side
+ * is gone too). Idempotent; NULL is a no-op. Thread-safe. */
 AIOB_API void aiob_promise_release(aiob_promise *p);
 
 #ifdef __cplusplus
