@@ -7,16 +7,17 @@
 #   <libdir>/libaiobridge_python_<tag>.a   the bridge, one per Python ABI
 #   <libdir>/cmake/aiobridge/          aiobridgeConfig.cmake & co.
 #   <libdir>/pkgconfig/aiobridge.pc, aiobridge-static.pc
-#   <pythondir>/aiobridge/             the Python package, per interpreter
+#   <package dir>                      the `aiobridge` Python package
 #
-# <pythondir> is AIOB_INSTALL_PYTHONDIR, or <libdir>/python<X.Y>/site-packages
-# of each interpreter. The pip build (setup.py) installs into the package
-# directory itself with AIOB_INSTALL_PYTHONDIR=. and no shared library.
+# The package directory is AIOB_INSTALL_PYTHON_PACKAGE_DIR, or
+# <libdir>/python<X.Y>/site-packages/aiobridge per interpreter. The pip build
+# (setup.py) installs with the package directory as the prefix
+# (AIOB_INSTALL_PYTHON_PACKAGE_DIR=.) and no shared library.
 include(GNUInstallDirs)
 include(CMakePackageConfigHelpers)
 
-set(AIOB_INSTALL_PYTHONDIR "" CACHE STRING
-    "Where the aiobridge Python package goes, relative to the prefix (default: <libdir>/python<X.Y>/site-packages)")
+set(AIOB_INSTALL_PYTHON_PACKAGE_DIR "" CACHE STRING
+    "Directory of the aiobridge Python package, relative to the prefix (default: <libdir>/python<X.Y>/site-packages/aiobridge)")
 set(AIOB_INSTALL_CMAKEDIR ${CMAKE_INSTALL_LIBDIR}/cmake/aiobridge)
 
 install(FILES include/aiobridge.h DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
@@ -79,18 +80,28 @@ endforeach()
 
 # The Python package: __init__.py, _layout.py (where the headers and the
 # CMake package are, relative to the package) and _aiobridge per ABI.
+# The backends and the libraries each links, for aiobridge.setup_helpers.
+set(aiob_layout_backends "BACKEND_LIBRARIES = {\n")
+foreach(b IN LISTS AIOB_BACKENDS)
+  string(TOUPPER ${b} B)
+  set(libs)
+  foreach(l IN LISTS AIOB_PKG_${B}_LIBRARIES)
+    string(APPEND libs "\"${l}\", ")
+  endforeach()
+  string(APPEND aiob_layout_backends "    \"${b}\": [${libs}],\n")
+endforeach()
+string(APPEND aiob_layout_backends "}\n")
 list(LENGTH aiob_installed_tags aiob_ntags)
 if(aiob_ntags GREATER 0)
   math(EXPR aiob_last "${aiob_ntags} - 1")
   foreach(i RANGE ${aiob_last})
     list(GET aiob_installed_tags ${i} tag)
     list(GET aiob_tag_exes ${i} py)
-    set(pydir "${AIOB_INSTALL_PYTHONDIR}")
-    if(pydir STREQUAL "")
+    set(pkgdir "${AIOB_INSTALL_PYTHON_PACKAGE_DIR}")
+    if(pkgdir STREQUAL "")
       string(REGEX REPLACE "^cp3([0-9]+)d?$" "3.\\1" pyver ${tag})
-      set(pydir "${CMAKE_INSTALL_LIBDIR}/python${pyver}/site-packages")
+      set(pkgdir "${CMAKE_INSTALL_LIBDIR}/python${pyver}/site-packages/aiobridge")
     endif()
-    cmake_path(APPEND pydir aiobridge OUTPUT_VARIABLE pkgdir)
     cmake_path(NORMAL_PATH pkgdir)
     foreach(what INCLUDE CMAKE)
       if(what STREQUAL "INCLUDE")
@@ -100,9 +111,12 @@ if(aiob_ntags GREATER 0)
       endif()
       file(RELATIVE_PATH rel_${what} "/prefix/${pkgdir}" "/prefix/${to}")
     endforeach()
+    file(RELATIVE_PATH rel_LIB "/prefix/${pkgdir}" "/prefix/${CMAKE_INSTALL_LIBDIR}")
     set(layout ${PROJECT_BINARY_DIR}/python-install/${tag}/_layout.py)
-    file(WRITE ${layout} "VERSION = \"${PROJECT_VERSION}\"\nINCLUDE_DIR = \"${rel_INCLUDE}\"\nCMAKE_DIR = \"${rel_CMAKE}\"\n")
-    install(FILES bindings/python/aiobridge/__init__.py ${layout} DESTINATION ${pkgdir})
+    file(WRITE ${layout} "VERSION = \"${PROJECT_VERSION}\"\nINCLUDE_DIR = \"${rel_INCLUDE}\"\nCMAKE_DIR = \"${rel_CMAKE}\"\nLIB_DIR = \"${rel_LIB}\"\n${aiob_layout_backends}")
+    install(FILES bindings/python/aiobridge/__init__.py
+                  bindings/python/aiobridge/setup_helpers.py ${layout}
+            DESTINATION ${pkgdir})
     install(TARGETS aiobridge_module_${tag} LIBRARY DESTINATION ${pkgdir})
   endforeach()
 endif()

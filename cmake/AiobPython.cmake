@@ -120,10 +120,11 @@ function(aiob_python_add_tag tag py)
       LIBRARY_OUTPUT_DIRECTORY "${pydir}/${tag}/aiobridge"
       C_VISIBILITY_PRESET hidden)
   aiob_target_flags(${mod})
-  configure_file(${src}/bindings/python/aiobridge/__init__.py
-                 ${pydir}/${tag}/aiobridge/__init__.py COPYONLY)
+  foreach(f __init__.py setup_helpers.py)
+    configure_file(${src}/bindings/python/aiobridge/${f} ${pydir}/${tag}/aiobridge/${f} COPYONLY)
+  endforeach()
   file(WRITE ${pydir}/${tag}/aiobridge/_layout.py
-       "VERSION = \"${aiobridge_VERSION}\"\nINCLUDE_DIR = None\nCMAKE_DIR = None\n")
+       "VERSION = \"${aiobridge_VERSION}\"\nINCLUDE_DIR = None\nCMAKE_DIR = None\nLIB_DIR = None\nBACKEND_LIBRARIES = {}\n")
   set_property(GLOBAL APPEND PROPERTY AIOBRIDGE_PYTHON_TAGS ${tag})
   set_property(GLOBAL APPEND PROPERTY AIOBRIDGE_PYTHON_TAG_EXES "${py}")
 endfunction()
