@@ -1,6 +1,7 @@
 """pipdemo, built with pip against the pip-installed aiobridge: awaited on
 stock asyncio and (CONSUMER_LOOP=uvloop) on uvloop. PIPDEMO_BACKEND is the
-backend it was built for."""
+backend it was built for; CONSUMER_AIOBRIDGE=tree when the aiobridge package
+comes from a build tree (examples/consumer/subdirectory)."""
 import asyncio
 import os
 import sys
@@ -25,6 +26,8 @@ def run(coro):
 
 
 class PipDemo(unittest.TestCase):
+    @unittest.skipIf(os.environ.get("CONSUMER_AIOBRIDGE") == "tree",
+                     "aiobridge from a build tree has no installed headers")
     def test_installed_package(self):
         self.assertTrue(os.path.isfile(os.path.join(aiobridge.get_include(), "aiobridge", "python.h")))
         self.assertTrue(os.path.isfile(os.path.join(aiobridge.get_cmake_dir(), "aiobridgeConfig.cmake")))
