@@ -2,8 +2,10 @@
 # Builds and runs every test suite with all backends (uv, event, uring): a
 # plain build with warnings as errors, ASan+UBSan and TSan builds of the same
 # suites, and one build per single backend (proving it links nothing else).
+# Then uses the library from outside its tree as users do (consumers: an
+# install into a temporary prefix, and every project in examples/consumer).
 # Exits non-zero if any test fails.
-# Usage: ./scripts/test.sh [plain|asan|tsan|single-uv|single-event|single-uring]...
+# Usage: ./scripts/test.sh [plain|asan|tsan|single-uv|single-event|single-uring|consumers]...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -11,7 +13,7 @@ ROOT=$PWD
 ./scripts/deps.sh
 
 variants=("$@")
-[ ${#variants[@]} -gt 0 ] || variants=(plain asan tsan single-uv single-event single-uring)
+[ ${#variants[@]} -gt 0 ] || variants=(plain asan tsan single-uv single-event single-uring consumers)
 ALL_BACKENDS="uv;event;uring"
 JOBS=$(nproc)
 
@@ -38,6 +40,22 @@ fi
 
 for v in "${variants[@]}"; do
   only=()
+  if [ "$v" = consumers ]; then
+    echo "=== [consumers] install into a temporary prefix; build and run examples/consumer/*"
+    set +e
+    ./scripts/consumers.sh "$ROOT/build-consumers" 2>&1 | tee "$ROOT/build-consumers.log"
+    rc=${PIPESTATUS[0]}
+    set -e
+    summary=$(grep -E '^consumers: [0-9]+ passed' "$ROOT/build-consumers.log" | tail -1 || true)
+    if [ -z "$summary" ]; then
+      total_fail=$((total_fail + 1))
+    else
+      read -r n_pass n_fail n_skip < <(sed -E 's/consumers: ([0-9]+) passed, ([0-9]+) failed, ([0-9]+) skipped/\1 \2 \3/' <<<"$summary")
+      total_pass=$((total_pass + n_pass)); total_fail=$((total_fail + n_fail)); total_skip=$((total_skip + n_skip))
+    fi
+    if [ "$rc" -ne 0 ]; then failed_variants+=("$v"); fi
+    continue
+  fi
   case "$v" in
     plain) flags=(-DCMAKE_BUILD_TYPE=RelWithDebInfo "-DAIOB_BACKENDS=$ALL_BACKENDS") ;;
     # Sanitizer trees: a sanitized extension cannot load into a stock
@@ -54,7 +72,7 @@ for v in "${variants[@]}"; do
       b=${v#single-}
       flags=(-DCMAKE_BUILD_TYPE=RelWithDebInfo "-DAIOB_BACKENDS=$b" -DAIOB_BUILD_BENCH=OFF -DAIOB_BUILD_EXAMPLES=OFF -DAIOB_PYTHON=OFF)
       only=(-R "^(linkage|conformance\\.$b|fork\\.$b|default_backend\\..*)\$") ;;
-    *) echo "unknown variant: $v (plain, asan, tsan, single-uv, single-event, single-uring)" >&2; exit 2 ;;
+    *) echo "unknown variant: $v (plain, asan, tsan, single-uv, single-event, single-uring, consumers)" >&2; exit 2 ;;
   esac
   dir="$ROOT/build-test-$v"
   echo "=== [$v] configure and build"
