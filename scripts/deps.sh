@@ -13,6 +13,7 @@ PACKAGES=(
   clang-format                    # style check
   python3-dev python3-dbg         # the asyncio bridge, reference-leak checks
   python3-uvloop                  # bridge tests on uvloop
+  python3-pip python3-setuptools python3-wheel  # the pip package and its consumer
 )
 
 missing=()

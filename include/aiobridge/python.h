@@ -1,7 +1,8 @@
 /* aiobridge — the asyncio bridge, for C extensions.
  *
  * A C extension links the aiobridge core and this bridge statically (CMake:
- * aiob_add_python_extension) and gets, per extension module:
+ * aiobridge_add_python_extension; docs/install.md) and gets, per extension
+ * module:
  *   - aiob_py_future_into_py: a C task as a Python awaitable;
  *   - aiob_py_await: inside a C task, await any Python awaitable;
  *   - completion without the GIL on runtime threads: finished C tasks go
@@ -35,7 +36,7 @@ typedef struct aiob_py_locals aiob_py_locals;
 
 /* Creates the bridge for `module`, from its Py_mod_exec slot, with the GIL.
  * The runtime is the process-wide default runtime of this extension's copy
- * of aiobridge, created on first use. Imports the `aiobridge` module (an
+ * of aiobridge, created on first use. Imports the `aiobridge` package (an
  * ImportError if it is missing), takes its exception types and registers
  * this runtime there under the module's name, so aiobridge.stats(),
  * runtime_info(), backend() and shutdown() cover it. Registers an atexit
