@@ -88,7 +88,7 @@ foreach(py IN LISTS candidates)
 endforeach()
 
 # aiob_python_add_tag(<tag> <interpreter>): for one Python ABI, the bridge
-# archive aiobridge::python_<tag> (bindings/python/bridge.c, static, hidden
+# archive aiobridge::python_<tag> (the bridge sources below, static, hidden
 # symbols) and the `aiobridge` package in ${AIOB_PYTHON_BUILD_DIR}/<tag>:
 # __init__.py, _layout.py and the _aiobridge module (target
 # aiobridge_module_<tag>). aiobridge_add_python_extension calls it for an
@@ -96,12 +96,19 @@ endforeach()
 set(AIOB_PYTHON_BUILD_DIR ${PROJECT_BINARY_DIR}/python)
 set_property(GLOBAL PROPERTY AIOBRIDGE_PYTHON_BUILD_DIR ${AIOB_PYTHON_BUILD_DIR})
 set_property(GLOBAL PROPERTY AIOBRIDGE_SOURCE_DIR ${PROJECT_SOURCE_DIR})
+# The bridge's sources in bindings/python/, one per concept
+# (bridge_internal.h says what each holds). A global property, as the two
+# above: aiob_python_add_tag may run in a parent project's scope.
+set_property(GLOBAL PROPERTY AIOBRIDGE_PYTHON_BRIDGE_SOURCES
+    release.c errors.c duration.c port.c locals.c ctask.c await.c bridge.c)
 function(aiob_python_add_tag tag py)
   get_property(src GLOBAL PROPERTY AIOBRIDGE_SOURCE_DIR)
   get_property(pydir GLOBAL PROPERTY AIOBRIDGE_PYTHON_BUILD_DIR)
   _aiobridge_python_info("${py}" info)
+  get_property(bridge_sources GLOBAL PROPERTY AIOBRIDGE_PYTHON_BRIDGE_SOURCES)
+  list(TRANSFORM bridge_sources PREPEND ${src}/bindings/python/)
   set(lib aiobridge_python_${tag})
-  add_library(${lib} STATIC ${src}/bindings/python/bridge.c)
+  add_library(${lib} STATIC ${bridge_sources})
   target_include_directories(${lib} PRIVATE ${info_INCLUDE} ${src}/core)
   target_include_directories(${lib} PUBLIC
       $<BUILD_INTERFACE:${src}/include> $<INSTALL_INTERFACE:include>)

@@ -1,0 +1,328 @@
+/* Awaiting Python from C.
+ *
+ * A C task that awaits a Python awaitable (aiob_py_await, a leaf future)
+ * sends a request to its asyncio loop's port; the loop starts the
+ * awaitable in the task's context and a _Waiter done callback completes
+ * the C task's promise with the result, converted on the loop thread if
+ * asked. Cancelling the C task sends a cancel item that cancels the Python
+ * side. */
+#include "bridge_internal.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+/* ---- Awaiting Python from C: requests ---------------------------------- */
+
+void aiob__py_request_unref(request *r) {
+  if (atomic_fetch_sub(&r->refs, 1) != 1)
+    return;
+  if (r->promise)
+    aiob_promise_abandon(r->promise);
+  aiob__py_locals_destroy(r->locals);
+  free(r);
+}
+
+/* Waiter: the Python-side done callback of an awaited future. */
+typedef struct waiter {
+  PyObject_HEAD aiob_py_bridge *b;
+  request *req;
+} waiter;
+
+/* Completes pr with the exception exc (owned; NULL: out of memory). */
+static void promise_raise(aiob_promise *pr, PyObject *exc) {
+  py_error *e = exc ? calloc(1, sizeof *e) : NULL;
+  if (!e) {
+    Py_XDECREF(exc);
+    aiob_promise_complete(pr, AIOB_ENOMEM, NULL, NULL);
+    return;
+  }
+  e->exc = exc;
+  aiob_promise_complete(pr, AIOB_PY_EXCEPTION, e, aiob__py_error_free);
+}
+
+/* Completes the request's promise with the current Python exception. */
+static void fail_request_with_current(request *r) {
+  aiob_promise *pr = r->promise;
+  r->promise = NULL;
+  promise_raise(pr, aiob__py_take_exception());
+}
+
+static void release_cb(void *obj) { aiob_py_release(obj); }
+
+static void finish_request(aiob_py_bridge *b, request *r, PyObject *fut) {
+  aiob_promise *pr = r->promise;
+  r->promise = NULL;
+  if (!pr)
+    return;
+  PyObject *c = PyObject_CallMethodObjArgs(fut, b->s_cancelled, NULL);
+  if (!c || c == Py_True) {
+    PyErr_Clear();
+    Py_XDECREF(c);
+    aiob_promise_complete(pr, AIOB_ECANCELED, NULL, NULL);
+    return;
+  }
+  Py_DECREF(c);
+  PyObject *exc = PyObject_CallMethodObjArgs(fut, b->s_exception, NULL);
+  if (exc && exc != Py_None) {
+    promise_raise(pr, exc);
+    return;
+  }
+  Py_XDECREF(exc);
+  PyErr_Clear();
+  PyObject *res = PyObject_CallMethodObjArgs(fut, b->s_result, NULL);
+  if (!res) {
+    PyErr_Clear();
+    aiob_promise_complete(pr, AIOB_EIO, NULL, NULL);
+    return;
+  }
+  if (r->conv) {
+    aiob_output o = {0};
+    int rc = r->conv(res, &o);
+    Py_DECREF(res);
+    if (rc < 0) {
+      aiob_output_clear(&o);
+      promise_raise(pr, aiob__py_take_exception());
+      return;
+    }
+    aiob_promise_complete(pr, 0, o.value, o.free_value);
+    return;
+  }
+  aiob_promise_complete(pr, 0, res, release_cb);
+}
+
+static PyObject *waiter_call(PyObject *self, PyObject *args, PyObject *kw) {
+  (void)kw;
+  waiter *w = (waiter *)self;
+  PyObject *fut;
+  if (!PyArg_UnpackTuple(args, "waiter", 1, 1, &fut))
+    return NULL;
+  request *r = w->req;
+  if (r) {
+    w->req = NULL;
+    finish_request(w->b, r, fut);
+    Py_CLEAR(r->pyfuture);
+    aiob__py_request_unref(r);
+  }
+  Py_RETURN_NONE;
+}
+
+static void waiter_dealloc(PyObject *self) {
+  waiter *w = (waiter *)self;
+  PyTypeObject *tp = Py_TYPE(self);
+  if (w->req) {
+    Py_CLEAR(w->req->pyfuture);
+    aiob__py_request_unref(w->req);
+  }
+  tp->tp_free(self);
+  Py_DECREF(tp);
+}
+
+static PyType_Slot waiter_slots[] = {
+    {Py_tp_new, aiob__py_no_new},
+    {Py_tp_dealloc, waiter_dealloc},
+    {Py_tp_call, waiter_call},
+    {0, NULL},
+};
+
+PyType_Spec aiob__py_waiter_spec = {
+    .name = "aiobridge._Waiter",
+    .basicsize = sizeof(waiter),
+    .flags = Py_TPFLAGS_DEFAULT,
+    .slots = waiter_slots,
+};
+
+/* Starts an awaited Python awaitable on this loop (loop thread, GIL).
+ * Consumes the Python side's reference to r. -1: SystemExit or
+ * KeyboardInterrupt is set, to leave the loop. */
+int aiob__py_request_start(aiob_py_bridge *b, request *r) {
+  if (atomic_load(&r->cancelled)) {
+    aiob__py_request_unref(r);
+    return 0;
+  }
+  b->py_awaits++;
+  /* The C side cannot release `object` or the context before `cancelled`
+   * is set, and we hold the GIL from the check to these references. */
+  PyObject *obj = r->object, *ctx = aiob__py_locals_context(r->locals);
+  if (!ctx) {
+    fail_request_with_current(r);
+    aiob__py_request_unref(r);
+    return 0;
+  }
+  Py_INCREF(obj);
+  Py_INCREF(ctx);
+  PyObject *aw = obj, *fut = NULL;
+  if (PyContext_Enter(ctx) == 0) {
+    if (r->is_factory) {
+      aw = PyObject_CallObject(obj, NULL);
+      Py_DECREF(obj);
+    }
+    if (aw)
+      fut = PyObject_CallFunctionObjArgs(b->ensure_future, aw, NULL);
+    PyContext_Exit(ctx);
+  }
+  Py_XDECREF(aw);
+  Py_DECREF(ctx);
+  if (!fut) {
+    /* SystemExit and KeyboardInterrupt leave the loop, as from any
+     * callback (and as asyncio's Task does, the awaiting side gets them
+     * too); other exceptions only go to the C task. */
+    int leave = PyErr_ExceptionMatches(PyExc_SystemExit) ||
+                PyErr_ExceptionMatches(PyExc_KeyboardInterrupt);
+    PyObject *exc = aiob__py_take_exception();
+    if (leave)
+      Py_INCREF(exc); /* one for the C task, one to raise */
+    aiob_promise *pr = r->promise;
+    r->promise = NULL;
+    promise_raise(pr, exc);
+    aiob__py_request_unref(r);
+    if (!leave)
+      return 0;
+    PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+    Py_DECREF(exc);
+    return -1;
+  }
+  waiter *w = PyObject_New(waiter, b->waiter_type);
+  if (!w) {
+    Py_DECREF(fut);
+    fail_request_with_current(r);
+    aiob__py_request_unref(r);
+    return 0;
+  }
+  w->b = b;
+  w->req = r; /* the Python side's reference */
+  r->pyfuture = fut;
+  PyObject *ok =
+      PyObject_CallMethodObjArgs(fut, b->s_add_done_callback, w, NULL);
+  Py_DECREF(w);
+  if (!ok)
+    PyErr_Clear();
+  Py_XDECREF(ok);
+  if (atomic_load(&r->cancelled) && r->pyfuture) {
+    PyObject *c = PyObject_CallMethodObjArgs(r->pyfuture, b->s_cancel, NULL);
+    Py_XDECREF(c);
+    PyErr_Clear();
+  }
+  return 0;
+}
+
+void aiob__py_request_cancel(aiob_py_bridge *b, request *r) {
+  if (r->pyfuture) {
+    PyObject *c = PyObject_CallMethodObjArgs(r->pyfuture, b->s_cancel, NULL);
+    Py_XDECREF(c);
+    PyErr_Clear();
+  }
+  aiob__py_request_unref(r); /* the cancel item's reference */
+}
+
+/* ---- The leaf future --------------------------------------------------- */
+
+enum { AW_INIT, AW_SENT, AW_DONE };
+
+void aiob_py_await_init(aiob_py_await *aw, PyObject *awaitable) {
+  memset(aw, 0, sizeof *aw);
+  aw->leaf.next = aw->leaf.prev = &aw->leaf;
+  aw->object = awaitable;
+}
+
+void aiob_py_await_init_call(aiob_py_await *aw, PyObject *factory) {
+  aiob_py_await_init(aw, factory);
+  aw->is_factory = 1;
+}
+
+void aiob_py_await_set_locals(aiob_py_await *aw, aiob_py_locals *locals) {
+  aw->locals = locals;
+}
+
+void aiob_py_await_set_converter(aiob_py_await *aw,
+                                 aiob_py_result_converter conv) {
+  aw->conv = conv;
+}
+
+static void await_detach(struct aiob__leaf *leaf) {
+  aiob_py_await *aw = AIOB__CONTAINER_OF(leaf, aiob_py_await, leaf);
+  request *r = aw->request;
+  aw->request = NULL;
+  if (aw->promise) {
+    aiob_promise_release(aw->promise);
+    aw->promise = NULL;
+  }
+  aw->state = AW_DONE;
+  if (!r)
+    return;
+  atomic_store(&r->cancelled, 1);
+  atomic_fetch_add(&r->refs, 1); /* for the cancel item */
+  if (!aiob__py_port_push(r->locals->port, &r->cancel_it))
+    aiob__py_request_unref(r);
+  aiob__py_request_unref(r); /* the leaf's reference */
+}
+
+static aiob_poll await_ready(aiob_output *out, int status) {
+  if (out)
+    *out = (aiob_output){.status = status};
+  return AIOB_READY;
+}
+
+/* Sends the request to the task's asyncio loop (first poll). */
+static int await_send(aiob_task *self, aiob_py_await *aw) {
+  aiob_local_key key;
+  if (aiob__py_locals_key_get(&key) < 0)
+    return AIOB_EINVAL;
+  py_locals *l = aw->locals ? aw->locals : aiob_task_local_get(self, key);
+  if (!l)
+    return AIOB_EINVAL; /* no locals given, and not a task of the bridge */
+  request *r = calloc(1, sizeof *r);
+  if (!r)
+    return AIOB_ENOMEM;
+  if (aiob_promise_new(&aw->promise) < 0) {
+    free(r);
+    return AIOB_ENOMEM;
+  }
+  atomic_init(&r->refs, 2); /* the leaf + the Python side */
+  r->it.kind = ITEM_REQUEST;
+  r->cancel_it.kind = ITEM_CANCEL;
+  r->object = aw->object;
+  r->is_factory = aw->is_factory;
+  r->conv = aw->conv;
+  r->promise = aw->promise; /* completer side */
+  r->locals = aiob__py_locals_clone(l);
+  if (!aiob__py_port_push(l->port, &r->it)) {
+    aiob__py_request_unref(r); /* the Python side's: never delivered */
+    aiob__py_request_unref(r); /* abandons the promise */
+    aiob_promise_release(aw->promise);
+    aw->promise = NULL;
+    return AIOB_ECANCELED; /* the asyncio loop is gone */
+  }
+  aw->request = r;
+  aw->leaf.detach = await_detach;
+  aiob__leaf_link(self, &aw->leaf);
+  aw->state = AW_SENT;
+  return 0;
+}
+
+aiob_poll aiob_py_await_poll(aiob_task *self, aiob_py_await *aw,
+                             aiob_output *out) {
+  if (aw->state == AW_DONE)
+    return await_ready(out, AIOB_EALREADY);
+  if (aw->state == AW_INIT) {
+    int rc = await_send(self, aw);
+    if (rc < 0) {
+      aw->state = AW_DONE;
+      return await_ready(out, rc);
+    }
+  }
+  aiob_output o;
+  if (aiob_promise_poll(self, aw->promise, &o) == AIOB_PENDING)
+    return AIOB_PENDING;
+  aiob__leaf_unlink(&aw->leaf);
+  request *r = aw->request;
+  aw->request = NULL;
+  aiob_promise_release(aw->promise);
+  aw->promise = NULL;
+  aw->state = AW_DONE;
+  aiob__py_request_unref(r);
+  if (out)
+    *out = o;
+  else
+    aiob_output_clear(&o);
+  return AIOB_READY;
+}

@@ -1,0 +1,211 @@
+/* The asyncio bridge — declarations shared by the sources of
+ * bindings/python/. Nothing here is public; non-static symbols are
+ * aiob__py_-prefixed, everything else stays static in its file.
+ *
+ * Runtime threads never take the GIL. Everything that crosses to Python is
+ * an item pushed into the inbox (core/internal.h) of the target asyncio
+ * loop's *port*; the pusher writes the port's eventfd only when the inbox
+ * goes from idle to signalled, and the loop (watching the eventfd with
+ * add_reader) drains it in bounded chunks on its own thread, where it holds
+ * the GIL.
+ *
+ * Items: a finished C task (its Pending object), a request to await a Python
+ * awaitable for a C task, and a request to cancel such an await.
+ *
+ * Lifetimes: a port is a refcounted C struct (Pending objects, task locals
+ * and the Python-side Port object hold references). Python references held
+ * for C code are released only with the GIL: at once where it is held, else
+ * through the orphan list drained by the next port drain.
+ *
+ * The sources, one per concept:
+ *   release.c   deferred releases (work that needs the GIL), fork() handling
+ *   errors.c    errors carried in task outputs, as Python exceptions
+ *   duration.c  Python numbers of seconds (or other units) as nanoseconds
+ *   port.c      ports: the per-loop queue, its eventfd, the _Port type
+ *   locals.c    task locals: (asyncio loop, contextvars context)
+ *   ctask.c     the CTask type: a C task as an asyncio future
+ *   await.c     awaiting Python from C: requests, _Waiter, aiob_py_await
+ *   bridge.c    the bridge: init/free, registration with the aiobridge
+ *               package, the atexit hook, introspection
+ * (aiobridge_module.c is the `aiobridge` package's own module, not part of
+ * the bridge: it does not include this header.) */
+#ifndef AIOBRIDGE_PYTHON_BRIDGE_INTERNAL_H
+#define AIOBRIDGE_PYTHON_BRIDGE_INTERNAL_H
+
+#include "aiobridge/python.h"
+
+#include "internal.h"
+
+#if PY_VERSION_HEX < 0x03090000
+#define PyObject_CallNoArgs(f) _PyObject_CallNoArg(f)
+#define PyObject_CallOneArg(f, a) PyObject_CallFunctionObjArgs(f, a, NULL)
+#endif
+
+/* ---- Items: what crosses to a loop's port ------------------------------ */
+
+enum { ITEM_COMPLETION, ITEM_REQUEST, ITEM_CANCEL };
+
+typedef struct item {
+  aiob__mpsc_node node;
+  uint8_t kind;
+  /* Padding put to use by the CTask that embeds its completion item (GIL):
+   * its state, _asyncio_future_blocking, "exception not yet retrieved",
+   * and "the Python object is gone". */
+  uint8_t state, blocking, log_exc, dead;
+} item;
+
+/* ---- Errors carried in task outputs (errors.c) ------------------------- */
+
+typedef struct py_error {
+  PyObject *type; /* borrowed, static or module-held (aiob_py_task_raise) */
+  char *msg;
+  PyObject *exc; /* owned exception instance (from Python), or NULL */
+} py_error;
+
+/* ---- Ports (port.c) ---------------------------------------------------- */
+
+typedef struct port {
+  _Atomic uint32_t refs;
+  aiob_py_bridge *b;
+  aiob__inbox in; /* items for the loop; closed when the loop goes away */
+  int efd;        /* the wake: watched with loop.add_reader */
+  unsigned gen;   /* aiob__py_fork_gen when made */
+} port;
+
+/* The ports dict maps a loop's weak reference to its pyport, so a loop that
+ * is dropped without close() is not kept alive by the bridge. The loop's
+ * selector holds the pyport (through the bound drain method) while the
+ * eventfd is registered. */
+typedef struct pyport {
+  PyObject_HEAD aiob_py_bridge *b;
+  port *port;
+  PyObject *loop_ref; /* weak reference to the loop (the dict key) */
+  int reader;         /* eventfd registered with add_reader */
+} pyport;
+
+/* ---- Module-level bridge (bridge.c) ------------------------------------ */
+
+struct aiob_py_bridge {
+  PyObject *ports;          /* dict: loop -> Port */
+  PyObject *shutdown_error; /* aiobridge.ShutdownError */
+  PyObject *backend_error;  /* aiobridge.BackendError */
+  PyObject *reg;            /* capsule of a bridge_reg (hub, atexit) */
+  int exited;               /* the atexit hook stopped the runtime */
+  /* Counters (loop threads, GIL held). */
+  unsigned long long completions, py_wakes, py_awaits;
+  PyObject *get_running_loop;    /* asyncio.events._get_running_loop */
+  PyObject *ensure_future;       /* asyncio.ensure_future */
+  PyObject *cancelled_error;     /* asyncio.CancelledError */
+  PyObject *invalid_state_error; /* asyncio.InvalidStateError */
+  PyTypeObject *ctask_type, *port_type, *waiter_type;
+  PyObject *s_add_done_callback, *s_cancel, *s_cancelled, *s_add_reader,
+      *s_is_closed, *s_call_soon, *s_call_soon_threadsafe, *s_result,
+      *s_exception;
+  PyObject *kw_context; /* ("context",) */
+};
+
+/* ---- Task locals: (asyncio loop, contextvars context) (locals.c) ------- */
+
+/* Set (GIL) before the locals are shared, except an empty context, which
+ * is made on first use with the GIL (aiob__py_locals_context); refcounted
+ * from any thread. The last reference is released with the GIL
+ * (aiob__py_with_gil). */
+struct aiob_py_locals {
+  _Atomic uint32_t refs;
+  uint32_t embedded; /* part of a CTask's memory, freed with it */
+  port *port;        /* the loop's queue (referenced) */
+  PyObject *loop;    /* owned */
+  PyObject *context; /* owned; NULL: an empty snapshot, made when used */
+};
+typedef aiob_py_locals py_locals;
+
+/* ---- CTask (ctask.c) ----------------------------------------------------
+ *
+ * The task's locals and its completion item live in the object's memory;
+ * loc.refs counts the holders of that memory: the Python object while it
+ * is alive, the C task's task-local value (and clones in child tasks and
+ * awaits), and the completion in flight. When the Python object dies first
+ * its memory outlives it (no longer an object) until the last C holder
+ * lets go, and is freed with the GIL. */
+typedef struct cfut {
+  PyObject_HEAD PyObject *cb0; /* first done callback */
+  PyObject *ctx0;              /* its context; NULL: a fresh empty one */
+  PyObject *cbs;               /* list of (callback, context), or NULL */
+  PyObject *value;             /* result, exception or cancel message */
+  py_locals loc;               /* bound: loop and port set */
+  union {
+    struct {
+      const aiob_task_vtable *vt;
+      void *state; /* owned until spawned */
+      aiob_py_bridge *b;
+    } lazy;          /* CF_UNBOUND, or cancelled before it was bound */
+    aiob_task *task; /* once spawned (referenced) */
+  } u;
+  aiob_py_converter conv;
+  item it; /* the completion; its spare bytes hold the fields below */
+} cfut;
+
+/* ---- Awaiting Python from C: requests (await.c) ------------------------ */
+
+typedef struct request {
+  item it;
+  item cancel_it;
+  _Atomic uint32_t refs; /* the C leaf + the Python side */
+  _Atomic int cancelled;
+  aiob_promise *promise; /* completer side */
+  PyObject *object;      /* borrowed from the C task's state */
+  int is_factory;
+  py_locals *locals; /* referenced */
+  aiob_py_result_converter conv;
+  PyObject *pyfuture; /* the running Python future (GIL) */
+} request;
+
+/* ---- Functions shared between the sources ------------------------------
+ * Each is documented where it is defined. */
+
+/* release.c */
+extern _Atomic unsigned aiob__py_fork_gen;
+void aiob__py_fork_init(void);
+void aiob__py_with_gil(void (*fn)(void *), void *arg);
+void aiob__py_release_orphans(void);
+
+/* errors.c */
+void aiob__py_error_free(void *p);
+PyObject *aiob__py_take_exception(void);
+PyObject *aiob__py_exception_for(PyObject *shutdown_error, aiob_output *out);
+
+/* port.c */
+extern PyType_Spec aiob__py_port_spec;
+void aiob__py_port_ref(port *p);
+void aiob__py_port_unref(port *p);
+bool aiob__py_port_push(port *p, item *it);
+pyport *aiob__py_port_for(aiob_py_bridge *b, PyObject *loop, int on_thread);
+void aiob__py_close_all_ports(aiob_py_bridge *b);
+
+/* locals.c */
+void aiob__py_locals_clear(py_locals *l);
+void aiob__py_locals_move(py_locals *dst, py_locals *src);
+void *aiob__py_locals_clone(void *v);
+void aiob__py_locals_destroy(void *v);
+PyObject *aiob__py_locals_context(py_locals *l);
+int aiob__py_context_snapshot(PyObject **out);
+int aiob__py_locals_key_get(aiob_local_key *key);
+PyObject *aiob__py_running_loop(aiob_py_bridge *b);
+int aiob__py_locals_fill(aiob_py_bridge *b, py_locals *l, PyObject *loop,
+                         PyObject *context, int on_thread);
+
+/* ctask.c */
+extern PyType_Spec aiob__py_ctask_spec;
+int aiob__py_ctask_complete(aiob_py_bridge *b, cfut *f);
+
+/* await.c */
+extern PyType_Spec aiob__py_waiter_spec;
+void aiob__py_request_unref(request *r);
+int aiob__py_request_start(aiob_py_bridge *b, request *r);
+void aiob__py_request_cancel(aiob_py_bridge *b, request *r);
+
+/* bridge.c */
+PyObject *aiob__py_no_new(PyTypeObject *type, PyObject *args, PyObject *kw);
+aiob_runtime *aiob__py_bridge_runtime(aiob_py_bridge *b);
+
+#endif /* AIOBRIDGE_PYTHON_BRIDGE_INTERNAL_H */

@@ -1,0 +1,335 @@
+/* Ports: how C reaches an asyncio loop without the GIL.
+ *
+ * One port per asyncio loop that C tasks report to: an inbox of items
+ * (completions, await requests, their cancellations) and an eventfd the
+ * loop watches with add_reader. Pushers on any thread write the eventfd
+ * once per batch; the loop drains the inbox on its own thread, with the
+ * GIL, in bounded chunks. The C side (port) is refcounted by everything
+ * that may push to it; the Python side (the _Port type) is what the loop's
+ * selector and the bridge's ports dict hold. */
+#include "bridge_internal.h"
+
+#include <stdlib.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#define DRAIN_CHUNK 4096
+
+/* Made before a fork() that made this process: the parent's (see
+ * release.c). */
+static bool port_inherited(port *p) {
+  return p->gen != atomic_load(&aiob__py_fork_gen);
+}
+
+static port *port_new(void) {
+  port *p = calloc(1, sizeof *p);
+  if (!p)
+    return NULL;
+  p->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (p->efd < 0) {
+    free(p);
+    return NULL;
+  }
+  atomic_init(&p->refs, 1);
+  aiob__inbox_init(&p->in);
+  p->gen = atomic_load(&aiob__py_fork_gen);
+  return p;
+}
+
+void aiob__py_port_ref(port *p) { atomic_fetch_add(&p->refs, 1); }
+
+void aiob__py_port_unref(port *p) {
+  if (atomic_fetch_sub(&p->refs, 1) != 1)
+    return;
+  close(p->efd);
+  free(p);
+}
+
+static void port_signal(void *arg) {
+  port *p = arg;
+  uint64_t one = 1;
+  ssize_t n = write(p->efd, &one, sizeof one);
+  (void)n; /* EAGAIN: the counter is already non-zero */
+}
+
+/* Thread-safe, no GIL. Returns false once the port is closed (the Python
+ * loop is gone); the caller then keeps ownership of the item. */
+bool aiob__py_port_push(port *p, item *it) {
+  return aiob__inbox_push(&p->in, &it->node, port_signal, p);
+}
+
+/* A new reference to the weakref's referent, or NULL if it is gone. */
+static PyObject *weakref_get(PyObject *ref) {
+#if PY_VERSION_HEX >= 0x030D0000
+  PyObject *obj = NULL;
+  if (PyWeakref_GetRef(ref, &obj) < 0)
+    return NULL;
+  return obj;
+#else
+  PyObject *obj = PyWeakref_GetObject(ref); /* borrowed */
+  if (!obj || obj == Py_None)
+    return NULL;
+  Py_INCREF(obj);
+  return obj;
+#endif
+}
+
+/* ---- The Python side of a port ----------------------------------------- */
+
+/* Calls loop.<name>(args...) if the loop is alive; NULL with an exception
+ * set otherwise. */
+static PyObject *pyport_call(pyport *pp, PyObject *name, PyObject *arg1,
+                             PyObject *arg2) {
+  PyObject *loop = weakref_get(pp->loop_ref);
+  if (!loop) {
+    if (!PyErr_Occurred())
+      PyErr_SetString(PyExc_RuntimeError, "aiobridge: the loop is gone");
+    return NULL;
+  }
+  PyObject *r = PyObject_CallMethodObjArgs(loop, name, arg1, arg2, NULL);
+  Py_DECREF(loop);
+  return r;
+}
+
+/* -1: SystemExit or KeyboardInterrupt is set (from a done callback or an
+ * awaitable's factory). */
+static int dispatch(aiob_py_bridge *b, item *it) {
+  int rc = 0;
+  switch (it->kind) {
+  case ITEM_COMPLETION: {
+    cfut *f = AIOB__CONTAINER_OF(it, cfut, it);
+    rc = aiob__py_ctask_complete(b, f);
+    aiob__py_locals_destroy(&f->loc); /* the completion's reference */
+    break;
+  }
+  case ITEM_REQUEST:
+    rc = aiob__py_request_start(b, AIOB__CONTAINER_OF(it, request, it));
+    break;
+  case ITEM_CANCEL:
+    aiob__py_request_cancel(b, AIOB__CONTAINER_OF(it, request, cancel_it));
+    break;
+  }
+  return rc;
+}
+
+/* Drains up to DRAIN_CHUNK items; reschedules itself if more remain, or if
+ * a done callback lets SystemExit / KeyboardInterrupt out (which then
+ * leaves the loop, as from any handle). */
+static PyObject *pyport_drain(PyObject *self, PyObject *unused) {
+  (void)unused;
+  pyport *pp = (pyport *)self;
+  port *p = pp->port;
+  /* Closed: the bridge may be gone. Inherited: the parent's eventfd. */
+  if (aiob__inbox_closed(&p->in) || port_inherited(p))
+    Py_RETURN_NONE;
+  uint64_t v;
+  if (read(p->efd, &v, sizeof v) > 0)
+    pp->b->py_wakes++; /* not a re-scheduled drain */
+  aiob__inbox_rearm(&p->in);
+  Py_INCREF(self);
+  int done = 0, rc = 0;
+  aiob__mpsc_node *node;
+  while (rc == 0 && done < DRAIN_CHUNK &&
+         (node = aiob__mpsc_pop(&p->in.queue))) {
+    rc = dispatch(pp->b, AIOB__CONTAINER_OF(node, item, node));
+    done++;
+  }
+  PyObject *type, *value, *tb;
+  PyErr_Fetch(&type, &value, &tb);
+  if ((rc < 0 || done == DRAIN_CHUNK) && !aiob__inbox_closed(&p->in)) {
+    PyObject *drain = PyObject_GetAttrString(self, "drain");
+    PyObject *r =
+        drain ? pyport_call(pp, pp->b->s_call_soon, drain, NULL) : NULL;
+    Py_XDECREF(r);
+    Py_XDECREF(drain);
+    PyErr_Clear();
+  }
+  aiob__py_release_orphans();
+  Py_DECREF(self);
+  PyErr_Restore(type, value, tb);
+  if (rc < 0)
+    return NULL;
+  Py_RETURN_NONE;
+}
+
+/* Closes the port: no more pushes; pending items are released (GIL). The
+ * eventfd stays registered with its loop, whose drain then finds nothing:
+ * only the loop's own thread may unregister it (loop methods are not
+ * thread-safe), and a closed or collected loop needs no unregistering. A
+ * port inherited through fork() is only marked closed: its queue and its
+ * registration are the parent's. */
+static void pyport_close(pyport *pp) {
+  port *p = pp->port;
+  if (!p)
+    return;
+  if (port_inherited(p)) {
+    aiob__inbox_abandon(&p->in);
+    return;
+  }
+  if (!aiob__inbox_close(&p->in))
+    return;
+  aiob__mpsc_node *node;
+  while ((node = aiob__mpsc_pop(&p->in.queue))) {
+    item *it = AIOB__CONTAINER_OF(node, item, node);
+    if (it->kind == ITEM_COMPLETION) {
+      aiob__py_locals_destroy(&AIOB__CONTAINER_OF(it, cfut, it)->loc);
+    } else if (it->kind == ITEM_REQUEST) {
+      request *r = AIOB__CONTAINER_OF(it, request, it);
+      atomic_store(&r->cancelled, 1);
+      aiob__py_request_unref(r);
+    } else {
+      aiob__py_request_unref(AIOB__CONTAINER_OF(it, request, cancel_it));
+    }
+  }
+}
+
+static void pyport_dealloc(PyObject *self) {
+  pyport *pp = (pyport *)self;
+  PyTypeObject *tp = Py_TYPE(self);
+  pyport_close(pp);
+  Py_CLEAR(pp->loop_ref);
+  if (pp->port)
+    aiob__py_port_unref(pp->port);
+  tp->tp_free(self);
+  Py_DECREF(tp);
+}
+
+/* Watches the eventfd (loop thread): immediately for a port created on its
+ * loop's thread, else through call_soon_threadsafe. */
+static PyObject *pyport_register(PyObject *self, PyObject *unused) {
+  (void)unused;
+  pyport *pp = (pyport *)self;
+  if (pp->reader || aiob__inbox_closed(&pp->port->in))
+    Py_RETURN_NONE;
+  PyObject *drain = PyObject_GetAttrString(self, "drain");
+  PyObject *fd = PyLong_FromLong(pp->port->efd);
+  PyObject *r =
+      drain && fd ? pyport_call(pp, pp->b->s_add_reader, fd, drain) : NULL;
+  Py_XDECREF(fd);
+  Py_XDECREF(drain);
+  if (!r) {
+    if (PyErr_ExceptionMatches(PyExc_NotImplementedError)) {
+      PyErr_Clear();
+      PyErr_SetString(PyExc_RuntimeError,
+                      "aiobridge needs an event loop with add_reader()");
+    }
+    return NULL;
+  }
+  Py_DECREF(r);
+  pp->reader = 1;
+  Py_RETURN_NONE;
+}
+
+static PyMethodDef pyport_methods[] = {
+    {"drain", pyport_drain, METH_NOARGS, "Drain the completion queue."},
+    {"register", pyport_register, METH_NOARGS, "Watch the eventfd."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot pyport_slots[] = {
+    {Py_tp_new, aiob__py_no_new},
+    {Py_tp_dealloc, pyport_dealloc},
+    {Py_tp_methods, pyport_methods},
+    {0, NULL},
+};
+
+PyType_Spec aiob__py_port_spec = {
+    .name = "aiobridge._Port",
+    .basicsize = sizeof(pyport),
+    .flags = Py_TPFLAGS_DEFAULT,
+    .slots = pyport_slots,
+};
+
+/* Forgets ports of closed or collected loops (their futures can never be
+ * resolved; their C tasks are cancelled when the futures are collected),
+ * and ports inherited through fork(). */
+static void prune_ports(aiob_py_bridge *b) {
+  PyObject *key, *value;
+  Py_ssize_t pos = 0;
+  PyObject *dead = NULL;
+  while (PyDict_Next(b->ports, &pos, &key, &value)) {
+    pyport *pp = (pyport *)value;
+    PyObject *c = port_inherited(pp->port)
+                      ? NULL
+                      : pyport_call(pp, b->s_is_closed, NULL, NULL);
+    if (c != Py_False) {
+      if (!dead)
+        dead = PyList_New(0);
+      if (dead)
+        PyList_Append(dead, key);
+    }
+    Py_XDECREF(c);
+    PyErr_Clear();
+  }
+  for (Py_ssize_t i = 0; dead && i < PyList_GET_SIZE(dead); i++) {
+    PyObject *k = PyList_GET_ITEM(dead, i);
+    pyport *pp = (pyport *)PyDict_GetItem(b->ports, k);
+    if (pp)
+      pyport_close(pp);
+    PyDict_DelItem(b->ports, k);
+  }
+  Py_XDECREF(dead);
+  PyErr_Clear();
+}
+
+/* The port of `loop`, created on first use (borrowed; GIL). `on_thread`:
+ * the caller runs that loop; otherwise the eventfd is registered on the
+ * loop's thread later (loop methods are not thread-safe), and items pushed
+ * meanwhile wait in the queue. */
+pyport *aiob__py_port_for(aiob_py_bridge *b, PyObject *loop, int on_thread) {
+  PyObject *ref = PyWeakref_NewRef(loop, NULL); /* the loop's basic ref */
+  if (!ref)
+    return NULL;
+  pyport *pp = (pyport *)PyDict_GetItemWithError(b->ports, ref);
+  if ((pp && !port_inherited(pp->port)) || PyErr_Occurred()) {
+    Py_DECREF(ref);
+    return pp;
+  }
+  prune_ports(b); /* and an inherited port of this loop */
+  pp = PyObject_New(pyport, b->port_type);
+  if (!pp) {
+    Py_DECREF(ref);
+    return NULL;
+  }
+  pp->b = b;
+  pp->loop_ref = ref; /* moved */
+  pp->reader = 0;
+  pp->port = port_new();
+  if (!pp->port) {
+    PyErr_SetFromErrno(PyExc_OSError);
+    Py_DECREF(pp);
+    return NULL;
+  }
+  pp->port->b = b;
+  PyObject *r;
+  if (on_thread) {
+    r = pyport_register((PyObject *)pp, NULL);
+  } else {
+    PyObject *reg = PyObject_GetAttrString((PyObject *)pp, "register");
+    r = reg ? PyObject_CallMethod(loop, "call_soon_threadsafe", "O", reg)
+            : NULL;
+    Py_XDECREF(reg);
+  }
+  if (!r) {
+    Py_DECREF(pp);
+    return NULL;
+  }
+  Py_DECREF(r);
+  if (PyDict_SetItem(b->ports, pp->loop_ref, (PyObject *)pp) < 0) {
+    pyport_close(pp);
+    Py_DECREF(pp);
+    return NULL;
+  }
+  Py_DECREF(pp); /* the dict holds it */
+  return pp;
+}
+
+/* Closes every port of the bridge (GIL): at interpreter exit, and when
+ * the bridge is freed. */
+void aiob__py_close_all_ports(aiob_py_bridge *b) {
+  PyObject *key, *value;
+  Py_ssize_t pos = 0;
+  while (b->ports && PyDict_Next(b->ports, &pos, &key, &value))
+    pyport_close((pyport *)value);
+  aiob__py_release_orphans();
+}
