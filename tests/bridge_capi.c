@@ -1265,30 +1265,37 @@ static void test_many_in_flight(void **state) {
 /*     RuntimeError (another loop's future) or, if the first finished       */
 /*     already, the result too. A third variant cancels it from another     */
 /*     thread while it binds. Never a crash, a C task polled after its      */
-/*     drop, or a completion pushed to no loop.                             */
+/*     drop, or a completion pushed to no loop. (The loop stays open until  */
+/*     the cancelling thread is out of cancel(), which may write the loop's */
+/*     self-pipe: closing a loop while another thread wakes it is a race in */
+/*     asyncio itself, call_soon_threadsafe against close.)                 */
 static void test_concurrent_first_await(void **state) {
   (void)state;
   PyObject *g = run_ok(
       "import asyncio, bcapi, sys, threading\n"
-      "async def use(f, out):\n"
+      "async def use(f, out, cancelled):\n"
       "    try:\n"
       "        out.append(await f)\n"
       "    except RuntimeError:\n"
       "        out.append('other loop')\n"
       "    except asyncio.CancelledError:\n"
       "        out.append('cancelled')\n"
-      "def run(f, out):\n"
-      "    asyncio.run(use(f, out))\n"
-      "def cancel(f, out):\n"
+      "    while cancelled and not cancelled.is_set():\n"
+      "        await asyncio.sleep(0.001)\n"
+      "def run(f, out, cancelled=None):\n"
+      "    asyncio.run(use(f, out, cancelled))\n"
+      "def cancel(f, out, cancelled):\n"
       "    f.cancel()\n"
+      "    cancelled.set()\n"
       "interval = sys.getswitchinterval()\n"
       "sys.setswitchinterval(1e-5)  # switch threads inside the bridge\n"
       "bad = []\n"
       "for i in range(300):\n"
       "    f, out = bcapi.sleep_us(1000 if i % 2 else 200), []\n"
       "    second = cancel if i % 4 == 3 else run\n"
-      "    ts = [threading.Thread(target=run, args=(f, out)),\n"
-      "          threading.Thread(target=second, args=(f, out))]\n"
+      "    ev = threading.Event() if second is cancel else None\n"
+      "    ts = [threading.Thread(target=run, args=(f, out, ev)),\n"
+      "          threading.Thread(target=second, args=(f, out, ev))]\n"
       "    for t in ts: t.start()\n"
       "    for t in ts: t.join(60)\n"
       "    if any(t.is_alive() for t in ts): bad.append((i, 'hung')); break\n"
