@@ -34,6 +34,9 @@ get_property(aiob_tag_exes GLOBAL PROPERTY AIOBRIDGE_PYTHON_TAG_EXES)
 set(aiob_install_targets ${AIOB_EXPORTED_TARGETS})
 foreach(tag IN LISTS aiob_installed_tags)
   list(APPEND aiob_install_targets aiobridge_python_${tag})
+  if(TARGET aiobridge_testing_${tag})
+    list(APPEND aiob_install_targets aiobridge_testing_${tag})
+  endif()
 endforeach()
 install(TARGETS ${aiob_install_targets} EXPORT aiobridgeTargets
         LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR}

@@ -97,10 +97,13 @@ set(AIOB_PYTHON_BUILD_DIR ${PROJECT_BINARY_DIR}/python)
 set_property(GLOBAL PROPERTY AIOBRIDGE_PYTHON_BUILD_DIR ${AIOB_PYTHON_BUILD_DIR})
 set_property(GLOBAL PROPERTY AIOBRIDGE_SOURCE_DIR ${PROJECT_SOURCE_DIR})
 # The bridge's sources in bindings/python/, one per concept
-# (bridge_internal.h says what each holds). A global property, as the two
-# above: aiob_python_add_tag may run in a parent project's scope.
+# (bridge_internal.h says what each holds; aiobridge_module.c is the
+# package's C module, built in for embedding programs that run without the
+# package). A global property, as the two above: aiob_python_add_tag may
+# run in a parent project's scope.
 set_property(GLOBAL PROPERTY AIOBRIDGE_PYTHON_BRIDGE_SOURCES
-    release.c errors.c duration.c port.c locals.c ctask.c await.c bridge.c)
+    release.c errors.c duration.c port.c locals.c ctask.c await.c bridge.c
+    embed.c aiobridge_module.c)
 function(aiob_python_add_tag tag py)
   get_property(src GLOBAL PROPERTY AIOBRIDGE_SOURCE_DIR)
   get_property(pydir GLOBAL PROPERTY AIOBRIDGE_PYTHON_BUILD_DIR)
@@ -119,6 +122,19 @@ function(aiob_python_add_tag tag py)
   aiob_target_flags(${lib})
   add_library(aiobridge::python_${tag} ALIAS ${lib})
 
+  # The async test harness (aiobridge/testing.h), where cmocka is found.
+  if(TARGET PkgConfig::AIOB_PKG_CMOCKA)
+    set(tlib aiobridge_testing_${tag})
+    add_library(${tlib} STATIC ${src}/bindings/python/testing.c)
+    target_include_directories(${tlib} PRIVATE ${info_INCLUDE} ${src}/core)
+    target_compile_definitions(${tlib} PRIVATE _GNU_SOURCE AIOB_STATIC)
+    target_link_libraries(${tlib} PUBLIC ${lib} PkgConfig::AIOB_PKG_CMOCKA)
+    set_target_properties(${tlib} PROPERTIES EXPORT_NAME testing_${tag}
+        C_VISIBILITY_PRESET hidden POSITION_INDEPENDENT_CODE ON)
+    aiob_target_flags(${tlib})
+    add_library(aiobridge::testing_${tag} ALIAS ${tlib})
+  endif()
+
   set(mod aiobridge_module_${tag})
   add_library(${mod} MODULE ${src}/bindings/python/aiobridge_module.c)
   target_include_directories(${mod} PRIVATE ${info_INCLUDE})
@@ -136,6 +152,7 @@ function(aiob_python_add_tag tag py)
   set_property(GLOBAL APPEND PROPERTY AIOBRIDGE_PYTHON_TAG_EXES "${py}")
 endfunction()
 
+pkg_check_modules(AIOB_PKG_CMOCKA QUIET IMPORTED_TARGET GLOBAL cmocka)
 set_property(GLOBAL PROPERTY AIOBRIDGE_PYTHON_TAGS "")
 foreach(tag IN LISTS AIOB_PY_TAGS)
   aiob_python_add_tag(${tag} "${AIOB_PY_EXE_${tag}}")

@@ -53,6 +53,8 @@ THREAD_PHRASES = [
     ("GIL held", "Python bridge: the caller holds the GIL"),
     ("No GIL needed", "Python bridge: callable without the GIL, e.g. from "
      "a C task on a runtime thread"),
+    ("Main thread only", "embedding: the program's main thread, from "
+     "main(), before Python runs"),
 ]
 
 # A comment of a function returning int mentions its return value or errors
@@ -61,7 +63,8 @@ RETURN_WORDS = [r"\breturns?\b", r"\bAIOB_E[A-Z]+", r"\bnegative\b",
                 r"\berrors?\b"]
 
 # Headers in the order the reference shows them; others follow by name.
-HEADER_ORDER = ["common.h", "backend.h", "runtime.h", "task.h", "python.h"]
+HEADER_ORDER = ["common.h", "backend.h", "runtime.h", "task.h", "python.h",
+                "embed.h", "testing.h"]
 
 C_KEYWORDS = {
     "if", "for", "while", "switch", "return", "sizeof", "void", "int",

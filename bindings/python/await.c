@@ -49,6 +49,24 @@ static void fail_request_with_current(request *r) {
 
 static void release_cb(void *obj) { aiob_py_release(obj); }
 
+/* Completes pr with the result `res` (owned), through the converter if the
+ * request has one. */
+static void deliver_result(request *r, aiob_promise *pr, PyObject *res) {
+  if (r->conv) {
+    aiob_output o = {0};
+    int rc = r->conv(res, &o);
+    Py_DECREF(res);
+    if (rc < 0) {
+      aiob_output_clear(&o);
+      promise_raise(pr, aiob__py_take_exception());
+      return;
+    }
+    aiob_promise_complete(pr, 0, o.value, o.free_value);
+    return;
+  }
+  aiob_promise_complete(pr, 0, res, release_cb);
+}
+
 static void finish_request(aiob_py_bridge *b, request *r, PyObject *fut) {
   aiob_promise *pr = r->promise;
   r->promise = NULL;
@@ -75,19 +93,7 @@ static void finish_request(aiob_py_bridge *b, request *r, PyObject *fut) {
     aiob_promise_complete(pr, AIOB_EIO, NULL, NULL);
     return;
   }
-  if (r->conv) {
-    aiob_output o = {0};
-    int rc = r->conv(res, &o);
-    Py_DECREF(res);
-    if (rc < 0) {
-      aiob_output_clear(&o);
-      promise_raise(pr, aiob__py_take_exception());
-      return;
-    }
-    aiob_promise_complete(pr, 0, o.value, o.free_value);
-    return;
-  }
-  aiob_promise_complete(pr, 0, res, release_cb);
+  deliver_result(r, pr, res);
 }
 
 static PyObject *waiter_call(PyObject *self, PyObject *args, PyObject *kw) {
@@ -148,13 +154,24 @@ int aiob__py_request_start(aiob_py_bridge *b, request *r) {
     aiob__py_request_unref(r);
     return 0;
   }
-  Py_INCREF(obj);
+  Py_XINCREF(obj);
   Py_INCREF(ctx);
   PyObject *aw = obj, *fut = NULL;
   if (PyContext_Enter(ctx) == 0) {
-    if (r->is_factory) {
+    if (r->fn) {
+      aw = r->fn(r->fn_arg);
+    } else if (r->is_factory) {
       aw = PyObject_CallObject(obj, NULL);
       Py_DECREF(obj);
+    }
+    if (r->fn && aw == Py_None) { /* nothing to await: the result is None */
+      PyContext_Exit(ctx);
+      Py_DECREF(ctx);
+      aiob_promise *pr = r->promise;
+      r->promise = NULL;
+      deliver_result(r, pr, aw);
+      aiob__py_request_unref(r);
+      return 0;
     }
     if (aw)
       fut = PyObject_CallFunctionObjArgs(b->ensure_future, aw, NULL);
@@ -229,6 +246,13 @@ void aiob_py_await_init_call(aiob_py_await *aw, PyObject *factory) {
   aw->is_factory = 1;
 }
 
+void aiob_py_await_init_fn(aiob_py_await *aw, aiob_py_awaitable_fn fn,
+                           void *arg) {
+  aiob_py_await_init(aw, NULL);
+  aw->fn = fn;
+  aw->fn_arg = arg;
+}
+
 void aiob_py_await_set_locals(aiob_py_await *aw, aiob_py_locals *locals) {
   aw->locals = locals;
 }
@@ -282,6 +306,8 @@ static int await_send(aiob_task *self, aiob_py_await *aw) {
   r->cancel_it.kind = ITEM_CANCEL;
   r->object = aw->object;
   r->is_factory = aw->is_factory;
+  r->fn = aw->fn;
+  r->fn_arg = aw->fn_arg;
   r->conv = aw->conv;
   r->promise = aw->promise; /* completer side */
   r->locals = aiob__py_locals_clone(l);

@@ -222,10 +222,7 @@ static PyMethodDef reg_defs[] = {
 
 /* Imports the aiobridge module, takes its exception types, registers this
  * bridge there and the exit hook with atexit. */
-static int bridge_register(aiob_py_bridge *b, PyObject *module) {
-  const char *name = PyModule_GetName(module);
-  if (!name)
-    return -1;
+static int bridge_register(aiob_py_bridge *b, const char *name) {
   PyObject *hub = PyImport_ImportModule("aiobridge");
   if (!hub) {
     PyObject *type, *value, *tb;
@@ -281,6 +278,15 @@ static int bridge_register(aiob_py_bridge *b, PyObject *module) {
   } while (0)
 
 int aiob_py_bridge_init(PyObject *module, aiob_py_bridge **out) {
+  const char *name = PyModule_GetName(module);
+  return name ? aiob_py_bridge_new(name, out) : -1;
+}
+
+int aiob_py_bridge_new(const char *name, aiob_py_bridge **out) {
+  if (!name || !out) {
+    PyErr_SetString(PyExc_ValueError, "aiob_py_bridge_new: NULL argument");
+    return -1;
+  }
   aiob_py_bridge *b = calloc(1, sizeof *b);
   if (!b) {
     PyErr_NoMemory();
@@ -325,7 +331,7 @@ int aiob_py_bridge_init(PyObject *module, aiob_py_bridge **out) {
   b->waiter_type = (PyTypeObject *)PyType_FromSpec(&aiob__py_waiter_spec);
   if (!b->ctask_type || !b->port_type || !b->waiter_type)
     goto fail;
-  if (bridge_register(b, module) < 0)
+  if (bridge_register(b, name) < 0)
     goto fail;
   *out = b;
   return 0;

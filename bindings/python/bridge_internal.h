@@ -32,7 +32,7 @@
 #ifndef AIOBRIDGE_PYTHON_BRIDGE_INTERNAL_H
 #define AIOBRIDGE_PYTHON_BRIDGE_INTERNAL_H
 
-#include "aiobridge/python.h"
+#include "aiobridge/embed.h"
 
 #include "internal.h"
 
@@ -155,6 +155,8 @@ typedef struct request {
   aiob_promise *promise; /* completer side */
   PyObject *object;      /* borrowed from the C task's state */
   int is_factory;
+  aiob_py_awaitable_fn fn; /* instead of object: makes the awaitable */
+  void *fn_arg;
   py_locals *locals; /* referenced */
   aiob_py_result_converter conv;
   PyObject *pyfuture; /* the running Python future (GIL) */
@@ -168,6 +170,13 @@ extern _Atomic unsigned aiob__py_fork_gen;
 void aiob__py_fork_init(void);
 void aiob__py_with_gil(void (*fn)(void *), void *arg);
 void aiob__py_release_orphans(void);
+
+/* embed.c */
+int aiob__py_main_start(const aiob_main_config *cfg, aiob_py_bridge **b,
+                        PyObject **factory);
+PyObject *aiob__py_main_run(PyObject *factory, PyObject *main);
+int aiob__py_main_finish(aiob_py_bridge *b, PyObject *factory, PyObject *res,
+                         int status);
 
 /* errors.c */
 void aiob__py_error_free(void *p);

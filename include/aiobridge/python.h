@@ -46,6 +46,13 @@ typedef struct aiob_py_locals aiob_py_locals;
  * (*out untouched). */
 int aiob_py_bridge_init(PyObject *module, aiob_py_bridge **out);
 
+/* Like aiob_py_bridge_init for a program that embeds Python and has no
+ * extension module: the bridge registers with the `aiobridge` package
+ * under `name` (copied). With the GIL. The caller owns *out until
+ * aiob_py_bridge_free. Returns 0, or -1 with a Python exception set
+ * (ValueError for a NULL argument; *out untouched). */
+int aiob_py_bridge_new(const char *name, aiob_py_bridge **out);
+
 /* Releases the bridge, from the module's m_free or m_clear, with the GIL.
  * NULL is a no-op. */
 void aiob_py_bridge_free(aiob_py_bridge *b);
@@ -179,6 +186,13 @@ int aiob_py_duration_ns(PyObject *number, double unit_ns, uint64_t *out);
  * then receives as AIOB_PY_EXCEPTION. `result` is borrowed. */
 typedef int (*aiob_py_result_converter)(PyObject *result, aiob_output *out);
 
+/* Makes the awaitable of aiob_py_await_init_fn: called on the task's
+ * asyncio loop thread with the GIL, in the task's contextvars context.
+ * Returns a new reference to an awaitable; Py_None (new reference) when
+ * there is nothing to await (the await then finishes with None at once); or
+ * NULL with an exception set, which the C task receives. */
+typedef PyObject *(*aiob_py_awaitable_fn)(void *arg);
+
 typedef struct aiob_py_await {
   struct aiob__leaf leaf;
   aiob_promise *promise;
@@ -188,6 +202,8 @@ typedef struct aiob_py_await {
   int state;
   aiob_py_locals *locals; /* borrowed; NULL: the task's */
   aiob_py_result_converter conv;
+  aiob_py_awaitable_fn fn; /* aiob_py_await_init_fn */
+  void *fn_arg;
 } aiob_py_await;
 
 /* Prepares to await `awaitable` (a coroutine, Future, Task or object with
@@ -200,6 +216,15 @@ void aiob_py_await_init(aiob_py_await *aw, PyObject *awaitable);
  * thread, in the task's contextvars context. Borrows like
  * aiob_py_await_init. No GIL needed. */
 void aiob_py_await_init_call(aiob_py_await *aw, PyObject *factory);
+
+/* Prepares to await what `fn(arg)` returns, called on the task's asyncio
+ * loop thread with the GIL, in the task's contextvars context: the way for
+ * a C task, which holds no Python object, to import a module, build
+ * arguments and await a coroutine, or to act on the loop (loop.stop()) and
+ * return None. `arg` is passed as is: keep what it points to alive until
+ * the await finished. No GIL needed. */
+void aiob_py_await_init_fn(aiob_py_await *aw, aiob_py_awaitable_fn fn,
+                           void *arg);
 
 /* Awaits on the loop and context of `locals` instead of the task's own
  * (for C tasks not started by the bridge, e.g. spawned with aiob_spawn on
