@@ -403,6 +403,14 @@ void aiob_task_return(aiob_task *self, void *value,
 
 void aiob_task_fail(aiob_task *self, int err) { self->out.status = err; }
 
+aiob_poll aiob_task_forward(aiob_task *self, aiob_output *out) {
+  if (out->status < 0)
+    aiob_task_fail(self, out->status);
+  aiob_task_return(self, out->value, out->free_value);
+  *out = (aiob_output){0};
+  return AIOB_READY;
+}
+
 aiob_task *aiob_task_current(void) { return aiob__current_task; }
 
 aiob_runtime *aiob_task_runtime(const aiob_task *t) { return t->rt; }

@@ -210,8 +210,76 @@ static void waker_references_keep_task_alive(void **unused) {
   aiob_runtime_free(rt);
 }
 
+/* ---- aiob_task_forward ------------------------------------------------ */
+
+/* A child finishes with (status, value); the parent joins it, takes its
+ * output and forwards it as its own. */
+struct fwd_child {
+  int status;
+  char *value;
+};
+
+static aiob_poll fwd_child_poll(aiob_task *t, void *p) {
+  struct fwd_child *c = p;
+  if (c->status < 0)
+    aiob_task_fail(t, c->status);
+  aiob_task_return(t, c->value, free);
+  return AIOB_READY;
+}
+
+static const aiob_task_vtable fwd_child_vt = {.poll = fwd_child_poll};
+
+struct fwd_parent {
+  struct fwd_child child_state;
+  aiob_task *child;
+  aiob_output out;
+  int moved; /* out was left empty (checked on the test thread) */
+};
+
+static aiob_poll fwd_parent_poll(aiob_task *t, void *p) {
+  struct fwd_parent *s = p;
+  if (!s->child && aiob_spawn(aiob_task_runtime(t), &fwd_child_vt,
+                              &s->child_state, &s->child) < 0) {
+    aiob_task_fail(t, AIOB_ENOMEM);
+    return AIOB_READY;
+  }
+  if (aiob_task_join(t, s->child, NULL) == AIOB_PENDING)
+    return AIOB_PENDING;
+  aiob_task_take_output(s->child, &s->out);
+  aiob_task_release(s->child);
+  aiob_poll r = aiob_task_forward(t, &s->out);
+  s->moved = !s->out.value && !s->out.free_value && s->out.status == 0;
+  return r;
+}
+
+static const aiob_task_vtable fwd_parent_vt = {.poll = fwd_parent_poll};
+
+static void forward_moves_result_and_error(void **unused) {
+  (void)unused;
+  aiob_runtime *rt;
+  assert_int_equal(aiob_runtime_new(&rt, NULL), 0);
+  for (int failing = 0; failing < 2; failing++) {
+    struct fwd_parent s = {0};
+    s.child_state.status = failing ? AIOB_ENOENT : 0;
+    s.child_state.value = strdup(failing ? "why" : "result");
+    aiob_task *t;
+    assert_int_equal(aiob_spawn(rt, &fwd_parent_vt, &s, &t), 0);
+    assert_int_equal(aiob_task_wait(t, 10 * AIOB_SEC), 0);
+    aiob_output out;
+    assert_int_equal(aiob_task_take_output(t, &out), 0);
+    assert_int_equal(out.status, failing ? AIOB_ENOENT : 0);
+    assert_string_equal(out.value, failing ? "why" : "result");
+    assert_ptr_equal(out.free_value, free);
+    assert_true(s.moved);
+    aiob_output_clear(&out);
+    aiob_task_release(t);
+  }
+  aiob_runtime_free(rt);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
+      cmocka_unit_test(forward_moves_result_and_error),
       cmocka_unit_test(mpsc_fifo_single_thread),
       cmocka_unit_test(mpsc_many_producers_keep_per_producer_order),
       cmocka_unit_test(heap_pops_in_deadline_order_with_removals),

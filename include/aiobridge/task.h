@@ -175,6 +175,13 @@ AIOB_API void aiob_task_return(aiob_task *self, void *value,
  * function. */
 AIOB_API void aiob_task_fail(aiob_task *self, int err);
 
+/* Finishes the task with `out` as its own output: an awaited or joined
+ * result, errno or Python exception (with its traceback) becomes the
+ * task's, so `return aiob_task_forward(self, &out);` ends a task that
+ * awaited something and returns what it got. Moves out's value (out is
+ * left empty). Inside the task's poll function. Returns AIOB_READY. */
+AIOB_API aiob_poll aiob_task_forward(aiob_task *self, aiob_output *out);
+
 /* The task being polled on this thread, or NULL; borrowed. Thread-safe. */
 AIOB_API aiob_task *aiob_task_current(void);
 
