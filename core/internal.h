@@ -192,6 +192,13 @@ struct aiob_loop {
 
   /* Start-up handshake. */
   int init_status;
+
+  /* Lifecycle, written under rt->shutdown_mu: the thread has returned from
+   * its loop (exited; atomic for lock-free readers), was joined, or was
+   * abandoned by a shutdown that timed out (detached, never joined; it
+   * holds a runtime reference until it exits). */
+  _Atomic int exited;
+  bool joined, abandoned;
 };
 
 struct aiob_runtime {
@@ -202,8 +209,13 @@ struct aiob_runtime {
    * it is ever stopped, joined or closed here. */
   bool forked;
   struct aiob_runtime *next_alive; /* every runtime alive, for fork */
+  /* Lifecycle: shutdown_mu guards the fields below and every loop's
+   * exited/joined/abandoned; stop_cv is signalled (CLOCK_MONOTONIC) when a
+   * loop thread exits. */
   pthread_mutex_t shutdown_mu;
-  bool shutdown_done;
+  pthread_cond_t stop_cv;
+  bool stop_requested; /* the loops were asked to stop */
+  bool timed_out;      /* the last shutdown wait ended at its deadline */
   const aiob_backend *backend;
   aiob_backend_options options;
   uint64_t spin_max_ns; /* 0: never spin */
@@ -222,6 +234,11 @@ extern _Thread_local aiob_task *aiob__current_task;
 
 void aiob__runtime_ref(aiob_runtime *rt);
 void aiob__runtime_unref(aiob_runtime *rt);
+/* Like aiob_runtime_default_acquire, but never waits and never creates:
+ * AIOB_EAGAIN when there is no default runtime right now (never used, shut
+ * down, or a shutdown in progress). Lets a caller that holds a lock (the
+ * GIL) take the fast path under it and wait without it. Thread-safe. */
+int aiob__runtime_default_try_acquire(aiob_runtime **out);
 
 /* Wakes the loop's backend unless the loop is closing. Thread-safe. */
 void aiob__loop_wake(aiob_loop *loop);

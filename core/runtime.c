@@ -37,6 +37,9 @@ void aiob__runtime_ref(aiob_runtime *rt) {
 static pthread_mutex_t alive_mu = PTHREAD_MUTEX_INITIALIZER;
 static aiob_runtime *alive; /* linked through next_alive */
 
+/* Loop threads abandoned by a shutdown that timed out, still running. */
+static _Atomic unsigned abandoned_running;
+
 static pthread_mutex_t default_mu = PTHREAD_MUTEX_INITIALIZER;
 static aiob_runtime *default_rt;
 /* Default runtimes being shut down (default_mu); a new one starts only
@@ -72,16 +75,36 @@ static void fork_parent(void) {
   pthread_mutex_unlock(&default_mu);
 }
 
+/* A condition variable on CLOCK_MONOTONIC (timed waits ignore wall-clock
+ * jumps). */
+static void cond_init_monotonic(pthread_cond_t *cv) {
+  pthread_condattr_t ca;
+  pthread_condattr_init(&ca);
+  pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+  pthread_cond_init(cv, &ca);
+  pthread_condattr_destroy(&ca);
+}
+
 static void fork_child(void) {
   for (aiob_runtime *rt = alive; rt; rt = rt->next_alive) {
     rt->forked = true;
     atomic_store(&rt->shut, 1);
-    for (unsigned i = 0; i < rt->nloops; i++)
-      aiob__inbox_abandon(&rt->loops[i].remote);
+    for (unsigned i = 0; i < rt->nloops; i++) {
+      aiob_loop *loop = &rt->loops[i];
+      aiob__inbox_abandon(&loop->remote);
+      /* None of its threads exists here: nothing to wait for or join. An
+       * abandoned one keeps its reference, so the child never frees the
+       * memory of a runtime its parent abandoned. */
+      atomic_store(&loop->exited, 1);
+      loop->joined = true;
+      loop->abandoned = false;
+    }
     /* Other threads' locks may have been copied held. */
     pthread_mutex_init(&rt->shutdown_mu, NULL);
+    cond_init_monotonic(&rt->stop_cv);
     pthread_mutex_init(&rt->wait_mu, NULL);
   }
+  atomic_store(&abandoned_running, 0);
   /* Still reachable through `alive`: the child never frees what the
    * default runtime of its parent was. */
   default_rt = NULL;
@@ -110,6 +133,7 @@ void aiob__runtime_unref(aiob_runtime *rt) {
   free(rt->loops);
   pthread_mutex_destroy(&rt->wait_mu);
   pthread_cond_destroy(&rt->wait_cv);
+  pthread_cond_destroy(&rt->stop_cv);
   pthread_mutex_destroy(&rt->shutdown_mu);
   free(rt);
 }
@@ -246,6 +270,23 @@ static void loop_main(aiob_loop *loop) {
   }
 }
 
+/* Last thing a loop thread does: tells shutdown waiters it has exited. An
+ * abandoned one then drops the reference that kept the runtime's memory
+ * for it, and may free it. */
+static void loop_exited(aiob_loop *loop) {
+  aiob_runtime *rt = loop->rt;
+  aiob__current_loop = NULL;
+  pthread_mutex_lock(&rt->shutdown_mu);
+  atomic_store(&loop->exited, 1);
+  bool abandoned = loop->abandoned;
+  pthread_cond_broadcast(&rt->stop_cv);
+  pthread_mutex_unlock(&rt->shutdown_mu);
+  if (abandoned) {
+    aiob__runtime_unref(rt);
+    atomic_fetch_sub(&abandoned_running, 1);
+  }
+}
+
 static void *loop_thread(void *arg) {
   aiob_loop *loop = arg;
   aiob_runtime *rt = loop->rt;
@@ -263,7 +304,7 @@ static void *loop_thread(void *arg) {
   pthread_cond_broadcast(&rt->wait_cv);
   pthread_mutex_unlock(&rt->wait_mu);
   if (rc < 0) {
-    aiob__current_loop = NULL;
+    loop_exited(loop);
     return NULL;
   }
 
@@ -273,8 +314,11 @@ static void *loop_thread(void *arg) {
   if (loop->timer_armed)
     loop->backend->timer_stop(loop->bl);
   loop->timer_armed = false;
+  /* May wait for native requests still in flight (libuv runs its loop
+   * until every request completed): a shutdown with a deadline stops
+   * waiting for this thread, see aiob_runtime_shutdown_timeout. */
   loop->backend->loop_close(loop->bl);
-  aiob__current_loop = NULL;
+  loop_exited(loop);
   return NULL;
 }
 
@@ -298,17 +342,88 @@ static int resolve_backend(const aiob_runtime_config *cfg,
   return *out ? 0 : AIOB_ENOENT;
 }
 
-/* Stops and joins loops [0, n). */
-static void stop_loops(aiob_runtime *rt, unsigned n) {
-  for (unsigned i = 0; i < n; i++) {
+/* ---- Stopping: ask, wait with a deadline, join or abandon ---------------
+ *
+ * shutdown_mu is held by the functions below. Loop threads take it only to
+ * mark themselves exited, after which they touch nothing of the runtime
+ * (an abandoned one: nothing but its reference), so joining a thread that
+ * has exited, with the lock held, waits for nothing. */
+
+/* Asks every running loop thread to stop, once. */
+static void request_stop(aiob_runtime *rt) {
+  if (rt->stop_requested)
+    return;
+  rt->stop_requested = true;
+  atomic_store(&rt->shut, 1);
+  for (unsigned i = 0; i < rt->nloops; i++) {
     aiob_loop *loop = &rt->loops[i];
-    if (loop->init_status < 0)
+    if (atomic_load(&loop->exited)) /* never started, or forked */
       continue;
     atomic_store_explicit(&loop->stop, 1, memory_order_release);
     aiob__loop_wake(loop);
   }
-  for (unsigned i = 0; i < n; i++)
-    pthread_join(rt->loops[i].thread, NULL);
+}
+
+/* Waits until every loop thread exited, or until *deadline
+ * (CLOCK_MONOTONIC; NULL: no limit), then joins those that exited and
+ * that nobody joined or abandoned. Returns how many still run. */
+static unsigned wait_loops(aiob_runtime *rt, const struct timespec *deadline) {
+  unsigned left;
+  for (;;) {
+    left = 0;
+    for (unsigned i = 0; i < rt->nloops; i++)
+      left += !atomic_load(&rt->loops[i].exited);
+    if (!left)
+      break;
+    if (!deadline)
+      pthread_cond_wait(&rt->stop_cv, &rt->shutdown_mu);
+    else if (pthread_cond_timedwait(&rt->stop_cv, &rt->shutdown_mu, deadline) ==
+             ETIMEDOUT)
+      break;
+  }
+  for (unsigned i = 0; i < rt->nloops; i++) {
+    aiob_loop *loop = &rt->loops[i];
+    if (atomic_load(&loop->exited) && !loop->joined && !loop->abandoned) {
+      pthread_join(loop->thread, NULL);
+      loop->joined = true;
+    }
+  }
+  return left;
+}
+
+/* Gives up on the loop threads still running: detached, never joined, each
+ * holding a reference until it exits (loop_exited). */
+static void abandon_loops(aiob_runtime *rt) {
+  wait_loops(rt, &(struct timespec){0, 0}); /* joins those that exited */
+  for (unsigned i = 0; i < rt->nloops; i++) {
+    aiob_loop *loop = &rt->loops[i];
+    if (atomic_load(&loop->exited) || loop->abandoned)
+      continue;
+    loop->abandoned = true;
+    aiob__runtime_ref(rt);
+    atomic_fetch_add(&abandoned_running, 1);
+    pthread_detach(loop->thread);
+  }
+}
+
+/* Stops and joins every loop thread started so far (creation failed). */
+static void stop_started(aiob_runtime *rt) {
+  pthread_mutex_lock(&rt->shutdown_mu);
+  request_stop(rt);
+  wait_loops(rt, NULL);
+  pthread_mutex_unlock(&rt->shutdown_mu);
+}
+
+/* The absolute CLOCK_MONOTONIC time timeout_ns from now, or NULL for no
+ * limit (UINT64_MAX, or past what 64 bits of nanoseconds hold). */
+static struct timespec *deadline_in(uint64_t timeout_ns, struct timespec *ts) {
+  uint64_t now = aiob_now_ns();
+  if (timeout_ns == UINT64_MAX || timeout_ns > UINT64_MAX - now)
+    return NULL;
+  uint64_t at = now + timeout_ns;
+  ts->tv_sec = (time_t)(at / AIOB_SEC);
+  ts->tv_nsec = (long)(at % AIOB_SEC);
+  return ts;
 }
 
 #define MAX_THREADS 1024
@@ -344,12 +459,14 @@ int aiob_runtime_new(aiob_runtime **out, const aiob_runtime_config *cfg) {
   rt->nloops = cfg->threads;
   rt->loops = loops;
   pthread_mutex_init(&rt->shutdown_mu, NULL);
+  cond_init_monotonic(&rt->stop_cv);
   pthread_mutex_init(&rt->wait_mu, NULL);
-  pthread_condattr_t ca;
-  pthread_condattr_init(&ca);
-  pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-  pthread_cond_init(&rt->wait_cv, &ca);
-  pthread_condattr_destroy(&ca);
+  cond_init_monotonic(&rt->wait_cv);
+  /* Loops without a thread (yet) count as exited and joined. */
+  for (unsigned i = 0; i < rt->nloops; i++) {
+    atomic_init(&loops[i].exited, 1);
+    loops[i].joined = true;
+  }
 
   unsigned started = 0;
   for (; started < rt->nloops; started++) {
@@ -361,7 +478,11 @@ int aiob_runtime_new(aiob_runtime **out, const aiob_runtime_config *cfg) {
     loop->live.live_next = loop->live.live_prev = &loop->live;
     aiob__heap_init(&loop->timers);
     loop->init_status = 1; /* pending */
+    atomic_store(&loop->exited, 0);
+    loop->joined = false;
     if (pthread_create(&loop->thread, NULL, loop_thread, loop) != 0) {
+      atomic_store(&loop->exited, 1);
+      loop->joined = true;
       rc = AIOB_EAGAIN;
       break;
     }
@@ -371,13 +492,14 @@ int aiob_runtime_new(aiob_runtime **out, const aiob_runtime_config *cfg) {
     pthread_mutex_unlock(&rt->wait_mu);
     if (loop->init_status < 0) {
       rc = loop->init_status;
-      pthread_join(loop->thread, NULL);
+      pthread_join(loop->thread, NULL); /* it marked itself exited */
+      loop->joined = true;
       break;
     }
   }
   alive_link(rt);
   if (rc < 0) {
-    stop_loops(rt, started);
+    stop_started(rt);
     aiob__runtime_unref(rt);
     return rc;
   }
@@ -390,27 +512,53 @@ int aiob_runtime_current_loop(const aiob_runtime *rt) {
   return cur && cur->rt == rt ? (int)cur->index : -1;
 }
 
-int aiob_runtime_shutdown(aiob_runtime *rt) {
+int aiob_runtime_shutdown_timeout(aiob_runtime *rt, uint64_t timeout_ns,
+                                  aiob_shutdown_info *info) {
   if (!rt)
     return AIOB_EINVAL;
   if (aiob_runtime_current_loop(rt) >= 0)
     return AIOB_EDEADLK;
+  struct timespec ts, *deadline = deadline_in(timeout_ns, &ts);
   pthread_mutex_lock(&rt->shutdown_mu);
-  if (!rt->shutdown_done) {
-    atomic_store(&rt->shut, 1);
-    if (!rt->forked) /* else its threads are the parent's */
-      stop_loops(rt, rt->nloops);
-    rt->shutdown_done = true;
-  }
+  request_stop(rt); /* forked: nothing to stop, see fork_child */
+  unsigned left = wait_loops(rt, deadline);
+  rt->timed_out = left > 0;
   pthread_mutex_unlock(&rt->shutdown_mu);
-  return 0;
+  if (info) {
+    aiob_runtime_stats st;
+    aiob_runtime_stats_get(rt, &st);
+    *info = (aiob_shutdown_info){
+        .loops = rt->nloops, .loops_left = left, .tasks_left = st.tasks_live};
+  }
+  return left ? AIOB_ETIMEDOUT : 0;
+}
+
+int aiob_runtime_shutdown(aiob_runtime *rt) {
+  return aiob_runtime_shutdown_timeout(rt, UINT64_MAX, NULL);
+}
+
+int aiob_runtime_loop_running(const aiob_runtime *rt, unsigned index) {
+  if (!rt || index >= rt->nloops)
+    return AIOB_EINVAL;
+  return !atomic_load(&rt->loops[index].exited);
+}
+
+unsigned aiob_runtime_abandoned_threads(void) {
+  return atomic_load(&abandoned_running);
 }
 
 void aiob_runtime_free(aiob_runtime *rt) {
   if (!rt)
     return;
-  if (aiob_runtime_shutdown(rt) < 0)
+  if (aiob_runtime_current_loop(rt) >= 0)
     abort(); /* freeing a runtime from its own loop thread */
+  pthread_mutex_lock(&rt->shutdown_mu);
+  bool timed_out = rt->timed_out;
+  if (timed_out)
+    abandon_loops(rt);
+  pthread_mutex_unlock(&rt->shutdown_mu);
+  if (!timed_out)
+    aiob_runtime_shutdown(rt);
   aiob__runtime_unref(rt);
 }
 
@@ -567,6 +715,17 @@ int aiob_runtime_default_acquire(aiob_runtime **out) {
   return default_get(out, true);
 }
 
+int aiob__runtime_default_try_acquire(aiob_runtime **out) {
+  pthread_mutex_lock(&default_mu);
+  aiob_runtime *rt = default_rt;
+  if (rt) {
+    aiob__runtime_ref(rt);
+    *out = rt;
+  }
+  pthread_mutex_unlock(&default_mu);
+  return rt ? 0 : AIOB_EAGAIN;
+}
+
 void aiob_runtime_release(aiob_runtime *rt) {
   if (!rt)
     return;
@@ -588,7 +747,10 @@ int aiob_runtime_default_peek(void (*fn)(aiob_runtime *rt, void *arg),
   return rt ? 0 : AIOB_ENOENT;
 }
 
-int aiob_runtime_default_shutdown(void) {
+int aiob_runtime_default_shutdown_timeout(uint64_t timeout_ns,
+                                          aiob_shutdown_info *info) {
+  if (info)
+    *info = (aiob_shutdown_info){0};
   pthread_mutex_lock(&default_mu);
   aiob_runtime *rt = default_rt;
   if (rt && aiob_runtime_current_loop(rt) >= 0) {
@@ -602,10 +764,17 @@ int aiob_runtime_default_shutdown(void) {
   }
   default_stopping++;
   pthread_mutex_unlock(&default_mu);
-  aiob_runtime_free(rt); /* without the lock: its drops may use it */
+  /* Without the lock: its drops may use it. After a timeout, free
+   * abandons the loops still running, and a fresh runtime may start. */
+  int rc = aiob_runtime_shutdown_timeout(rt, timeout_ns, info);
+  aiob_runtime_free(rt);
   pthread_mutex_lock(&default_mu);
   default_stopping--;
   pthread_cond_broadcast(&default_stopped);
   pthread_mutex_unlock(&default_mu);
-  return 0;
+  return rc;
+}
+
+int aiob_runtime_default_shutdown(void) {
+  return aiob_runtime_default_shutdown_timeout(UINT64_MAX, NULL);
 }

@@ -64,14 +64,14 @@ for v in "${variants[@]}"; do
     # program, so the bridge's concurrency runs under ASan and TSan there.
     asan)  flags=(-DCMAKE_BUILD_TYPE=Debug -DAIOB_SANITIZE=address "-DAIOB_BACKENDS=$ALL_BACKENDS" -DAIOB_PYTHON_SUITES=OFF -DAIOB_PYTHONS=/usr/bin/python3)
            echo "=== [asan] Python suites skipped: sanitized extensions cannot load into stock interpreters (bridge_capi embeds one)"
-           echo "=== [asan] fork.* skips its fork() cases: a forked child of a threaded process cannot start threads under GCC 12's ASan (the plain tree runs them)" ;;
+           echo "=== [asan] fork.* and lifecycle.* skip their fork() cases: a forked child of a threaded process cannot start threads under GCC 12's ASan (the plain tree runs them)" ;;
     tsan)  flags=(-DCMAKE_BUILD_TYPE=Debug -DAIOB_SANITIZE=thread "-DAIOB_BACKENDS=$ALL_BACKENDS" -DAIOB_PYTHON_SUITES=OFF -DAIOB_PYTHONS=/usr/bin/python3)
            echo "=== [tsan] Python suites skipped: sanitized extensions cannot load into stock interpreters (bridge_capi embeds one)"
-           echo "=== [tsan] fork.* skips its fork() cases: a forked child of a threaded process cannot start threads under GCC 12's TSan (the plain tree runs them)" ;;
+           echo "=== [tsan] fork.* and lifecycle.* skip their fork() cases: a forked child of a threaded process cannot start threads under GCC 12's TSan (the plain tree runs them)" ;;
     single-*)
       b=${v#single-}
       flags=(-DCMAKE_BUILD_TYPE=RelWithDebInfo "-DAIOB_BACKENDS=$b" -DAIOB_BUILD_BENCH=OFF -DAIOB_BUILD_EXAMPLES=OFF -DAIOB_PYTHON=OFF)
-      only=(-R "^(linkage|conformance\\.$b|fork\\.$b|default_backend\\..*)\$") ;;
+      only=(-R "^(linkage|conformance\\.$b|fork\\.$b|lifecycle\\.$b|default_backend\\..*)\$") ;;
     *) echo "unknown variant: $v (plain, asan, tsan, single-uv, single-event, single-uring, consumers)" >&2; exit 2 ;;
   esac
   dir="$ROOT/build-test-$v"

@@ -404,6 +404,51 @@ static aiob_poll nap_poll(aiob_task *t, void *p) {
 static void nap_drop(void *p) { free(p); }
 static const aiob_task_vtable nap_vt = {.poll = nap_poll, .drop = nap_drop};
 
+/* gate_block(obj): a C task that blocks its loop thread until the test
+ * opens the gate (a loop thread that cannot stop); its state holds obj,
+ * released with aiob_py_release by its drop. */
+static pthread_mutex_t g_gate_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t g_gate_cv = PTHREAD_COND_INITIALIZER;
+static int g_gate_open;
+static latch g_gate_entered; /* gate tasks that blocked */
+
+static void gate_set(int open) {
+  pthread_mutex_lock(&g_gate_mu);
+  g_gate_open = open;
+  pthread_cond_broadcast(&g_gate_cv);
+  pthread_mutex_unlock(&g_gate_mu);
+}
+
+static aiob_poll gate_poll(aiob_task *t, void *p) {
+  (void)t;
+  (void)p;
+  latch_add(&g_gate_entered, 1);
+  pthread_mutex_lock(&g_gate_mu);
+  while (!g_gate_open)
+    pthread_cond_wait(&g_gate_cv, &g_gate_mu);
+  pthread_mutex_unlock(&g_gate_mu);
+  return AIOB_READY;
+}
+
+static void gate_drop(void *p) { aiob_py_release(p); }
+static const aiob_task_vtable gate_vt = {.poll = gate_poll, .drop = gate_drop};
+
+/* probe_object(): a capsule whose destruction is counted, with where it
+ * happened: with the GIL on the test thread (as deferred releases must
+ * be), and not once Py_FinalizeEx has begun (no thread may touch Python
+ * then). */
+static atomic_int g_probe_freed, g_probe_freed_elsewhere, g_probe_freed_late;
+static atomic_int g_finalizing; /* set just before Py_FinalizeEx */
+
+static void probe_destroyed(PyObject *cap) {
+  (void)cap;
+  atomic_fetch_add(&g_probe_freed, 1);
+  if (atomic_load(&g_finalizing))
+    atomic_fetch_add(&g_probe_freed_late, 1);
+  else if (!pthread_equal(pthread_self(), g_loop_thread) || !PyGILState_Check())
+    atomic_fetch_add(&g_probe_freed_elsewhere, 1);
+}
+
 /* ---- The module `bcapi` (functions called from Python, GIL) ------------ */
 
 static PyObject *m_value(PyObject *m, PyObject *arg) {
@@ -659,7 +704,37 @@ static PyObject *m_plain_await(PyObject *m, PyObject *args) {
   return Py_BuildValue("(iN)", status, v);
 }
 
+static PyObject *m_gate_block(PyObject *m, PyObject *obj) {
+  (void)m;
+  Py_INCREF(obj);
+  PyObject *f = aiob_py_future_into_py(g_bridge, &gate_vt, obj, NULL);
+  if (!f)
+    Py_DECREF(obj);
+  return f;
+}
+
+/* gate_entered(n): True once n gate tasks blocked (GIL released). */
+static PyObject *m_gate_entered(PyObject *m, PyObject *arg) {
+  (void)m;
+  long n = PyLong_AsLong(arg);
+  if (n == -1 && PyErr_Occurred())
+    return NULL;
+  PyThreadState *ts = PyEval_SaveThread();
+  int rc = latch_wait(&g_gate_entered, n, WAIT_TIMEOUT);
+  PyEval_RestoreThread(ts);
+  return PyBool_FromLong(rc == 0);
+}
+
+static PyObject *m_probe_object(PyObject *m, PyObject *unused) {
+  (void)m;
+  (void)unused;
+  return PyCapsule_New(&g_probe_freed, "bcapi.probe", probe_destroyed);
+}
+
 static PyMethodDef bcapi_methods[] = {
+    {"gate_block", m_gate_block, METH_O, NULL},
+    {"gate_entered", m_gate_entered, METH_O, NULL},
+    {"probe_object", m_probe_object, METH_NOARGS, NULL},
     {"value", m_value, METH_O, NULL},
     {"none", m_none, METH_NOARGS, NULL},
     {"sleep_us", m_sleep_us, METH_O, NULL},
@@ -1363,9 +1438,208 @@ static void test_shutdown_while_starting(void **state) {
   assert_clean();
 }
 
+/* Waits (bounded) until no abandoned loop thread runs any more. */
+static int abandoned_reach_zero(void) {
+  uint64_t deadline = aiob_now_ns() + WAIT_TIMEOUT;
+  while (aiob_runtime_abandoned_threads() != 0) {
+    if (aiob_now_ns() > deadline)
+      return -1;
+    sleep_thread_ns(AIOB_MSEC);
+  }
+  return 0;
+}
+
+/* ======================================================================== */
+/* 15. aiobridge.shutdown(timeout=...) with a loop thread that cannot stop  */
+/*     (a C task blocks it): ShutdownTimeoutError saying what is left; the  */
+/*     C tasks the stuck loop will never finish fail with ShutdownError;    */
+/*     the coroutine a C task there awaited is cancelled; a fresh runtime   */
+/*     starts. Unblocked, the abandoned thread drops its task without       */
+/*     touching Python: the Python object the task held is released later, */
+/*     by a thread that holds the GIL.                                      */
+static void test_shutdown_deadline(void **state) {
+  (void)state;
+  gate_set(0);
+  PyObject *g = run_ok(
+      "import asyncio, aiobridge, bcapi\n"
+      "seen = []\n"
+      "async def co(started):\n"
+      "    started.set()\n"
+      "    try:\n"
+      "        await asyncio.sleep(3600)\n"
+      "    except asyncio.CancelledError:\n"
+      "        seen.append('cancelled')\n"
+      "        raise\n"
+      "async def outcome(f):\n"
+      "    try:\n"
+      "        return repr(await asyncio.wait_for(f, 30))\n"
+      "    except BaseException as e:\n"
+      "        return type(e).__name__\n"
+      "async def main():\n"
+      "    started = asyncio.Event()\n"
+      "    aw = asyncio.ensure_future(bcapi.parent_child(co(started)))\n"
+      "    await started.wait()\n"
+      "    gated = "
+      "asyncio.ensure_future(bcapi.gate_block(bcapi.probe_object()))\n"
+      "    await asyncio.sleep(0)  # the gate task starts\n"
+      "    entered = bcapi.gate_entered(1)\n"
+      "    nap = asyncio.ensure_future(bcapi.sleep_us(60e6))\n"
+      "    left = None\n"
+      "    try:\n"
+      "        aiobridge.shutdown(timeout=0.05)\n"
+      "    except aiobridge.ShutdownTimeoutError as e:\n"
+      "        left = e.left['bcapi']\n"
+      "    outs = [await outcome(f) for f in (aw, gated, nap)]\n"
+      "    while not seen:\n"
+      "        await asyncio.sleep(0.001)\n"
+      "    info = aiobridge.runtime_info('bcapi')\n"
+      "    return entered, left, outs, info['abandoned_threads'], \\\n"
+      "        await bcapi.value(5)\n"
+      "entered, left, outs, abandoned, again = asyncio.run(\n"
+      "    asyncio.wait_for(main(), 60))\n"
+      "ok = (entered and left['loops'] == 1 and left['loops_left'] == 1\n"
+      "      and left['tasks_left'] >= 4 and abandoned == 1 and again == 5\n"
+      "      and outs == ['ShutdownError'] * 3 and seen == ['cancelled'])\n");
+  PyObject *ok = py_get(g, "ok");
+  if (ok != Py_True) {
+    PyObject *r = PyObject_Repr(g);
+    fail_msg("shutdown with a deadline went wrong: %s",
+             r ? PyUnicode_AsUTF8(r) : "?");
+  }
+  Py_DECREF(g);
+  int freed = atomic_load(&g_probe_freed);
+  gate_set(1);
+  if (abandoned_reach_zero() < 0)
+    fail_msg("the abandoned loop thread did not end once unblocked");
+  /* Its drop queued the release; a thread with the GIL does it. */
+  assert_int_equal(atomic_load(&g_probe_freed), freed);
+  Py_DECREF(run_ok("import aiobridge\naiobridge.shutdown()\n"));
+  assert_int_equal(atomic_load(&g_probe_freed), freed + 1);
+  assert_int_equal(atomic_load(&g_probe_freed_elsewhere), 0);
+  gate_set(0);
+  assert_clean();
+}
+
+/* ======================================================================== */
+/* 16. aiobridge.shutdown() (no deadline) with C tasks in flight: a CTask   */
+/*     raises ShutdownError, one the user cancelled CancelledError; a plain */
+/*     C task awaiting a Python coroutine is dropped (its joiner sees       */
+/*     AIOB_ECANCELED) and the coroutine is cancelled.                      */
+static void test_shutdown_outcomes(void **state) {
+  (void)state;
+  PyObject *g = run_ok(
+      "import asyncio, aiobridge, bcapi\n"
+      "seen = []\n"
+      "async def co(started):\n"
+      "    started.set()\n"
+      "    try:\n"
+      "        await asyncio.sleep(3600)\n"
+      "    except asyncio.CancelledError:\n"
+      "        seen.append('cancelled')\n"
+      "        raise\n"
+      "async def outcome(f):\n"
+      "    try:\n"
+      "        return repr(await asyncio.wait_for(f, 30))\n"
+      "    except BaseException as e:\n"
+      "        return type(e).__name__\n"
+      "async def main():\n"
+      "    loop = asyncio.get_running_loop()\n"
+      "    started = asyncio.Event()\n"
+      "    plain = loop.run_in_executor(None, bcapi.plain_await, loop,\n"
+      "                                 co(started))\n"
+      "    await started.wait()\n"
+      "    nap, cancelled = bcapi.sleep_us(60e6), bcapi.sleep_us(60e6)\n"
+      "    cancelled.cancel()\n"
+      "    shut = aiobridge.shutdown()\n"
+      "    status, value = await asyncio.wait_for(plain, 30)\n"
+      "    outs = [await outcome(nap), await outcome(cancelled)]\n"
+      "    while not seen:\n"
+      "        await asyncio.sleep(0.001)\n"
+      "    return shut, status, value, outs\n"
+      "shut, status, value, outs = asyncio.run(asyncio.wait_for(main(), 60))\n"
+      "ok = (shut is None and value is None and seen == ['cancelled']\n"
+      "      and outs == ['ShutdownError', 'CancelledError'])\n");
+  assert_rc((int)py_long(g, "status"), AIOB_ECANCELED);
+  PyObject *ok = py_get(g, "ok");
+  if (ok != Py_True) {
+    PyObject *r = PyObject_Repr(g);
+    fail_msg("shutdown outcomes: %s", r ? PyUnicode_AsUTF8(r) : "?");
+  }
+  Py_DECREF(g);
+  assert_clean();
+}
+
+/* Interpreter exit with a loop thread that cannot stop: Py_FinalizeEx
+ * returns (the exit hook abandons the thread after its deadline), and
+ * nothing touches Python afterwards: neither the abandoned thread once
+ * unblocked (its task's drop releases a Python object), nor
+ * aiob_py_release called after the finalization on the thread that ran
+ * it or on another. Returns the number of failures. */
+static void *release_thread(void *obj) {
+  aiob_py_release(obj);
+  return NULL;
+}
+
+static int finalize_with_a_stuck_loop(void) {
+  int bad = 0;
+  latch_destroy(&g_gate_entered);
+  latch_init(&g_gate_entered);
+  gate_set(0);
+  PyObject *g = py_run(
+      "import asyncio, bcapi\n"
+      "async def main():\n"
+      "    keep = [asyncio.ensure_future(bcapi.gate_block(\n"
+      "                bcapi.probe_object())),\n"
+      "            asyncio.ensure_future(bcapi.sleep_us(60e6))]\n"
+      "    await asyncio.sleep(0)\n"
+      "    assert bcapi.gate_entered(1)\n"
+      "asyncio.run(main())\n"
+      "late_main, late_thread = bcapi.probe_object(), bcapi.probe_object()\n");
+  PyObject *late_main = g ? py_get(g, "late_main") : NULL;
+  PyObject *late_thread = g ? py_get(g, "late_thread") : NULL;
+  if (!late_main || !late_thread) {
+    fprintf(stderr, "bridge_capi: exit scenario: setup failed\n");
+    Py_XDECREF(g);
+    return 1;
+  }
+  Py_INCREF(late_main); /* C's now: released after the finalization */
+  Py_INCREF(late_thread);
+  Py_DECREF(g);
+  atomic_store(&g_finalizing, 1);
+  if (Py_FinalizeEx() != 0) {
+    fprintf(stderr, "bridge_capi: Py_FinalizeEx failed\n");
+    bad++;
+  }
+  if (aiob_runtime_abandoned_threads() != 1) {
+    fprintf(stderr,
+            "bridge_capi: %u abandoned loop threads after the exit "
+            "hook, want 1 (the gate's)\n",
+            aiob_runtime_abandoned_threads());
+    bad++;
+  }
+  aiob_py_release(late_main);
+  pthread_t th;
+  if (pthread_create(&th, NULL, release_thread, late_thread) == 0)
+    pthread_join(th, NULL);
+  gate_set(1);
+  if (abandoned_reach_zero() < 0) {
+    fprintf(stderr, "bridge_capi: the abandoned loop thread did not end\n");
+    bad++;
+  }
+  if (atomic_load(&g_probe_freed_late) != 0) {
+    fprintf(stderr,
+            "bridge_capi: %d Python objects were released after "
+            "Py_FinalizeEx began\n",
+            atomic_load(&g_probe_freed_late));
+    bad++;
+  }
+  return bad;
+}
+
 int main(void) {
   g_loop_thread = pthread_self();
   latch_init(&g_started);
+  latch_init(&g_gate_entered);
   const char *env = getenv("AIOBRIDGE_BACKEND");
   g_backend = env && env[0] ? env : NULL;
 
@@ -1440,14 +1714,14 @@ int main(void) {
       T(many_in_flight),
       T(concurrent_first_await),
       T(shutdown_while_starting),
+      T(shutdown_deadline),
+      T(shutdown_outcomes),
   };
   int failed = cmocka_run_group_tests_name("bridge_capi", tests, NULL, NULL);
 
-  /* The bridge's atexit hook stops the runtime before finalization. */
-  if (Py_FinalizeEx() != 0) {
-    fprintf(stderr, "bridge_capi: Py_FinalizeEx failed\n");
-    failed++;
-  }
+  /* The bridge's atexit hook stops the runtime before finalization,
+   * abandoning a loop thread that cannot stop. */
+  failed += finalize_with_a_stuck_loop();
   rc = aiob_runtime_default_peek(peek_noop, NULL);
   if (rc != AIOB_ENOENT) {
     fprintf(stderr,
@@ -1457,5 +1731,6 @@ int main(void) {
     failed++;
   }
   latch_destroy(&g_started);
+  latch_destroy(&g_gate_entered);
   return failed ? 1 : 0;
 }

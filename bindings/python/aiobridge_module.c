@@ -16,11 +16,15 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <errno.h>
+#include <math.h>
+
 typedef struct hub_state {
-  PyObject *error;          /* aiobridge.Error */
-  PyObject *shutdown_error; /* aiobridge.ShutdownError */
-  PyObject *backend_error;  /* aiobridge.BackendError */
-  PyObject *entries;        /* list of (name, info, stats, shutdown, backend) */
+  PyObject *error;            /* aiobridge.Error */
+  PyObject *shutdown_error;   /* aiobridge.ShutdownError */
+  PyObject *shutdown_timeout; /* aiobridge.ShutdownTimeoutError */
+  PyObject *backend_error;    /* aiobridge.BackendError */
+  PyObject *entries; /* list of (name, info, stats, shutdown, backend) */
 } hub_state;
 
 enum { E_NAME, E_INFO, E_STATS, E_SHUTDOWN, E_BACKEND, E_LEN };
@@ -31,7 +35,9 @@ static hub_state *hub_of(PyObject *m) {
 
 /* _register(name, info, stats, shutdown, backend): called by a bridge. A
  * module registered again under the same name (re-import) replaces its
- * earlier entry. */
+ * earlier entry. shutdown(timeout) takes None or a float of seconds and
+ * returns None, or a dict {loops, loops_left, tasks_left} when the loop
+ * threads did not stop in time; the others take no argument. */
 static PyObject *hub_register(PyObject *m, PyObject *args) {
   PyObject *name, *info, *stats, *shutdown, *backend;
   if (!PyArg_ParseTuple(args, "UOOOO:_register", &name, &info, &stats,
@@ -209,26 +215,123 @@ static PyObject *hub_stats(PyObject *m, PyObject *args, PyObject *kw) {
   return sum;
 }
 
-/* shutdown(module=None): stops `module`'s runtime, or every registered one.
- * C tasks in flight are cancelled (their awaiters see CancelledError); the
- * next call into an extension starts a fresh runtime. */
-static PyObject *hub_shutdown(PyObject *m, PyObject *args, PyObject *kw) {
-  PyObject *module;
-  if (!parse_module(args, kw, "|O:shutdown", &module))
-    return NULL;
-  PyObject *sel = select_entries(hub_of(m), module);
-  if (!sel)
-    return NULL;
-  for (Py_ssize_t i = 0; i < PyList_GET_SIZE(sel); i++) {
-    PyObject *r = call_entry(PyList_GET_ITEM(sel, i), E_SHUTDOWN);
-    if (!r) {
-      Py_DECREF(sel);
-      return NULL;
-    }
-    Py_DECREF(r);
+/* The timeout argument of shutdown(): None (no limit) or a number of
+ * seconds >= 0 (inf: no limit), as a new reference to None or a float;
+ * NULL with TypeError or ValueError set. */
+static PyObject *parse_timeout(PyObject *timeout) {
+  if (timeout == Py_None) {
+    Py_INCREF(timeout);
+    return timeout;
   }
-  Py_DECREF(sel);
-  Py_RETURN_NONE;
+  double t = PyFloat_AsDouble(timeout);
+  if (t == -1.0 && PyErr_Occurred()) {
+    if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+      PyErr_Clear();
+      PyErr_Format(PyExc_TypeError,
+                   "timeout must be None or a number of seconds, not %.100s",
+                   Py_TYPE(timeout)->tp_name);
+    }
+    return NULL;
+  }
+  if (isnan(t) || t < 0) {
+    PyErr_SetString(PyExc_ValueError,
+                    "timeout must be None or a number of seconds >= 0");
+    return NULL;
+  }
+  if (isinf(t))
+    Py_RETURN_NONE;
+  return PyFloat_FromDouble(t);
+}
+
+/* Appends "<name>: <loops_left> of <loops> loop threads still running,
+ * <tasks_left> C tasks not dropped" for one runtime's report (a dict made
+ * by the bridge). */
+static int describe_left(PyObject *parts, PyObject *name, PyObject *d) {
+  PyObject *loops = PyDict_GetItemString(d, "loops");
+  PyObject *left = PyDict_GetItemString(d, "loops_left");
+  PyObject *tasks = PyDict_GetItemString(d, "tasks_left");
+  if (!loops || !left || !tasks) {
+    PyErr_SetString(PyExc_TypeError, "aiobridge: malformed shutdown report");
+    return -1;
+  }
+  PyObject *s = PyUnicode_FromFormat(
+      "%U: %S of %S loop threads still running, %S C tasks not dropped", name,
+      left, loops, tasks);
+  if (!s)
+    return -1;
+  int rc = PyList_Append(parts, s);
+  Py_DECREF(s);
+  return rc;
+}
+
+/* ShutdownTimeoutError(ETIMEDOUT, message) with .left = left. */
+static void raise_timeout(hub_state *st, PyObject *timeout, PyObject *left) {
+  PyObject *parts = PyList_New(0), *key, *value;
+  Py_ssize_t pos = 0;
+  while (parts && PyDict_Next(left, &pos, &key, &value))
+    if (describe_left(parts, key, value) < 0)
+      Py_CLEAR(parts);
+  PyObject *sep = parts ? PyUnicode_FromString("; ") : NULL;
+  PyObject *what = sep ? PyUnicode_Join(sep, parts) : NULL;
+  PyObject *msg =
+      what ? PyUnicode_FromFormat(
+                 "aiobridge: runtime threads did not stop within %S s (%U); "
+                 "they are abandoned: their pending awaitables fail with "
+                 "ShutdownError, and the next call starts a fresh runtime",
+                 timeout, what)
+           : NULL;
+  PyObject *exc =
+      msg ? PyObject_CallFunction(st->shutdown_timeout, "iO", ETIMEDOUT, msg)
+          : NULL;
+  if (exc && PyObject_SetAttrString(exc, "left", left) == 0)
+    PyErr_SetObject(st->shutdown_timeout, exc);
+  Py_XDECREF(exc);
+  Py_XDECREF(msg);
+  Py_XDECREF(what);
+  Py_XDECREF(sep);
+  Py_XDECREF(parts);
+}
+
+/* shutdown(module=None, timeout=None): stops `module`'s runtime, or every
+ * registered one, waiting at most `timeout` seconds for each (None: no
+ * limit) with the GIL released. C tasks in flight are dropped and their
+ * awaiters see ShutdownError; the next call into an extension starts a
+ * fresh runtime. A runtime whose loop threads did not stop in time is
+ * abandoned: ShutdownTimeoutError once every selected runtime was shut. */
+static PyObject *hub_shutdown(PyObject *m, PyObject *args, PyObject *kw) {
+  static char *kwlist[] = {"module", "timeout", NULL};
+  PyObject *module = Py_None, *timeout = Py_None;
+  if (!PyArg_ParseTupleAndKeywords(args, kw, "|OO:shutdown", kwlist, &module,
+                                   &timeout))
+    return NULL;
+  hub_state *st = hub_of(m);
+  PyObject *t = parse_timeout(timeout);
+  if (!t)
+    return NULL;
+  PyObject *sel = select_entries(st, module);
+  PyObject *left = sel ? PyDict_New() : NULL;
+  for (Py_ssize_t i = 0; left && i < PyList_GET_SIZE(sel); i++) {
+    PyObject *e = PyList_GET_ITEM(sel, i);
+    PyObject *r =
+        PyObject_CallFunctionObjArgs(PyTuple_GET_ITEM(e, E_SHUTDOWN), t, NULL);
+    if (r && r != Py_None &&
+        PyDict_SetItem(left, PyTuple_GET_ITEM(e, E_NAME), r) < 0)
+      Py_CLEAR(r);
+    if (!r)
+      Py_CLEAR(left);
+    Py_XDECREF(r);
+  }
+  Py_XDECREF(sel);
+  PyObject *result = NULL;
+  if (left && PyDict_Size(left) > 0) {
+    raise_timeout(st, t, left);
+  } else if (left) {
+    Py_INCREF(Py_None);
+    result = Py_None;
+  }
+  Py_XDECREF(left);
+  Py_DECREF(t);
+  return result;
 }
 
 static PyMethodDef hub_methods[] = {
@@ -248,8 +351,12 @@ static PyMethodDef hub_methods[] = {
      "an extension's runtime, or their sums over all."},
     {"shutdown", (PyCFunction)(void (*)(void))hub_shutdown,
      METH_VARARGS | METH_KEYWORDS,
-     "shutdown(module=None)\n\nStops the runtime(s): C tasks in flight are "
-     "cancelled; a later call starts a fresh runtime."},
+     "shutdown(module=None, timeout=None)\n\nStops the runtime(s), waiting "
+     "at most timeout seconds for each (None: no limit) without holding the "
+     "GIL: C tasks in flight are dropped and their awaiters see "
+     "ShutdownError; a later call starts a fresh runtime. Raises "
+     "ShutdownTimeoutError (its .left says what was left, per module) if "
+     "loop threads did not stop in time: they are abandoned."},
     {"_register", hub_register, METH_VARARGS,
      "Internal: an extension's bridge registers its runtime."},
     {NULL, NULL, 0, NULL},
@@ -276,11 +383,25 @@ static int hub_exec(PyObject *m) {
     return -1;
   st->shutdown_error = PyErr_NewExceptionWithDoc(
       "aiobridge.ShutdownError",
-      "The runtime is shut down (interpreter exit): no new C task can run.",
+      "The runtime was shut down (aiobridge.shutdown(), interpreter exit): "
+      "a C task in flight was dropped, or no new C task can run.",
+      bases, NULL);
+  Py_DECREF(bases);
+  bases = PyTuple_Pack(2, st->error, PyExc_TimeoutError);
+  if (!st->shutdown_error || !bases) {
+    Py_XDECREF(bases);
+    return -1;
+  }
+  st->shutdown_timeout = PyErr_NewExceptionWithDoc(
+      "aiobridge.ShutdownTimeoutError",
+      "aiobridge.shutdown(timeout=...) returned at its deadline with loop "
+      "threads still running (stuck in a native request or a blocking "
+      "callback): they are abandoned. .left maps each module to "
+      "{'loops', 'loops_left', 'tasks_left'}.",
       bases, NULL);
   Py_DECREF(bases);
   bases = PyTuple_Pack(2, st->error, PyExc_OSError);
-  if (!st->shutdown_error || !bases) {
+  if (!st->shutdown_timeout || !bases) {
     Py_XDECREF(bases);
     return -1;
   }
@@ -294,6 +415,7 @@ static int hub_exec(PyObject *m) {
     return -1;
   if (add_ref(m, "Error", st->error) < 0 ||
       add_ref(m, "ShutdownError", st->shutdown_error) < 0 ||
+      add_ref(m, "ShutdownTimeoutError", st->shutdown_timeout) < 0 ||
       add_ref(m, "BackendError", st->backend_error) < 0)
     return -1;
   return 0;
@@ -304,6 +426,7 @@ static int hub_traverse(PyObject *m, visitproc visit, void *arg) {
   if (st) {
     Py_VISIT(st->error);
     Py_VISIT(st->shutdown_error);
+    Py_VISIT(st->shutdown_timeout);
     Py_VISIT(st->backend_error);
     Py_VISIT(st->entries);
   }
@@ -315,6 +438,7 @@ static int hub_clear(PyObject *m) {
   if (st) {
     Py_CLEAR(st->error);
     Py_CLEAR(st->shutdown_error);
+    Py_CLEAR(st->shutdown_timeout);
     Py_CLEAR(st->backend_error);
     Py_CLEAR(st->entries);
   }

@@ -19,7 +19,68 @@ void aiob__py_request_unref(request *r) {
   if (r->promise)
     aiob_promise_abandon(r->promise);
   aiob__py_locals_destroy(r->locals);
+  aiob__runtime_unref(r->rt);
   free(r);
+}
+
+/* The bridge's list of Python awaitables running for C tasks (GIL): what a
+ * shutdown that timed out cancels itself, as their C tasks may never be
+ * dropped. */
+static void awaiting_link(aiob_py_bridge *b, request *r) {
+  r->pnext = b->awaiting;
+  if (r->pnext)
+    r->pnext->pprev = &r->pnext;
+  r->pprev = &b->awaiting;
+  b->awaiting = r;
+}
+
+static void awaiting_unlink(request *r) {
+  if (!r->pprev)
+    return;
+  *r->pprev = r->pnext;
+  if (r->pnext)
+    r->pnext->pprev = r->pprev;
+  r->pnext = NULL;
+  r->pprev = NULL;
+}
+
+/* Drops r's Python future, and r from the list (GIL). */
+static void request_clear_future(request *r) {
+  awaiting_unlink(r);
+  Py_CLEAR(r->pyfuture);
+}
+
+/* The bridge goes (GIL): the requests still running leave its list. */
+void aiob__py_request_forget_all(aiob_py_bridge *b) {
+  while (b->awaiting)
+    awaiting_unlink(b->awaiting);
+}
+
+/* Cancels the Python awaitables running on port p's loop for C tasks of a
+ * runtime that was shut down (after a shutdown that timed out: an
+ * abandoned loop thread may never drop those tasks, which would leave them
+ * running). The C side sees AIOB_ECANCELED if it ever polls again. On p's
+ * loop thread, GIL. */
+void aiob__py_request_cancel_shut(aiob_py_bridge *b, port *p) {
+  size_t n = 0, k = 0;
+  for (request *r = b->awaiting; r; r = r->pnext)
+    n += r->locals->port == p && atomic_load(&r->rt->shut) != 0;
+  PyObject **futs = n ? malloc(n * sizeof *futs) : NULL;
+  if (!futs)
+    return;
+  for (request *r = b->awaiting; r && k < n; r = r->pnext) {
+    if (r->locals->port == p && atomic_load(&r->rt->shut)) {
+      Py_INCREF(r->pyfuture);
+      futs[k++] = r->pyfuture;
+    }
+  }
+  for (size_t i = 0; i < k; i++) {
+    PyObject *c = PyObject_CallMethodObjArgs(futs[i], b->s_cancel, NULL);
+    Py_XDECREF(c);
+    PyErr_Clear();
+    Py_DECREF(futs[i]);
+  }
+  free(futs);
 }
 
 /* Waiter: the Python-side done callback of an awaited future. */
@@ -106,7 +167,7 @@ static PyObject *waiter_call(PyObject *self, PyObject *args, PyObject *kw) {
   if (r) {
     w->req = NULL;
     finish_request(w->b, r, fut);
-    Py_CLEAR(r->pyfuture);
+    request_clear_future(r);
     aiob__py_request_unref(r);
   }
   Py_RETURN_NONE;
@@ -116,7 +177,7 @@ static void waiter_dealloc(PyObject *self) {
   waiter *w = (waiter *)self;
   PyTypeObject *tp = Py_TYPE(self);
   if (w->req) {
-    Py_CLEAR(w->req->pyfuture);
+    request_clear_future(w->req);
     aiob__py_request_unref(w->req);
   }
   tp->tp_free(self);
@@ -208,6 +269,7 @@ int aiob__py_request_start(aiob_py_bridge *b, request *r) {
   w->b = b;
   w->req = r; /* the Python side's reference */
   r->pyfuture = fut;
+  awaiting_link(b, r);
   PyObject *ok =
       PyObject_CallMethodObjArgs(fut, b->s_add_done_callback, w, NULL);
   Py_DECREF(w);
@@ -311,6 +373,8 @@ static int await_send(aiob_task *self, aiob_py_await *aw) {
   r->conv = aw->conv;
   r->promise = aw->promise; /* completer side */
   r->locals = aiob__py_locals_clone(l);
+  r->rt = aiob_task_runtime(self);
+  aiob__runtime_ref(r->rt);
   if (!aiob__py_port_push(l->port, &r->it)) {
     aiob__py_request_unref(r); /* the Python side's: never delivered */
     aiob__py_request_unref(r); /* abandons the promise */

@@ -23,18 +23,37 @@ PyObject *aiob__py_no_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
   return NULL;
 }
 
+static PyObject *stopped_at_exit(aiob_py_bridge *b) {
+  PyErr_SetString(b->shutdown_error,
+                  "aiobridge: the runtime was stopped at interpreter exit");
+  return NULL;
+}
+
 /* The runtime, started if needed, with a reference the caller releases
  * (aiob_runtime_release): another thread may shut it down meanwhile, and
- * its memory must outlive our use. NULL with aiobridge.ShutdownError
- * (after the interpreter-exit hook) or aiobridge.BackendError set (GIL). */
+ * its memory must outlive our use. Starting it, or waiting for a shutdown
+ * in progress, happens without the GIL (runtime threads never need it,
+ * but other Python threads should not wait for them); a running runtime
+ * is taken with the GIL held. NULL with aiobridge.ShutdownError (after the
+ * interpreter-exit hook) or aiobridge.BackendError set (GIL). */
 aiob_runtime *aiob__py_bridge_runtime(aiob_py_bridge *b) {
-  if (b->exited) {
-    PyErr_SetString(b->shutdown_error,
-                    "aiobridge: the runtime was stopped at interpreter exit");
-    return NULL;
-  }
+  if (b->exited)
+    return (aiob_runtime *)stopped_at_exit(b);
   aiob_runtime *rt = NULL;
-  int rc = aiob_runtime_default_acquire(&rt);
+  int rc = aiob__runtime_default_try_acquire(&rt);
+  if (rc == AIOB_EAGAIN) {
+    Py_BEGIN_ALLOW_THREADS;
+    rc = aiob_runtime_default_acquire(&rt);
+    Py_END_ALLOW_THREADS;
+    if (rc == 0 && b->exited) {
+      /* The exit hook ran meanwhile: this runtime started after it. */
+      aiob_runtime_release(rt);
+      Py_BEGIN_ALLOW_THREADS;
+      aiob_runtime_default_shutdown_timeout(AIOB__PY_EXIT_TIMEOUT_NS, NULL);
+      Py_END_ALLOW_THREADS;
+      return (aiob_runtime *)stopped_at_exit(b);
+    }
+  }
   if (rc < 0) {
     /* An OSError subclass: errno and a message naming the knob in use. */
     const char *env = getenv("AIOBRIDGE_BACKEND");
@@ -120,10 +139,11 @@ static PyObject *bridge_info(const char *module) {
     spin = PyLong_FromUnsignedLong(i.spin_us);
   }
   PyObject *d = Py_BuildValue(
-      "{s:s,s:O,s:s,s:O,s:O,s:O,s:s}", "module", module, "running",
+      "{s:s,s:O,s:s,s:O,s:O,s:O,s:s,s:I}", "module", module, "running",
       running ? Py_True : Py_False, "backend", running ? i.backend : NULL,
       "threads", threads ? threads : Py_None, "spin_us", spin ? spin : Py_None,
-      "backends", names, "default_backend", aiob_backend_at(0)->name);
+      "backends", names, "default_backend", aiob_backend_at(0)->name,
+      "abandoned_threads", aiob_runtime_abandoned_threads());
   if (running) {
     Py_XDECREF(threads);
     Py_XDECREF(spin);
@@ -180,16 +200,36 @@ static PyObject *reg_backend(PyObject *cap, PyObject *unused) {
   return b ? aiob_py_bridge_backend(b) : NULL;
 }
 
-/* Stops the runtime; C tasks in flight are cancelled, their completions
- * reach the loops' ports and cancel the futures. Runtime threads never take
- * the GIL, so joining them with it held cannot deadlock. */
-static PyObject *reg_shutdown(PyObject *cap, PyObject *unused) {
-  (void)unused;
+/* shutdown(timeout): stops the runtime, waiting at most `timeout` seconds
+ * (None: no limit) for its loop threads, without the GIL. C tasks in flight
+ * are dropped; their completions reach the loops' ports and fail the
+ * futures with ShutdownError. If the loop threads did not stop in time
+ * they are abandoned, the ports are told to fail what they will never
+ * finish, and the result is a dict {loops, loops_left, tasks_left}
+ * (aiobridge.shutdown raises ShutdownTimeoutError with it); else None. */
+static PyObject *reg_shutdown(PyObject *cap, PyObject *args) {
+  PyObject *timeout = Py_None;
+  if (!PyArg_UnpackTuple(args, "_aiobridge_shutdown", 0, 1, &timeout))
+    return NULL;
   if (!reg_bridge(cap))
     return NULL;
-  aiob_runtime_default_shutdown();
+  uint64_t ns = UINT64_MAX;
+  if (timeout != Py_None && aiob_py_duration_ns(timeout, 1e9, &ns) < 0)
+    return NULL;
+  aiob_shutdown_info info;
+  int rc;
+  Py_BEGIN_ALLOW_THREADS;
+  rc = aiob_runtime_default_shutdown_timeout(ns, &info);
+  Py_END_ALLOW_THREADS;
   aiob__py_release_orphans();
-  Py_RETURN_NONE;
+  if (rc != AIOB_ETIMEDOUT)
+    Py_RETURN_NONE;
+  aiob_py_bridge *b = reg_of(cap) ? reg_of(cap)->b : NULL;
+  if (b) /* (freed meanwhile: its ports are gone too) */
+    aiob__py_ports_fail_shut(b);
+  return Py_BuildValue("{s:I,s:I,s:K}", "loops", info.loops, "loops_left",
+                       info.loops_left, "tasks_left",
+                       (unsigned long long)info.tasks_left);
 }
 
 /* atexit: runtime threads stop before the interpreter finalizes, and no
@@ -197,17 +237,27 @@ static PyObject *reg_shutdown(PyObject *cap, PyObject *unused) {
  * tasks the shutdown cancels resolve nothing: loops still running in
  * daemon threads are left as they are without aiobridge (their awaits
  * simply never finish, and the interpreter stops those threads), rather
- * than woken with cancellations they would report as errors. */
+ * than woken with cancellations they would report as errors. The wait is
+ * bounded (AIOB__PY_EXIT_TIMEOUT_NS) and without the GIL: loop threads
+ * that do not stop in time (stuck in a native request, or in a callback
+ * that blocks) are abandoned, so that the exit never hangs. They never
+ * touch Python (runtime threads never do, and from here on deferred
+ * releases run on this thread only: release.c), and if they still run
+ * when the process calls exit(), it ends without C destructors (see
+ * release.c). */
 static PyObject *reg_atexit(PyObject *cap, PyObject *unused) {
   (void)unused;
   bridge_reg *r = reg_of(cap);
   if (!r)
     return NULL;
+  aiob__py_exit_begin();
   if (r->b) {
     r->b->exited = 1;
     aiob__py_close_all_ports(r->b);
   }
-  aiob_runtime_default_shutdown();
+  Py_BEGIN_ALLOW_THREADS;
+  aiob_runtime_default_shutdown_timeout(AIOB__PY_EXIT_TIMEOUT_NS, NULL);
+  Py_END_ALLOW_THREADS;
   aiob__py_release_orphans();
   Py_RETURN_NONE;
 }
@@ -215,7 +265,7 @@ static PyObject *reg_atexit(PyObject *cap, PyObject *unused) {
 static PyMethodDef reg_defs[] = {
     {"_aiobridge_info", reg_info, METH_NOARGS, NULL},
     {"_aiobridge_stats", reg_stats, METH_NOARGS, NULL},
-    {"_aiobridge_shutdown", reg_shutdown, METH_NOARGS, NULL},
+    {"_aiobridge_shutdown", reg_shutdown, METH_VARARGS, NULL},
     {"_aiobridge_backend", reg_backend, METH_NOARGS, NULL},
     {"_aiobridge_atexit", reg_atexit, METH_NOARGS, NULL},
 };
@@ -344,6 +394,8 @@ void aiob_py_bridge_free(aiob_py_bridge *b) {
   if (!b)
     return;
   aiob__py_close_all_ports(b);
+  aiob__py_ctask_forget_all(b);
+  aiob__py_request_forget_all(b);
   if (b->reg) {
     bridge_reg *r = reg_of(b->reg);
     if (r)

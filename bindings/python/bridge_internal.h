@@ -17,8 +17,20 @@
  * for C code are released only with the GIL: at once where it is held, else
  * through the orphan list drained by the next port drain.
  *
+ * Shutdown (aiobridge.shutdown, the exit hook) waits for the runtime's loop
+ * threads without the GIL, up to a deadline. Their shutdown drops every C
+ * task, whose completions reach the ports as usual (and become
+ * ShutdownError). A loop thread that does not stop in time (stuck in a
+ * native request or a blocking callback) is abandoned: it never touches
+ * Python again, and the ports are told to fail what it will never finish
+ * (aiob__py_ports_fail_shut). After the exit hook, deferred releases run
+ * only on the thread that ran it (release.c), and a process that still has
+ * abandoned loop threads at exit() leaves without C destructors (libuv's
+ * would join a threadpool thread stuck in a request).
+ *
  * The sources, one per concept:
- *   release.c   deferred releases (work that needs the GIL), fork() handling
+ *   release.c   deferred releases (work that needs the GIL), fork() and
+ *               process exit handling
  *   errors.c    errors carried in task outputs, as Python exceptions
  *   duration.c  Python numbers of seconds (or other units) as nanoseconds
  *   port.c      ports: the per-loop queue, its eventfd, the _Port type
@@ -26,7 +38,8 @@
  *   ctask.c     the CTask type: a C task as an asyncio future
  *   await.c     awaiting Python from C: requests, _Waiter, aiob_py_await
  *   bridge.c    the bridge: init/free, registration with the aiobridge
- *               package, the atexit hook, introspection
+ *               package, shutdown with a deadline, the atexit hook,
+ *               introspection
  * (aiobridge_module.c is the `aiobridge` package's own module, not part of
  * the bridge: it does not include this header.) */
 #ifndef AIOBRIDGE_PYTHON_BRIDGE_INTERNAL_H
@@ -70,6 +83,9 @@ typedef struct port {
   aiob__inbox in; /* items for the loop; closed when the loop goes away */
   int efd;        /* the wake: watched with loop.add_reader */
   unsigned gen;   /* aiob__py_fork_gen when made */
+  /* Set by a shutdown that timed out: the next drain fails what is pending
+   * on runtimes that were shut (aiob__py_ports_fail_shut). */
+  _Atomic int fail_shut;
 } port;
 
 /* The ports dict maps a loop's weak reference to its pyport, so a loop that
@@ -86,7 +102,12 @@ typedef struct pyport {
 /* ---- Module-level bridge (bridge.c) ------------------------------------ */
 
 struct aiob_py_bridge {
-  PyObject *ports;          /* dict: loop -> Port */
+  PyObject *ports; /* dict: loop -> Port */
+  /* What a runtime whose shutdown timed out may never finish (GIL): the
+   * CTasks whose C task runs (CF_PENDING), and the Python awaitables
+   * started for C tasks (request.pyfuture set). */
+  struct cfut *pending;
+  struct request *awaiting;
   PyObject *shutdown_error; /* aiobridge.ShutdownError */
   PyObject *backend_error;  /* aiobridge.BackendError */
   PyObject *reg;            /* capsule of a bridge_reg (hub, atexit) */
@@ -142,6 +163,7 @@ typedef struct cfut {
     aiob_task *task; /* once spawned (referenced) */
   } u;
   aiob_py_converter conv;
+  struct cfut *pnext, **pprev; /* in b->pending while CF_PENDING (GIL) */
   item it; /* the completion; its spare bytes hold the fields below */
 } cfut;
 
@@ -159,7 +181,9 @@ typedef struct request {
   void *fn_arg;
   py_locals *locals; /* referenced */
   aiob_py_result_converter conv;
-  PyObject *pyfuture; /* the running Python future (GIL) */
+  PyObject *pyfuture;             /* the running Python future (GIL) */
+  aiob_runtime *rt;               /* the C task's runtime (referenced) */
+  struct request *pnext, **pprev; /* in b->awaiting while pyfuture (GIL) */
 } request;
 
 /* ---- Functions shared between the sources ------------------------------
@@ -170,6 +194,7 @@ extern _Atomic unsigned aiob__py_fork_gen;
 void aiob__py_fork_init(void);
 void aiob__py_with_gil(void (*fn)(void *), void *arg);
 void aiob__py_release_orphans(void);
+void aiob__py_exit_begin(void);
 
 /* embed.c */
 int aiob__py_main_start(const aiob_main_config *cfg, aiob_py_bridge **b,
@@ -190,6 +215,7 @@ void aiob__py_port_unref(port *p);
 bool aiob__py_port_push(port *p, item *it);
 pyport *aiob__py_port_for(aiob_py_bridge *b, PyObject *loop, int on_thread);
 void aiob__py_close_all_ports(aiob_py_bridge *b);
+void aiob__py_ports_fail_shut(aiob_py_bridge *b);
 
 /* locals.c */
 void aiob__py_locals_clear(py_locals *l);
@@ -206,15 +232,23 @@ int aiob__py_locals_fill(aiob_py_bridge *b, py_locals *l, PyObject *loop,
 /* ctask.c */
 extern PyType_Spec aiob__py_ctask_spec;
 int aiob__py_ctask_complete(aiob_py_bridge *b, cfut *f);
+int aiob__py_ctask_fail_shut(aiob_py_bridge *b, port *p);
+void aiob__py_ctask_forget_all(aiob_py_bridge *b);
 
 /* await.c */
 extern PyType_Spec aiob__py_waiter_spec;
 void aiob__py_request_unref(request *r);
 int aiob__py_request_start(aiob_py_bridge *b, request *r);
 void aiob__py_request_cancel(aiob_py_bridge *b, request *r);
+void aiob__py_request_cancel_shut(aiob_py_bridge *b, port *p);
+void aiob__py_request_forget_all(aiob_py_bridge *b);
 
 /* bridge.c */
 PyObject *aiob__py_no_new(PyTypeObject *type, PyObject *args, PyObject *kw);
 aiob_runtime *aiob__py_bridge_runtime(aiob_py_bridge *b);
+
+/* How long the interpreter-exit hook waits for the runtime's loop threads
+ * before it abandons them (they never touch Python; see bridge.c). */
+#define AIOB__PY_EXIT_TIMEOUT_NS (250 * AIOB_MSEC)
 
 #endif /* AIOBRIDGE_PYTHON_BRIDGE_INTERNAL_H */

@@ -13,6 +13,7 @@
  * bridge_internal.h: the locals and the port drain reach into it. */
 #include "bridge_internal.h"
 
+#include <stdlib.h>
 #include <string.h>
 
 enum { CF_UNBOUND, CF_PENDING, CF_RESULT, CF_EXCEPTION, CF_CANCELLED };
@@ -34,6 +35,38 @@ static aiob_py_bridge *cf_bridge(cfut *f) {
 }
 
 static bool cf_done(cfut *f) { return CF_STATE(f) >= CF_RESULT; }
+
+/* The bridge's list of pending CTasks (GIL): what a shutdown that timed out
+ * must fail itself, as their C tasks may never be dropped. */
+static void pend_link(aiob_py_bridge *b, cfut *f) {
+  f->pnext = b->pending;
+  if (f->pnext)
+    f->pnext->pprev = &f->pnext;
+  f->pprev = &b->pending;
+  b->pending = f;
+}
+
+static void pend_unlink(cfut *f) {
+  if (!f->pprev)
+    return;
+  *f->pprev = f->pnext;
+  if (f->pnext)
+    f->pnext->pprev = f->pprev;
+  f->pnext = NULL;
+  f->pprev = NULL;
+}
+
+/* The bridge goes (GIL): its CTasks, still alive, leave its list. */
+void aiob__py_ctask_forget_all(aiob_py_bridge *b) {
+  while (b->pending)
+    pend_unlink(b->pending);
+}
+
+/* True if the C task of a pending future runs on a runtime that was shut
+ * down: it was dropped by the shutdown, or will never run again. */
+static bool cf_runtime_shut(cfut *f) {
+  return atomic_load(&aiob_task_runtime(f->u.task)->shut) != 0;
+}
 
 /* loop.call_soon(cb, fut, context=ctx) (GIL); ctx NULL: a fresh empty
  * context. From a thread that does not run `loop` (a future cancelled from
@@ -182,9 +215,23 @@ static void cf_set_current_exception(cfut *f) {
   f->it.log_exc = 1;
 }
 
+/* Fails the future with aiobridge.ShutdownError(msg). */
+static void cf_set_shutdown_error(cfut *f, const char *msg) {
+  PyObject *exc = PyObject_CallFunction(cf_bridge(f)->shutdown_error, "s", msg);
+  if (!exc) {
+    cf_set_current_exception(f);
+    return;
+  }
+  f->value = exc;
+  CF_STATE(f) = CF_EXCEPTION;
+  f->it.log_exc = 1;
+}
+
 /* Resolves the future of a finished C task and runs its done callbacks
  * (loop thread, GIL). A future cancelled by Python meanwhile discards the
- * outcome silently. -1: a callback let SystemExit or KeyboardInterrupt
+ * outcome silently. A task dropped because its runtime was shut down
+ * raises aiobridge.ShutdownError: CancelledError stays for cancellations
+ * the user asked for. -1: a callback let SystemExit or KeyboardInterrupt
  * out (it is set). */
 int aiob__py_ctask_complete(aiob_py_bridge *b, cfut *f) {
   b->completions++;
@@ -198,6 +245,7 @@ int aiob__py_ctask_complete(aiob_py_bridge *b, cfut *f) {
     Py_DECREF(f);
     return 0;
   }
+  pend_unlink(f);
   if (out.status >= 0) {
     PyObject *v;
     if (f->conv) {
@@ -213,6 +261,8 @@ int aiob__py_ctask_complete(aiob_py_bridge *b, cfut *f) {
     } else {
       cf_set_current_exception(f);
     }
+  } else if (out.status == AIOB_ECANCELED && cf_runtime_shut(f)) {
+    cf_set_shutdown_error(f, "aiobridge: the runtime was shut down");
   } else if (out.status == AIOB_ECANCELED) {
     CF_STATE(f) = CF_CANCELLED;
   } else {
@@ -228,6 +278,42 @@ int aiob__py_ctask_complete(aiob_py_bridge *b, cfut *f) {
   aiob_output_clear(&out);
   int rc = cf_callbacks(f, 1);
   Py_DECREF(f);
+  return rc;
+}
+
+/* Fails with ShutdownError every CTask of port p whose C task runs on a
+ * runtime that was shut down (after a shutdown that timed out: an
+ * abandoned loop thread may never drop it; a completion that still comes
+ * is then discarded). On p's loop thread, GIL. -1: a done callback let
+ * SystemExit or KeyboardInterrupt out (it is set; some may be left). */
+int aiob__py_ctask_fail_shut(aiob_py_bridge *b, port *p) {
+  /* Collected first, with references: callbacks may change the list. No
+   * Python allocation between counting and filling (a collection could
+   * unlink futures). */
+  size_t n = 0, k = 0;
+  for (cfut *f = b->pending; f; f = f->pnext)
+    n += f->loc.port == p && cf_runtime_shut(f);
+  cfut **doomed = n ? malloc(n * sizeof *doomed) : NULL;
+  if (!doomed)
+    return 0;
+  for (cfut *f = b->pending; f && k < n; f = f->pnext) {
+    if (f->loc.port == p && cf_runtime_shut(f)) {
+      Py_INCREF(f);
+      doomed[k++] = f;
+    }
+  }
+  int rc = 0;
+  for (size_t i = 0; i < k; i++) {
+    cfut *f = doomed[i];
+    if (rc == 0 && CF_STATE(f) == CF_PENDING) {
+      pend_unlink(f);
+      cf_set_shutdown_error(f, "aiobridge: the runtime was shut down and its "
+                               "loop thread did not stop in time");
+      rc = cf_callbacks(f, 1);
+    }
+    Py_DECREF(f);
+  }
+  free(doomed);
   return rc;
 }
 /* ---- CTask: binding and starting ---------------------------------------- */
@@ -268,20 +354,24 @@ static int cf_start(cfut *f, py_locals *from, PyObject *loop) {
   } else if (aiob__py_locals_fill(b, &got, loop, NULL, 1) < 0) {
     return -1;
   }
-  if (f->loc.loop) { /* bound by another thread meanwhile */
-    aiob__py_locals_clear(&got);
-    return 0;
-  }
-  if (CF_STATE(f) != CF_UNBOUND) { /* cancelled meanwhile */
-    f->loc.loop = got.loop;
-    got.loop = NULL;
-    aiob__py_locals_clear(&got);
-    return 0;
-  }
+  /* May release the GIL (to start the runtime, or wait for a shutdown in
+   * progress): before the checks. */
   aiob_runtime *rt = aiob__py_bridge_runtime(b);
   if (!rt) {
     aiob__py_locals_clear(&got);
     return -1;
+  }
+  if (f->loc.loop) { /* bound by another thread meanwhile */
+    aiob_runtime_release(rt);
+    aiob__py_locals_clear(&got);
+    return 0;
+  }
+  if (CF_STATE(f) != CF_UNBOUND) { /* cancelled meanwhile */
+    aiob_runtime_release(rt);
+    f->loc.loop = got.loop;
+    got.loop = NULL;
+    aiob__py_locals_clear(&got);
+    return 0;
   }
   aiob__py_locals_move(&f->loc, &got);
   aiob_local_init li = {.key = key, .value = &f->loc};
@@ -311,6 +401,7 @@ static int cf_start(cfut *f, py_locals *from, PyObject *loop) {
   }
   f->u.task = task; /* the task owns `state` now */
   CF_STATE(f) = CF_PENDING;
+  pend_link(b, f);
   return 0;
 }
 
@@ -344,6 +435,8 @@ static cfut *cf_new(aiob_py_bridge *b, const aiob_task_vtable *vt, void *state,
   f->u.lazy.state = state;
   f->u.lazy.b = b;
   f->conv = conv;
+  f->pnext = NULL;
+  f->pprev = NULL;
   memset(&f->it, 0, sizeof f->it);
   f->it.kind = ITEM_COMPLETION;
   CF_STATE(f) = CF_UNBOUND;
@@ -423,10 +516,12 @@ static PyObject *cf_cancelled_m(PyObject *self, PyObject *unused) {
 static int cf_do_cancel(cfut *f, PyObject *msg) {
   if (cf_done(f))
     return 0;
-  if (CF_STATE(f) == CF_UNBOUND)
+  if (CF_STATE(f) == CF_UNBOUND) {
     cf_drop_state(f);
-  else
+  } else {
+    pend_unlink(f);
     aiob_task_cancel(f->u.task);
+  }
   CF_STATE(f) = CF_CANCELLED;
   if (msg && msg != Py_None) {
     Py_INCREF(msg);
@@ -738,6 +833,7 @@ static void cf_dealloc(PyObject *self) {
   /* Dead before any Python code can run (cf_clear may run some, and let
    * another thread drain this future's completion meanwhile). */
   f->it.dead = 1;
+  pend_unlink(f);
   if (f->loc.port) {
     if (CF_STATE(f) == CF_PENDING)
       aiob_task_cancel(f->u.task);

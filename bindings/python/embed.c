@@ -325,11 +325,12 @@ int aiob__py_main_finish(aiob_py_bridge *b, PyObject *factory, PyObject *res,
     status = status_of_error();
   }
   Py_XDECREF(factory);
-  /* The runtime stops before the interpreter finalizes; its threads never
-   * wait for the GIL, but let them have it if a slow path wants it. Then
-   * the bridge goes, once the objects that use it are collected. */
+  /* The runtime stops before the interpreter finalizes, within the exit
+   * hook's deadline (a stuck native request is abandoned, never waited
+   * for), and without the GIL. Then the bridge goes, once the objects that
+   * use it are collected. */
   Py_BEGIN_ALLOW_THREADS;
-  aiob_runtime_default_shutdown();
+  aiob_runtime_default_shutdown_timeout(AIOB__PY_EXIT_TIMEOUT_NS, NULL);
   Py_END_ALLOW_THREADS;
   aiob__py_release_orphans();
   PyGC_Collect();

@@ -134,6 +134,13 @@ static PyObject *pyport_drain(PyObject *self, PyObject *unused) {
     rc = dispatch(pp->b, AIOB__CONTAINER_OF(node, item, node));
     done++;
   }
+  /* After the completions that did arrive: what a runtime abandoned by a
+   * shutdown will never finish. */
+  if (rc == 0 && atomic_exchange(&p->fail_shut, 0)) {
+    aiob__py_request_cancel_shut(pp->b, p);
+    if ((rc = aiob__py_ctask_fail_shut(pp->b, p)) < 0)
+      atomic_store(&p->fail_shut, 1); /* the rest in the next drain */
+  }
   PyObject *type, *value, *tb;
   PyErr_Fetch(&type, &value, &tb);
   if ((rc < 0 || done == DRAIN_CHUNK) && !aiob__inbox_closed(&p->in)) {
@@ -244,31 +251,24 @@ PyType_Spec aiob__py_port_spec = {
  * resolved; their C tasks are cancelled when the futures are collected),
  * and ports inherited through fork(). */
 static void prune_ports(aiob_py_bridge *b) {
-  PyObject *key, *value;
-  Py_ssize_t pos = 0;
-  PyObject *dead = NULL;
-  while (PyDict_Next(b->ports, &pos, &key, &value)) {
-    pyport *pp = (pyport *)value;
+  /* A snapshot, with references: is_closed() and closing run Python code,
+   * during which other threads may change the dict and drop its ports. */
+  PyObject *items = PyDict_Items(b->ports);
+  for (Py_ssize_t i = 0; items && i < PyList_GET_SIZE(items); i++) {
+    PyObject *key = PyTuple_GET_ITEM(PyList_GET_ITEM(items, i), 0);
+    pyport *pp = (pyport *)PyTuple_GET_ITEM(PyList_GET_ITEM(items, i), 1);
     PyObject *c = port_inherited(pp->port)
                       ? NULL
                       : pyport_call(pp, b->s_is_closed, NULL, NULL);
     if (c != Py_False) {
-      if (!dead)
-        dead = PyList_New(0);
-      if (dead)
-        PyList_Append(dead, key);
+      pyport_close(pp);
+      if (PyDict_GetItem(b->ports, key) == (PyObject *)pp)
+        PyDict_DelItem(b->ports, key);
     }
     Py_XDECREF(c);
     PyErr_Clear();
   }
-  for (Py_ssize_t i = 0; dead && i < PyList_GET_SIZE(dead); i++) {
-    PyObject *k = PyList_GET_ITEM(dead, i);
-    pyport *pp = (pyport *)PyDict_GetItem(b->ports, k);
-    if (pp)
-      pyport_close(pp);
-    PyDict_DelItem(b->ports, k);
-  }
-  Py_XDECREF(dead);
+  Py_XDECREF(items);
   PyErr_Clear();
 }
 
@@ -324,12 +324,36 @@ pyport *aiob__py_port_for(aiob_py_bridge *b, PyObject *loop, int on_thread) {
   return pp;
 }
 
+/* After a shutdown that timed out (GIL): every port's next drain, on its
+ * loop's thread, fails the CTasks pending there whose runtime was shut
+ * (ShutdownError) and cancels the Python awaitables started there for C
+ * tasks of such a runtime: an abandoned loop thread will never finish
+ * them. */
+void aiob__py_ports_fail_shut(aiob_py_bridge *b) {
+  PyObject *key, *value;
+  Py_ssize_t pos = 0;
+  while (b->ports && PyDict_Next(b->ports, &pos, &key, &value)) {
+    port *p = ((pyport *)value)->port;
+    if (port_inherited(p))
+      continue;
+    atomic_store(&p->fail_shut, 1);
+    aiob__inbox_wake(&p->in, port_signal, p); /* no-op once closed */
+  }
+}
+
 /* Closes every port of the bridge (GIL): at interpreter exit, and when
  * the bridge is freed. */
 void aiob__py_close_all_ports(aiob_py_bridge *b) {
-  PyObject *key, *value;
-  Py_ssize_t pos = 0;
-  while (b->ports && PyDict_Next(b->ports, &pos, &key, &value))
-    pyport_close((pyport *)value);
+  /* With references: closing releases what the queues held, which may run
+   * Python code that lets other threads change the dict. An exception
+   * being raised (a failed init) stays. */
+  PyObject *type, *value, *tb;
+  PyErr_Fetch(&type, &value, &tb);
+  PyObject *ports = b->ports ? PyDict_Values(b->ports) : NULL;
+  for (Py_ssize_t i = 0; ports && i < PyList_GET_SIZE(ports); i++)
+    pyport_close((pyport *)PyList_GET_ITEM(ports, i));
+  Py_XDECREF(ports);
+  PyErr_Clear();
   aiob__py_release_orphans();
+  PyErr_Restore(type, value, tb);
 }

@@ -1,14 +1,19 @@
-/* Deferred releases, and fork() handling.
+/* Deferred releases, fork() and process exit handling.
  *
  * Python references held for C code may be dropped on a thread without the
  * GIL (a runtime thread, a C task's drop): the release is queued on the
  * orphan list and done by the next thread that holds the GIL and drains it
  * (a port drain, a shutdown). fork() handling lives here because the
  * atfork handlers hold that list's lock across the fork; the generation
- * they bump tells ports made by the parent (port.c) from the child's own. */
+ * they bump tells ports made by the parent (port.c) from the child's own.
+ * Process exit too: once the interpreter-exit hook ran, only its thread
+ * may still run deferred work, and a process that still has abandoned loop
+ * threads when it calls exit() leaves without running C destructors. */
 #include "bridge_internal.h"
 
+#include <stdio.h>
 #include <stdlib.h>
+#include <unistd.h>
 
 /* ---- Deferred releases ------------------------------------------------- */
 
@@ -42,18 +47,68 @@ static void fork_child(void) {
   atomic_fetch_add(&aiob__py_fork_gen, 1);
 }
 
+/* ---- Process exit --------------------------------------------------------
+ *
+ * The exit hook (bridge.c) stops the runtime before the interpreter
+ * finalizes, but gives up on loop threads that do not stop in time: they
+ * are abandoned, and never touch Python. From the hook on, deferred work
+ * runs at once only on the hook's thread (the one that finalizes, with the
+ * GIL) until the atexit hooks are over; any other thread, and that one
+ * afterwards, queues it, as PyGILState_Check cannot be trusted once
+ * finalization has torn the thread states down (it then answers 1 on any
+ * thread). What is queued then is never run: left to the process's end.
+ *
+ * A loop thread still running at exit() is a hazard for the C destructors
+ * that exit() runs: libuv's joins its threadpool threads, one of which is
+ * stuck in the very request that keeps the loop from closing, so the
+ * process would never end; and any library the thread still uses may be
+ * torn down under it. So if abandoned loop threads still run when this
+ * process calls exit(), it leaves with _exit(status) after flushing stdio,
+ * from an on_exit handler installed before any runtime existed (handlers
+ * installed earlier, and destructors, do not run then). */
+static _Atomic int exit_begun;
+static pthread_t exit_thread; /* written before exit_begun is set */
+
+void aiob__py_exit_begin(void) {
+  exit_thread = pthread_self();
+  atomic_store(&exit_begun, 1);
+}
+
+/* May this thread run Python code for deferred work? (If it holds the
+ * GIL, which the caller checks next.) Once finalization is under way
+ * (Py_IsInitialized is 0 from the end of the atexit hooks on), not even
+ * the hook's thread: objects released then are left alone, as the
+ * interpreter leaves its own. */
+static bool may_run_python(void) {
+  return !atomic_load(&exit_begun) ||
+         (pthread_equal(pthread_self(), exit_thread) && Py_IsInitialized());
+}
+
+#ifdef __GLIBC__
+static void exit_without_destructors_if_stuck(int status, void *arg) {
+  (void)arg;
+  if (aiob_runtime_abandoned_threads() == 0)
+    return;
+  fflush(NULL);
+  _exit(status);
+}
+#endif
+
 static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
 static void fork_register(void) {
   pthread_atfork(fork_prepare, fork_parent, fork_child);
+#ifdef __GLIBC__
+  on_exit(exit_without_destructors_if_stuck, NULL);
+#endif
 }
 
-/* Installs the atfork handlers, once per process. */
+/* Installs the atfork handlers and the exit check, once per process. */
 void aiob__py_fork_init(void) { pthread_once(&fork_once, fork_register); }
 
 void aiob__py_with_gil(void (*fn)(void *), void *arg) {
   /* Runtime threads never hold it (and PyGILState_Check answers 1 on any
    * thread once its check is off, e.g. with sub-interpreters). */
-  if (!aiob__current_loop && PyGILState_Check()) {
+  if (!aiob__current_loop && may_run_python() && PyGILState_Check()) {
     fn(arg);
     return;
   }

@@ -3,7 +3,18 @@
  * benchmarks rely on it. */
 #include "aiobridge/python.h"
 
+#include <errno.h>
+#include <fcntl.h>
+#include <stdatomic.h>
 #include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <uv.h>
+
+/* libuv is linked when aiobridge has its uv backend; in a build without it
+ * these stay NULL, and stuck_fifo_open says so. */
+#pragma weak uv_fs_open
+#pragma weak uv_fs_req_cleanup
 
 typedef struct demo_state {
   aiob_py_bridge *bridge;
@@ -252,6 +263,165 @@ static PyObject *demo_fail_errno(PyObject *m, PyObject *arg) {
                                 (void *)(intptr_t)code, NULL);
 }
 
+/* ---- stuck_fifo_open(path) and block_loop_on_fifo(path) ----------------
+ *
+ * Things that keep a loop thread from stopping, for the shutdown tests.
+ * Both open(2) a FIFO for reading, which waits until a writer opens it: a
+ * test that never opens it for writing has a loop thread that cannot stop.
+ * Both resolve to None once a writer opened the FIFO.
+ *
+ * stuck_fifo_open: a native request, on the uv backend: a libuv fs open on
+ * the runtime's own uv loop (aiob_runtime_native), run by libuv's
+ * threadpool; the C task awaits its callback through a promise. Dropping
+ * the task leaves the request in flight (libuv cannot cancel a request a
+ * threadpool thread runs), and closing a uv loop runs it until every
+ * request completed: the loop thread never ends. The other backends have
+ * no such request (libevent has no requests; an io_uring loop cancels its
+ * requests when it closes, and the kernel interrupts a blocked open), so
+ * there it raises NotImplementedError.
+ *
+ * block_loop_on_fifo: on every backend, the C task's poll blocks in
+ * open(2) on its loop thread: a callback that does not return.
+ *
+ * fifo_waits() counts the tasks of either kind that have got that far (the
+ * request made; the poll about to call open(2)): from then on their loop
+ * thread cannot stop, whatever a shutdown does. Open the FIFO with O_RDWR
+ * to unstick them: a reader blocked in open(2), or one yet to come, then
+ * has a writer. */
+
+static atomic_long fifo_waits;
+
+typedef struct fifo_state {
+  char *path;
+  aiob_promise *pr; /* waiter side, once the request is made */
+} fifo_state;
+
+/* A request in flight; outlives its task (freed by its callback). */
+typedef struct fifo_req {
+  uv_fs_t fs;
+  aiob_promise *pr; /* completer side */
+} fifo_req;
+
+/* Loop thread, when the open finished (a writer came). */
+static void fifo_opened(uv_fs_t *fs) {
+  fifo_req *r = fs->data;
+  ssize_t res = fs->result;
+  uv_fs_req_cleanup(fs);
+  if (res >= 0)
+    close((int)res);
+  aiob_promise_complete(r->pr, res < 0 ? (int)res : 0, NULL, NULL);
+  free(r);
+}
+
+/* First poll: the request; then: its promise. */
+static aiob_poll fifo_open_poll(aiob_task *t, void *p) {
+  fifo_state *s = p;
+  if (!s->pr) {
+    aiob_runtime *rt = aiob_task_runtime(t);
+    uv_loop_t *loop =
+        aiob_runtime_native(rt, (unsigned)aiob_runtime_current_loop(rt));
+    fifo_req *r = calloc(1, sizeof *r);
+    if (!loop || !r || aiob_promise_new(&r->pr) < 0) {
+      free(r);
+      aiob_task_fail(t, loop ? AIOB_ENOMEM : AIOB_ESHUTDOWN);
+      return AIOB_READY;
+    }
+    r->fs.data = r;
+    int rc =
+        uv_fs_open(loop, &r->fs, s->path, O_RDONLY | O_CLOEXEC, 0, fifo_opened);
+    if (rc < 0) {
+      aiob_promise_abandon(r->pr);
+      aiob_promise_release(r->pr);
+      free(r);
+      aiob_task_fail(t, rc);
+      return AIOB_READY;
+    }
+    s->pr = r->pr;
+    atomic_fetch_add(&fifo_waits, 1);
+  }
+  aiob_output o;
+  if (aiob_promise_poll(t, s->pr, &o) == AIOB_PENDING)
+    return AIOB_PENDING;
+  if (o.status < 0)
+    aiob_task_fail(t, o.status);
+  return AIOB_READY;
+}
+
+static aiob_poll block_on_fifo_poll(aiob_task *t, void *p) {
+  fifo_state *s = p;
+  int fd;
+  atomic_fetch_add(&fifo_waits, 1);
+  do
+    fd = open(s->path, O_RDONLY | O_CLOEXEC);
+  while (fd < 0 && errno == EINTR);
+  if (fd < 0)
+    aiob_task_fail(t, -errno);
+  else
+    close(fd);
+  return AIOB_READY;
+}
+
+static void fifo_drop(void *p) {
+  fifo_state *s = p;
+  aiob_promise_release(s->pr);
+  free(s->path);
+  free(s);
+}
+
+static const aiob_task_vtable fifo_open_vt = {.poll = fifo_open_poll,
+                                              .drop = fifo_drop};
+static const aiob_task_vtable block_on_fifo_vt = {.poll = block_on_fifo_poll,
+                                                  .drop = fifo_drop};
+
+static PyObject *spawn_fifo(PyObject *m, PyObject *path,
+                            const aiob_task_vtable *vt) {
+  PyObject *bytes;
+  if (!PyUnicode_FSConverter(path, &bytes))
+    return NULL;
+  fifo_state *s = calloc(1, sizeof *s);
+  if (s)
+    s->path = strdup(PyBytes_AS_STRING(bytes));
+  Py_DECREF(bytes);
+  if (!s || !s->path) {
+    free(s);
+    return PyErr_NoMemory();
+  }
+  PyObject *r = aiob_py_future_into_py(state_of(m)->bridge, vt, s, NULL);
+  if (!r) {
+    free(s->path);
+    free(s);
+  }
+  return r;
+}
+
+static PyObject *demo_stuck_fifo_open(PyObject *m, PyObject *path) {
+  PyObject *name = aiob_py_bridge_backend(state_of(m)->bridge);
+  if (!name)
+    return NULL;
+  int uv = PyUnicode_CompareWithASCIIString(name, "uv") == 0;
+  if (!uv || !uv_fs_open)
+    PyErr_Format(PyExc_NotImplementedError,
+                 "stuck_fifo_open needs the uv backend (the runtime's is %U, "
+                 "libuv %s): libevent has no requests, and io_uring cancels "
+                 "them when its loop closes; block_loop_on_fifo blocks any "
+                 "loop",
+                 name, uv_fs_open ? "linked" : "not linked");
+  Py_DECREF(name);
+  if (!uv || !uv_fs_open)
+    return NULL;
+  return spawn_fifo(m, path, &fifo_open_vt);
+}
+
+static PyObject *demo_block_loop_on_fifo(PyObject *m, PyObject *path) {
+  return spawn_fifo(m, path, &block_on_fifo_vt);
+}
+
+static PyObject *demo_fifo_waits(PyObject *m, PyObject *unused) {
+  (void)m;
+  (void)unused;
+  return PyLong_FromLong(atomic_load(&fifo_waits));
+}
+
 /* ---- stats() and backend() --------------------------------------------- */
 
 static PyObject *demo_stats(PyObject *m, PyObject *unused) {
@@ -276,6 +446,16 @@ static PyMethodDef demo_methods[] = {
      "Awaitable: a C task awaits factory() n times; resolves to n."},
     {"fail_errno", demo_fail_errno, METH_O,
      "Awaitable: raises the OSError subclass for that errno."},
+    {"stuck_fifo_open", demo_stuck_fifo_open, METH_O,
+     "Awaitable (uv backend): a libuv fs open of the FIFO at path on the "
+     "runtime's uv loop; None once a writer opened it. Until then the loop "
+     "cannot close."},
+    {"block_loop_on_fifo", demo_block_loop_on_fifo, METH_O,
+     "Awaitable: the C task blocks its loop thread in open(2) of the FIFO "
+     "at path; None once a writer opened it."},
+    {"fifo_waits", demo_fifo_waits, METH_NOARGS,
+     "How many stuck_fifo_open / block_loop_on_fifo tasks have made their "
+     "request or are about to block (their loop thread cannot stop)."},
     {"stats", demo_stats, METH_NOARGS, "Counters of the runtime."},
     {"backend", demo_backend, METH_NOARGS, "The runtime's backend name."},
     {NULL, NULL, 0, NULL},

@@ -61,6 +61,20 @@ async def main():
         print("KeyError came back through C:", e)
 
 
+async def stop_in_flight():
+    slow = asyncio.ensure_future(ext.sleep(60))
+    await asyncio.sleep(0.01)
+    try:
+        aiobridge.shutdown(ext, timeout=5)  # waits at most 5 s, without the GIL
+    except aiobridge.ShutdownTimeoutError as e:
+        print("stuck loop threads were abandoned:", e.left)
+    try:
+        await slow
+    except aiobridge.ShutdownError:
+        print("a C sleep in flight failed with ShutdownError")
+    await ext.sleep(0.001)  # the next call starts a fresh runtime
+
+
 # uvloop first, when installed: its first loop must exist before the
 # runtime starts (see "uvloop" in docs/python.md).
 if uvloop is None:
@@ -78,4 +92,5 @@ asyncio.run(main())
 st = aiobridge.stats(ext)
 print(f"backend {aiobridge.backend(ext)}: {st['tasks_completed']} C tasks completed, "
       f"{st['tasks_cancelled']} cancelled, {st['tasks_live']} live")
+asyncio.run(stop_in_flight())
 sys.exit(0 if st["tasks_live"] == 0 else 1)

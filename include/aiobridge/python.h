@@ -40,8 +40,10 @@ typedef struct aiob_py_locals aiob_py_locals;
  * ImportError if it is missing), takes its exception types and registers
  * this runtime there under the module's name, so aiobridge.stats(),
  * runtime_info(), backend() and shutdown() cover it. Registers an atexit
- * hook that stops the runtime before the interpreter finalizes; afterwards
- * new C tasks raise aiobridge.ShutdownError. The module state owns *out
+ * hook that stops the runtime before the interpreter finalizes (waiting at
+ * most 250 ms: loop threads that do not stop by then are abandoned, and
+ * never touch Python); afterwards new C tasks raise
+ * aiobridge.ShutdownError. The module state owns *out
  * until aiob_py_bridge_free. Returns 0, or -1 with a Python exception set
  * (*out untouched). */
 int aiob_py_bridge_init(PyObject *module, aiob_py_bridge **out);
@@ -91,7 +93,10 @@ typedef PyObject *(*aiob_py_converter)(aiob_output *out);
  * success the awaitable owns `state` (through vt->drop, which also runs if
  * the task never starts: the awaitable cancelled or collected first). A
  * negative status raises the OSError subclass for that errno
- * (AIOB_ECANCELED: asyncio.CancelledError); AIOB_PY_EXCEPTION raises the
+ * (AIOB_ECANCELED: asyncio.CancelledError, or aiobridge.ShutdownError when
+ * the runtime was shut down: the task was dropped by the shutdown, or
+ * will never finish on a loop thread that did not stop in time);
+ * AIOB_PY_EXCEPTION raises the
  * carried exception; a failure nobody retrieved goes to the loop's
  * exception handler, as for asyncio futures. On failure returns NULL with
  * an exception set and neither poll nor drop is ever called: the caller

@@ -66,11 +66,58 @@ AIOB_API int aiob_runtime_new(aiob_runtime **out,
  * threads (nothing is done), or AIOB_EINVAL for a NULL rt. */
 AIOB_API int aiob_runtime_shutdown(aiob_runtime *rt);
 
+/* What a shutdown left behind, filled by the *_shutdown_timeout calls. */
+typedef struct aiob_shutdown_info {
+  unsigned loops;      /* loop threads of the runtime */
+  unsigned loops_left; /* of them, still running when the call returned */
+  uint64_t tasks_left; /* tasks not finished nor dropped by then (approx.:
+                          see aiob_runtime_stats.tasks_live) */
+} aiob_shutdown_info;
+
+/* Like aiob_runtime_shutdown, waiting at most timeout_ns (UINT64_MAX: no
+ * limit) for the loop threads to stop. A loop thread can only stop once
+ * its backend loop closes, and a native request that never completes (a
+ * libuv fs request on a FIFO with no writer), or a callback that blocks,
+ * keeps it from closing. At the deadline the remaining loop threads are
+ * still asked to stop, and keep running until they do: a later
+ * aiob_runtime_shutdown or *_shutdown_timeout waits for them again, and
+ * aiob_runtime_free no longer waits but abandons them (see there). info,
+ * if not NULL, receives what is left (zeros but `loops` on success).
+ * Thread-safe, except on one of the runtime's own loop threads. Returns 0
+ * once every loop thread stopped (and was joined), AIOB_ETIMEDOUT when
+ * the deadline came first (see aiob_runtime_loop_running for which
+ * loops), AIOB_EDEADLK on one of its loop threads (nothing is done), or
+ * AIOB_EINVAL for a NULL rt. */
+AIOB_API int aiob_runtime_shutdown_timeout(aiob_runtime *rt,
+                                           uint64_t timeout_ns,
+                                           aiob_shutdown_info *info);
+
+/* Returns 1 while loop thread `index` runs (from aiob_runtime_new until it
+ * has closed its loop after a shutdown), 0 once it has exited (or in a
+ * forked child, which has none of its parent's threads), AIOB_EINVAL for a
+ * NULL rt or a bad index. Thread-safe. */
+AIOB_API int aiob_runtime_loop_running(const aiob_runtime *rt, unsigned index);
+
 /* Shuts the runtime down (if not yet) and releases the caller's reference.
  * Memory lives on while task handles still refer to it, so handles stay
- * valid until released. Any thread but the runtime's own loop threads:
+ * valid until released. After an aiob_runtime_shutdown_timeout that
+ * returned AIOB_ETIMEDOUT it does not wait: the loop threads still running
+ * are abandoned (detached, never joined; counted by
+ * aiob_runtime_abandoned_threads), and the runtime's memory lives on until
+ * the last of them exits. Any thread but the runtime's own loop threads:
  * there it aborts, as the shutdown could never finish. NULL is a no-op. */
 AIOB_API void aiob_runtime_free(aiob_runtime *rt);
+
+/* Number of loop threads of this process that were abandoned by a
+ * shutdown that timed out (aiob_runtime_free after AIOB_ETIMEDOUT,
+ * aiob_runtime_default_shutdown_timeout) and are still running. Such a
+ * thread never touches the runtime's owner again: when it gets unstuck it
+ * drops its tasks, closes its loop, frees what only it still uses and
+ * exits. One stuck in a request of libuv's threadpool also keeps the
+ * process from exiting: libuv's destructor joins its threadpool threads at
+ * exit(), so a program that sees a non-zero count at its end should leave
+ * with _exit (the Python bridge does so at interpreter exit). Thread-safe. */
+AIOB_API unsigned aiob_runtime_abandoned_threads(void);
 
 /* The process-wide default runtime, created on first call with the
  * configuration given to aiob_runtime_default_configure (or the defaults).
@@ -122,6 +169,19 @@ AIOB_API int aiob_runtime_default_configure(const aiob_runtime_config *cfg);
  * shares with the parent (epoll sets, io_uring rings, eventfds), so the
  * parent's runtimes keep working whatever the child does. */
 AIOB_API int aiob_runtime_default_shutdown(void);
+
+/* Like aiob_runtime_default_shutdown, waiting at most timeout_ns
+ * (UINT64_MAX: no limit) for the default runtime's loop threads to stop
+ * (see aiob_runtime_shutdown_timeout). Either way the default runtime is
+ * forgotten: the next aiob_runtime_default creates a fresh one at once, and
+ * loop threads that did not stop by the deadline are abandoned (see
+ * aiob_runtime_free). info, if not NULL, receives what is left (all zeros
+ * when there was no default runtime). Thread-safe, except on one of its
+ * loop threads. Returns 0, AIOB_ETIMEDOUT (the deadline came first), or
+ * AIOB_EDEADLK (nothing is done) when called from one of its loop
+ * threads. */
+AIOB_API int aiob_runtime_default_shutdown_timeout(uint64_t timeout_ns,
+                                                   aiob_shutdown_info *info);
 
 /* Calls fn(rt, arg) with the default runtime if it exists, holding the lock
  * that keeps it from being shut down meanwhile; never creates it. For

@@ -478,6 +478,8 @@ class TestAiobridgeModule(BridgeCase):
         self.assertTrue(issubclass(aiobridge.ShutdownError, RuntimeError))
         self.assertTrue(issubclass(aiobridge.BackendError, aiobridge.Error))
         self.assertTrue(issubclass(aiobridge.BackendError, OSError))
+        self.assertTrue(issubclass(aiobridge.ShutdownTimeoutError, aiobridge.Error))
+        self.assertTrue(issubclass(aiobridge.ShutdownTimeoutError, TimeoutError))
 
     async def test_stats_keys_and_counts(self):
         self.assertEqual(set(demo.stats()), self.STATS_KEYS)
@@ -511,6 +513,7 @@ class TestAiobridgeModule(BridgeCase):
         self.assertEqual(info["threads"], 1)
         self.assertIsInstance(info["spin_us"], int)
         self.assertIn(want, info["backends"])
+        self.assertEqual(info["abandoned_threads"], 0)
         self.assertEqual(aiobridge.runtime_info(), [info])
 
     async def test_bad_module_argument(self):
@@ -521,24 +524,42 @@ class TestAiobridgeModule(BridgeCase):
         with self.assertRaises(LookupError):
             aiobridge.shutdown(asyncio)  # a module, but not an aiobridge one
 
-    async def test_shutdown_cancels_in_flight_and_restarts(self):
+    async def test_shutdown_fails_in_flight_and_restarts(self):
+        """C tasks in flight fail with ShutdownError (not CancelledError,
+        which stays for cancellations asked for), the Python coroutine a C
+        task awaited is cancelled, and the next call starts a fresh
+        runtime."""
         sleeper = asyncio.ensure_future(demo.sleep_ms(60_000))
+        cancelled = asyncio.ensure_future(demo.sleep_ms(60_000))
+        started, seen = asyncio.Event(), []
 
         async def forever():
-            await asyncio.sleep(3600)
+            started.set()
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                seen.append("cancelled")
+                raise
 
         awaiting = asyncio.ensure_future(demo.await_py(forever()))
-        await asyncio.sleep(0.02)
-        self.assertGreaterEqual(aiobridge.stats(demo)["tasks_live"], 2)
-        aiobridge.shutdown(demo)
+        await started.wait()
+        self.assertTrue(await wait_until(lambda: aiobridge.stats(demo)["tasks_live"] == 3))
+        cancelled.cancel()
+        self.assertIsNone(aiobridge.shutdown(demo, timeout=30))
         self.assertFalse(aiobridge.runtime_info(demo)["running"])
         for fut in (sleeper, awaiting):
-            with self.assertRaises(asyncio.CancelledError):
+            with self.assertRaises(aiobridge.ShutdownError):
                 await asyncio.wait_for(fut, 5)
+        with self.assertRaises(asyncio.CancelledError):
+            await cancelled
+        self.assertTrue(await wait_until(lambda: seen))
+        self.assertEqual(seen, ["cancelled"])
         # The next call starts a fresh runtime.
         self.assertEqual(await demo.echo("again"), "again")
         self.assertTrue(aiobridge.runtime_info(demo)["running"])
         self.assertEqual(aiobridge.stats(demo)["tasks_spawned"], 1)
+        aiobridge.shutdown()  # no limit, as before
+        self.assertEqual(await demo.echo("and again"), "and again")
 
     def test_unknown_backend_is_backend_error(self):
         p = run_python(

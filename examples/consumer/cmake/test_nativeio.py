@@ -313,7 +313,7 @@ class NativeIO(unittest.TestCase):
             t = asyncio.ensure_future(nativeio.recv(b.fileno(), 100))
             await wait_until(inflight_is(1), "the read to start")
             aiobridge.shutdown(nativeio)  # drops the task, closes the loop
-            with self.assertRaises(asyncio.CancelledError):
+            with self.assertRaises(aiobridge.ShutdownError):
                 await t
             await wait_until(inflight_is(0), "the read to be released by shutdown")
             a.sendall(b"fresh")  # the next call starts a fresh runtime
