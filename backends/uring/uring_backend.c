@@ -27,8 +27,9 @@
 #include <unistd.h>
 
 #define DEFAULT_ENTRIES 256
-#define TAG_OP_BIT ((uint64_t)1) /* an aiob_uring_op (aligned, so bit 0 free)  \
-                                  */
+#define TAG_OP_BIT                                                             \
+  ((uint64_t)1) /* an aiob_uring_op (aligned, so bit 0 free)                   \
+                 */
 #define TAG_WAKE ((uint64_t)2)
 #define TAG_IGNORE ((uint64_t)4) /* poll-remove and cancel completions */
 
@@ -144,22 +145,31 @@ static int urb_loop_init(aiob_loop *core, const aiob_backend_options *opts,
 
 static unsigned reap(urb *b);
 static int cancel_op(urb *b, aiob_uring_op *op);
+static void op_completion(aiob_uring_op *op, int res, unsigned flags);
+#define OP_CANCEL_SENT 1u /* aiob__flags: the loop's close cancelled it */
 
 static void urb_loop_close(void *p) {
   urb *b = p;
   /* Every watch was stopped, but a stopped watch's struct is freed only when
    * its (cancelled) poll completes, and every extension request still gets
    * its completion: cancel those and wait for all of them. */
-  for (aiob_uring_op *op = b->ops.aiob__next; op != &b->ops;
-       op = op->aiob__next)
-    cancel_op(b, op);
   while (b->dying > 0 || b->ops.aiob__next != &b->ops) {
+    /* Ops submitted meanwhile (by a complete callback) are cancelled too,
+     * and a cancel that found no queue entry is tried again. */
+    for (aiob_uring_op *op = b->ops.aiob__next; op != &b->ops;
+         op = op->aiob__next)
+      if (!(op->aiob__flags & OP_CANCEL_SENT) && cancel_op(b, op) == 0)
+        op->aiob__flags |= OP_CANCEL_SENT;
     struct io_uring_cqe *cqe;
     if (io_uring_submit_and_wait(&b->ring, 1) < 0 &&
         io_uring_peek_cqe(&b->ring, &cqe) != 0)
       break;
     reap(b);
   }
+  /* The ring is unusable if we left early: complete what is left, as
+   * promised, before the ring goes. */
+  while (b->ops.aiob__next != &b->ops)
+    op_completion(b->ops.aiob__next, -ECANCELED, 0);
   io_uring_queue_exit(&b->ring);
   close(b->wake_fd);
   free(b);
@@ -336,6 +346,7 @@ void aiob_uring_sqe_set_op(struct io_uring *ring, struct io_uring_sqe *sqe,
                            aiob_uring_op *op) {
   urb *b = (urb *)ring;
   io_uring_sqe_set_data64(sqe, (uint64_t)(uintptr_t)op | TAG_OP_BIT);
+  op->aiob__flags = 0;
   op->aiob__prev = &b->ops;
   op->aiob__next = b->ops.aiob__next;
   b->ops.aiob__next->aiob__prev = op;

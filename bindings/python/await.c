@@ -236,6 +236,10 @@ int aiob__py_request_start(aiob_py_bridge *b, request *r) {
     }
     if (aw)
       fut = PyObject_CallFunctionObjArgs(b->ensure_future, aw, NULL);
+    else if (!PyErr_Occurred())
+      PyErr_SetString(PyExc_SystemError,
+                      "aiobridge: the awaitable function returned NULL "
+                      "without setting an exception");
     PyContext_Exit(ctx);
   }
   Py_XDECREF(aw);

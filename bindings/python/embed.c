@@ -198,10 +198,25 @@ static int extend_sys_path(const char *const *dirs) {
 }
 
 /* `import aiobridge`, or the built-in copy of its C module under that name
- * when the package is not installed. -1 with an exception. */
+ * when the package is not installed (only then: a package that is there
+ * but broken is an error to see). -1 with an exception. */
 static int ensure_hub(void) {
   PyObject *hub = PyImport_ImportModule("aiobridge");
-  if (!hub && PyErr_ExceptionMatches(PyExc_ImportError)) {
+  if (!hub && PyErr_ExceptionMatches(PyExc_ModuleNotFoundError)) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    PyObject *name = value ? PyObject_GetAttrString(value, "name") : NULL;
+    int missing = name && PyUnicode_Check(name) &&
+                  PyUnicode_CompareWithASCIIString(name, "aiobridge") == 0;
+    Py_XDECREF(name);
+    if (!missing) {
+      PyErr_Restore(type, value, tb);
+      return -1;
+    }
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
     PyErr_Clear();
     hub = PyImport_ImportModule(EMBEDDED_HUB);
     if (hub &&
@@ -263,7 +278,10 @@ static int status_of_error(void) {
   if (!code) {
     PyErr_Clear();
   } else if (PyLong_Check(code)) {
-    status = (int)PyLong_AsLong(code);
+    long v = PyLong_AsLong(code);
+    if (v == -1 && PyErr_Occurred()) /* too big: as python, 255 */
+      PyErr_Clear();
+    status = (int)v;
   } else if (code != Py_None) {
     PyObject_Print(code, stderr, Py_PRINT_RAW);
     fputc('\n', stderr);

@@ -70,7 +70,8 @@ void aiob_main_config_init(aiob_main_config *cfg, int argc, char **argv);
 
 /* The whole life of an embedding program: initialises Python from `cfg`,
  * makes a bridge (registered as "__main__" with the `aiobridge` package,
- * or with a built-in copy of it when the package is not installed), runs
+ * or, when the package is not installed, with a built-in copy of its C
+ * module: exception types, stats, shutdown; no get_include), runs
  * the C main task (vt, state) with aiob_py_run on the main thread's loop
  * and the runtime in the background, then tears down in order: async
  * generators, the default executor, the loop, the runtime, Py_FinalizeEx.

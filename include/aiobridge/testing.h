@@ -56,7 +56,8 @@ void aiob_test_fail(aiob_task *self, const char *file, int line,
  *   --list           print the test names and exit
  * AIOBRIDGE_LOOP=uvloop runs them on uvloop. Main thread only: call it from
  * main(), once. Returns the exit status: 0 when every selected test
- * passed, 1 otherwise, 2 for a bad command line. */
+ * passed, 1 otherwise, 2 for a bad command line. Ctrl-C cancels the run
+ * and ends the process by SIGINT, with no report. */
 int aiob_test_main(int argc, char **argv);
 
 /* Defines and registers the test `name`: the body is a poll function with

@@ -51,11 +51,14 @@ typedef void (*aiob_uring_complete_fn)(aiob_uring_op *op, int res,
 struct aiob_uring_op {
   aiob_uring_complete_fn complete;
   struct aiob_uring_op *aiob__next, *aiob__prev; /* in flight on the loop */
+  unsigned aiob__flags;
 };
 
 /* A free submission queue entry of `ring`, the native handle of a "uring"
  * loop; when the queue is full, submits what is queued first. Prepare it and
- * then tag it with aiob_uring_sqe_set_op before returning to the loop.
+ * tag it with aiob_uring_sqe_set_op before the next aiob_uring_get_sqe
+ * (which may submit it); for a linked chain of n entries, check
+ * io_uring_sq_space_left(ring) >= n first so that no submit splits it.
  * Returns NULL if `ring` is NULL or the kernel keeps refusing submissions.
  * Loop thread of `ring` only. */
 AIOB_API struct io_uring_sqe *aiob_uring_get_sqe(struct io_uring *ring);
