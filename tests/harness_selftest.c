@@ -81,15 +81,19 @@ AIOB_TEST(hang, sleepy) {
   AIOB_END(&state->co);
 }
 
-/* conc_*: each waits until CONC tests run at once (so a limit below CONC
- * makes them time out) and checks that never more than CONC do. A test
- * that times out is cancelled and keeps counting as running. */
+/* conc_*: each waits until CONC tests run at once, or until all NCONC
+ * have started (the last ones of a run cannot make CONC any more), so a
+ * limit below CONC makes the first ones time out; each checks that never
+ * more than CONC run. A test that times out is cancelled and keeps
+ * counting as running. */
 #define CONC 3
-static atomic_int running, most;
+#define NCONC 6
+static atomic_int running, most, started;
 
 static aiob_poll conc(aiob_task *self, sleepy *state) {
   AIOB_BEGIN(&state->co);
   {
+    atomic_fetch_add(&started, 1);
     int now = atomic_fetch_add(&running, 1) + 1;
     int m = atomic_load(&most);
     while (now > m && !atomic_compare_exchange_weak(&most, &m, now))
@@ -97,7 +101,9 @@ static aiob_poll conc(aiob_task *self, sleepy *state) {
     printf("conc: %d running\n", now);
     fflush(stdout);
   }
-  for (state->i = 0; atomic_load(&running) < CONC; state->i++) {
+  for (state->i = 0;
+       atomic_load(&running) < CONC && atomic_load(&started) < NCONC;
+       state->i++) {
     AIOB_TEST_ASSERT(self, state->i < 30000); /* 30 s at 1 ms */
     aiob_sleep_init(&state->sleep, AIOB_MSEC);
     AIOB_AWAIT(&state->co, aiob_sleep_poll(self, &state->sleep, NULL));

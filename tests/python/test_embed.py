@@ -106,6 +106,8 @@ class MainProgram(unittest.TestCase):
             if p.poll() is None:
                 p.kill()
                 p.wait()
+            p.stdout.close()
+            p.stderr.close()
         self.assertEqual(p.returncode, -signal.SIGINT, err)
         self.assertIn("main task dropped", lines)
         self.assertIn("KeyboardInterrupt", err)
