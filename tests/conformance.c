@@ -3656,16 +3656,10 @@ int main(int argc, char **argv) {
 
   /* Refused by the kernel or the build: skip, with the reason. */
   aiob_runtime *probe = NULL;
-  int rc = runtime_new(&probe, 1);
-  if (rc == AIOB_ENOSYS || rc == AIOB_EPERM || rc == AIOB_ENOTSUP) {
-    printf("SKIP: %s: %s\n", g_backend, aiob_strerror(rc));
-    return 77;
-  }
-  if (rc != 0) {
-    fprintf(stderr, "conformance: backend %s: %s (%s)\n", g_backend,
-            aiob_strerror(rc), errname(rc));
-    return 1;
-  }
+  int rc =
+      backend_probe_status("conformance", g_backend, runtime_new(&probe, 1));
+  if (rc != 0)
+    return rc;
   aiob_runtime_free(probe);
 
   if (argc > 2)

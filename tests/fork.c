@@ -456,15 +456,10 @@ int main(int argc, char **argv) {
   aiob_runtime_config_init(&cfg);
   cfg.backend = g_backend;
   aiob_runtime *probe = NULL;
-  int rc = aiob_runtime_new(&probe, &cfg);
-  if (rc == AIOB_ENOSYS || rc == AIOB_EPERM || rc == AIOB_ENOTSUP) {
-    printf("SKIP: %s: %s\n", g_backend, aiob_strerror(rc));
-    return 77;
-  }
-  if (rc < 0) {
-    fprintf(stderr, "fork: backend %s: %s\n", g_backend, aiob_strerror(rc));
-    return 1;
-  }
+  int rc =
+      backend_probe_status("fork", g_backend, aiob_runtime_new(&probe, &cfg));
+  if (rc != 0)
+    return rc;
   aiob_runtime_free(probe);
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_child_gets_fresh_default),

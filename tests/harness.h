@@ -97,6 +97,23 @@ static inline const char *errname(int rc) {
   return rc == 0 ? "0" : aiob_err_name(rc);
 }
 
+/* main(): the outcome `rc` of creating a probe runtime on `backend`. 0 if
+ * it was made; 77 (skipped, reason printed) if the kernel or the build
+ * refuses the backend; 1 (error printed) otherwise. */
+static inline int backend_probe_status(const char *prog, const char *backend,
+                                       int rc) {
+  if (rc == AIOB_ENOSYS || rc == AIOB_EPERM || rc == AIOB_ENOTSUP) {
+    printf("SKIP: %s: %s\n", backend, aiob_strerror(rc));
+    return 77;
+  }
+  if (rc != 0) {
+    fprintf(stderr, "%s: backend %s: %s (%s)\n", prog, backend,
+            aiob_strerror(rc), errname(rc));
+    return 1;
+  }
+  return 0;
+}
+
 /* Test thread: an aiobridge return code equals `want`. */
 #define assert_rc(expr, want)                                                  \
   do {                                                                         \

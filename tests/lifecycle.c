@@ -675,16 +675,9 @@ int main(int argc, char **argv) {
   setenv("AIOBRIDGE_BACKEND", g_backend, 1); /* the default runtime's too */
 
   aiob_runtime *probe = NULL;
-  int rc = runtime_new(&probe, 1);
-  if (rc == AIOB_ENOSYS || rc == AIOB_EPERM || rc == AIOB_ENOTSUP) {
-    printf("SKIP: %s: %s\n", g_backend, aiob_strerror(rc));
-    return 77;
-  }
-  if (rc != 0) {
-    fprintf(stderr, "lifecycle: backend %s: %s (%s)\n", g_backend,
-            aiob_strerror(rc), errname(rc));
-    return 1;
-  }
+  int rc = backend_probe_status("lifecycle", g_backend, runtime_new(&probe, 1));
+  if (rc != 0)
+    return rc;
   aiob_runtime_free(probe);
   if (argc > 2)
     cmocka_set_test_filter(argv[2]);
