@@ -200,6 +200,7 @@ void aiob__py_exit_begin(void);
 int aiob__py_main_start(const aiob_main_config *cfg, aiob_py_bridge **b,
                         PyObject **factory);
 PyObject *aiob__py_main_run(PyObject *factory, PyObject *main);
+PyObject *aiob__py_source_fn(const char *source, const char *name);
 int aiob__py_main_finish(aiob_py_bridge *b, PyObject *factory, PyObject *res,
                          int status);
 

@@ -112,14 +112,10 @@ static const char driver_source[] =
 
 /* drive(tests, timeout, jobs) as a coroutine, or NULL (exception set). */
 static PyObject *driver(test_run *runs, size_t n, double timeout, long jobs) {
-  PyObject *globals = PyDict_New(), *tests = PyList_New(0), *coro = NULL;
-  if (!globals || !tests ||
-      PyDict_SetItemString(globals, "__builtins__", PyEval_GetBuiltins()) < 0)
+  PyObject *drive = aiob__py_source_fn(driver_source, "drive");
+  PyObject *tests = drive ? PyList_New(0) : NULL, *coro = NULL;
+  if (!tests)
     goto out;
-  PyObject *ok = PyRun_String(driver_source, Py_file_input, globals, globals);
-  if (!ok)
-    goto out;
-  Py_DECREF(ok);
   for (size_t i = 0; i < n; i++) {
     PyObject *cap = PyCapsule_New(&runs[i], NULL, NULL);
     PyObject *make = cap ? PyCFunction_New(&make_def, cap) : NULL;
@@ -133,12 +129,10 @@ static PyObject *driver(test_run *runs, size_t n, double timeout, long jobs) {
     if (rc < 0)
       goto out;
   }
-  PyObject *drive = PyDict_GetItemString(globals, "drive"); /* borrowed */
-  if (drive)
-    coro = PyObject_CallFunction(drive, "Odl", tests, timeout, jobs);
+  coro = PyObject_CallFunction(drive, "Odl", tests, timeout, jobs);
 out:
   Py_XDECREF(tests);
-  Py_XDECREF(globals);
+  Py_XDECREF(drive);
   return coro;
 }
 
