@@ -10,6 +10,8 @@ const char *aiob_strerror(int err) {
     return msg;
     AIOB_ERRNO_MAP(AIOB__ERR_MSG)
 #undef AIOB__ERR_MSG
+  case AIOB_EBADSTATUS:
+    return "aiob_task_fail was given a code >= 0";
   case 0:
     return "success";
   default:
@@ -24,6 +26,8 @@ const char *aiob_err_name(int err) {
     return #name;
     AIOB_ERRNO_MAP(AIOB__ERR_NAME)
 #undef AIOB__ERR_NAME
+  case AIOB_EBADSTATUS:
+    return "EBADSTATUS";
   case 0:
     return "OK";
   default:

@@ -111,6 +111,10 @@ void aiob__slot_done(aiob__slot *s);
 /* Waiter side, giving up: drops a registered waiter (not a done mark). */
 void aiob__slot_clear(aiob__slot *s);
 
+/* True once the promise's completer side completed or abandoned it (a
+ * completion in progress on another thread may still make it true). */
+bool aiob__promise_completed(aiob_promise *p);
+
 /* ---- Timer heap (per loop, loop thread only) --------------------------- */
 
 typedef struct aiob__timer_heap {
@@ -146,6 +150,7 @@ struct aiob_task {
   aiob_loop *loop;
   aiob_runtime *rt;
   const aiob_task_vtable *vt;
+  const char *name; /* spawn option's name, else the vtable's (or NULL) */
   void *data;
   /* Loop thread only. */
   aiob_task *live_prev, *live_next;
@@ -201,6 +206,62 @@ struct aiob_loop {
   bool joined, abandoned;
 };
 
+/* ---- The blocking pool (core/blocking.c) ------------------------------
+ *
+ * Worker threads of a runtime that run aiob_blocking jobs, created on
+ * demand up to `max` and kept until the runtime shuts down. `mu` guards
+ * everything but the counters; it is never held while a job's fn,
+ * drop_arg or free_value runs. A shutdown stops, waits for and joins or
+ * abandons the workers as it does the loop threads. */
+
+typedef struct aiob__blocking_job aiob__blocking_job;
+
+typedef struct aiob__worker {
+  aiob_runtime *rt;
+  pthread_t thread;
+  /* Lifecycle, as aiob_loop's: exited (returned from its loop), joined,
+   * abandoned (detached, holding a runtime reference until it exits). */
+  bool exited, joined, abandoned;
+} aiob__worker;
+
+typedef struct aiob__pool {
+  aiob_runtime *rt;
+  pthread_mutex_t mu;
+  pthread_cond_t work_cv; /* idle workers wait here for jobs */
+  pthread_cond_t exit_cv; /* CLOCK_MONOTONIC; a worker exited */
+  /* FIFO of the jobs no worker started yet, `queued` long. */
+  aiob__blocking_job *head, *tail;
+  size_t queued;
+  unsigned max;          /* bound on workers */
+  unsigned started;      /* workers[0, started) were created */
+  unsigned idle;         /* workers waiting for a job */
+  bool stopping;         /* no job starts any more, workers exit */
+  aiob__worker *workers; /* max entries */
+  /* Counters (aiob_runtime_stats), relaxed. */
+  _Atomic uint64_t n_run, n_cancelled, n_workers;
+} aiob__pool;
+
+/* 0 or AIOB_ENOMEM. No thread starts before the first job. */
+int aiob__pool_init(aiob__pool *p, aiob_runtime *rt, unsigned max);
+/* The runtime's memory goes: every worker exited or was never started. */
+void aiob__pool_destroy(aiob__pool *p);
+/* Shutdown, once (rt->shutdown_mu held, rt->shut set): no queued job
+ * starts any more, idle workers exit, busy ones once their job returns. */
+void aiob__pool_stop(aiob__pool *p);
+/* rt->shutdown_mu held: waits until every worker exited or until *deadline
+ * (CLOCK_MONOTONIC; NULL: no limit), joins those that exited and that
+ * nobody joined or abandoned, and returns how many still run. */
+unsigned aiob__pool_wait(aiob__pool *p, const struct timespec *deadline);
+/* rt->shutdown_mu held, after a shutdown that timed out: joins the workers
+ * that exited and abandons the others (aiob__thread_abandon). */
+void aiob__pool_abandon(aiob__pool *p);
+/* fork() child: none of the workers exists here; nothing is joined or
+ * signalled, the pool only refuses jobs. */
+void aiob__pool_forked(aiob__pool *p);
+/* The pool of the worker running on this thread (inside a job's fn), or
+ * NULL. */
+extern _Thread_local aiob__pool *aiob__current_pool;
+
 struct aiob_runtime {
   _Atomic uint32_t refs;
   _Atomic int shut; /* 0 running, 1 shutting down or shut */
@@ -226,6 +287,8 @@ struct aiob_runtime {
   pthread_mutex_t wait_mu;
   pthread_cond_t wait_cv;
   _Atomic unsigned blocking_waiters;
+  /* Worker threads for aiob_blocking jobs. */
+  aiob__pool pool;
 };
 
 /* The loop running on this thread and the task it is polling (or NULL). */
@@ -234,6 +297,14 @@ extern _Thread_local aiob_task *aiob__current_task;
 
 void aiob__runtime_ref(aiob_runtime *rt);
 void aiob__runtime_unref(aiob_runtime *rt);
+/* A thread of rt (loop or worker) given up by a shutdown that timed out
+ * (detached by the caller): it keeps rt's memory with a reference and is
+ * counted by aiob_runtime_abandoned_threads until it calls
+ * aiob__thread_abandoned_exit, the last thing it does. */
+void aiob__thread_abandon(aiob_runtime *rt);
+void aiob__thread_abandoned_exit(aiob_runtime *rt);
+/* A condition variable whose timed waits use CLOCK_MONOTONIC. */
+void aiob__cond_init_monotonic(pthread_cond_t *cv);
 /* Like aiob_runtime_default_acquire, but never waits and never creates:
  * AIOB_EAGAIN when there is no default runtime right now (never used, shut
  * down, or a shutdown in progress). Lets a caller that holds a lock (the

@@ -76,6 +76,10 @@ aiob_poll aiob_promise_poll(aiob_task *self, aiob_promise *p,
   return AIOB_READY;
 }
 
+bool aiob__promise_completed(aiob_promise *p) {
+  return atomic_load(&p->completer_gone) != 0;
+}
+
 void aiob_promise_release(aiob_promise *p) {
   if (!p || atomic_exchange(&p->waiter_gone, 1))
     return;

@@ -13,6 +13,8 @@
 #include "internal.h"
 
 #include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -77,7 +79,7 @@ static void fork_parent(void) {
 
 /* A condition variable on CLOCK_MONOTONIC (timed waits ignore wall-clock
  * jumps). */
-static void cond_init_monotonic(pthread_cond_t *cv) {
+void aiob__cond_init_monotonic(pthread_cond_t *cv) {
   pthread_condattr_t ca;
   pthread_condattr_init(&ca);
   pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
@@ -101,8 +103,9 @@ static void fork_child(void) {
     }
     /* Other threads' locks may have been copied held. */
     pthread_mutex_init(&rt->shutdown_mu, NULL);
-    cond_init_monotonic(&rt->stop_cv);
+    aiob__cond_init_monotonic(&rt->stop_cv);
     pthread_mutex_init(&rt->wait_mu, NULL);
+    aiob__pool_forked(&rt->pool); /* its workers do not exist here either */
   }
   atomic_store(&abandoned_running, 0);
   /* Still reachable through `alive`: the child never frees what the
@@ -124,6 +127,16 @@ static void fork_register(void) {
  * another thread would wait for it inside the registration). */
 static void fork_watch(void) { pthread_once(&fork_once, fork_register); }
 
+void aiob__thread_abandon(aiob_runtime *rt) {
+  aiob__runtime_ref(rt);
+  atomic_fetch_add(&abandoned_running, 1);
+}
+
+void aiob__thread_abandoned_exit(aiob_runtime *rt) {
+  aiob__runtime_unref(rt);
+  atomic_fetch_sub(&abandoned_running, 1);
+}
+
 void aiob__runtime_unref(aiob_runtime *rt) {
   if (atomic_fetch_sub_explicit(&rt->refs, 1, memory_order_acq_rel) != 1)
     return;
@@ -131,6 +144,7 @@ void aiob__runtime_unref(aiob_runtime *rt) {
   for (unsigned i = 0; i < rt->nloops; i++)
     aiob__heap_free(&rt->loops[i].timers);
   free(rt->loops);
+  aiob__pool_destroy(&rt->pool);
   pthread_mutex_destroy(&rt->wait_mu);
   pthread_cond_destroy(&rt->wait_cv);
   pthread_cond_destroy(&rt->stop_cv);
@@ -281,10 +295,8 @@ static void loop_exited(aiob_loop *loop) {
   bool abandoned = loop->abandoned;
   pthread_cond_broadcast(&rt->stop_cv);
   pthread_mutex_unlock(&rt->shutdown_mu);
-  if (abandoned) {
-    aiob__runtime_unref(rt);
-    atomic_fetch_sub(&abandoned_running, 1);
-  }
+  if (abandoned)
+    aiob__thread_abandoned_exit(rt);
 }
 
 static void *loop_thread(void *arg) {
@@ -328,18 +340,72 @@ void aiob_runtime_config_init(aiob_runtime_config *cfg) {
   memset(cfg, 0, sizeof *cfg);
   cfg->threads = 1;
   cfg->spin_us = AIOB_SPIN_US_DEFAULT;
+  cfg->blocking_threads = AIOB_BLOCKING_THREADS_DEFAULT;
 }
 
-static int resolve_backend(const aiob_runtime_config *cfg,
-                           const aiob_backend **out) {
+/* Why the last configuration on this thread was refused (aiob_runtime_
+ * config_error). */
+static _Thread_local char config_error[256];
+
+static int config_fail(int rc, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+static int config_fail(int rc, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(config_error, sizeof config_error, fmt, ap);
+  va_end(ap);
+  return rc;
+}
+
+const char *aiob_runtime_config_error(void) { return config_error; }
+
+/* The compiled-in backends' names: "uv, event, uring". */
+static void backend_names(char *buf, size_t n) {
+  size_t len = 0;
+  buf[0] = 0;
+  const aiob_backend *b;
+  for (unsigned i = 0; (b = aiob_backend_at(i)) && len < n; i++)
+    len += (size_t)snprintf(buf + len, n - len, "%s%s", i ? ", " : "", b->name);
+}
+
+#define MAX_THREADS 1024
+
+/* Checks a configuration and finds its backend; on failure says why
+ * (aiob_runtime_config_error). out may be NULL. */
+static int config_check(const aiob_runtime_config *cfg,
+                        const aiob_backend **out) {
+  config_error[0] = 0;
+  if (cfg->threads < 1 || cfg->threads > MAX_THREADS)
+    return config_fail(AIOB_EINVAL, "threads is %u: it must be 1 to %u",
+                       cfg->threads, MAX_THREADS);
+  if (cfg->spin_us > AIOB_SPIN_US_MAX)
+    return config_fail(AIOB_EINVAL, "spin_us is %u: at most %u", cfg->spin_us,
+                       AIOB_SPIN_US_MAX);
+  if (cfg->blocking_threads > AIOB_BLOCKING_THREADS_MAX)
+    return config_fail(AIOB_EINVAL, "blocking_threads is %u: at most %u",
+                       cfg->blocking_threads, AIOB_BLOCKING_THREADS_MAX);
+  const aiob_backend *b;
   if (cfg->backend_table) {
-    if (aiob_backend_validate(cfg->backend_table) < 0)
-      return AIOB_EINVAL;
-    *out = cfg->backend_table;
-    return 0;
+    b = cfg->backend_table;
+    if (aiob_backend_validate(b) < 0)
+      return config_fail(AIOB_EINVAL,
+                         "the backend table at %p is not usable by this core "
+                         "(ABI, size, name or a required function)",
+                         (const void *)b);
+  } else {
+    b = cfg->backend ? aiob_backend_find(cfg->backend) : aiob_backend_at(0);
+    if (!b) {
+      char names[128];
+      backend_names(names, sizeof names);
+      return config_fail(AIOB_ENOENT,
+                         "no backend \"%s\" in this build of aiobridge (it "
+                         "has: %s)",
+                         cfg->backend ? cfg->backend : "(default)", names);
+    }
   }
-  *out = cfg->backend ? aiob_backend_find(cfg->backend) : aiob_backend_at(0);
-  return *out ? 0 : AIOB_ENOENT;
+  if (out)
+    *out = b;
+  return 0;
 }
 
 /* ---- Stopping: ask, wait with a deadline, join or abandon ---------------
@@ -347,14 +413,19 @@ static int resolve_backend(const aiob_runtime_config *cfg,
  * shutdown_mu is held by the functions below. Loop threads take it only to
  * mark themselves exited, after which they touch nothing of the runtime
  * (an abandoned one: nothing but its reference), so joining a thread that
- * has exited, with the lock held, waits for nothing. */
+ * has exited, with the lock held, waits for nothing. The blocking pool's
+ * workers are stopped, waited for and abandoned alongside (the pool's lock
+ * is taken after shutdown_mu, never before). */
 
-/* Asks every running loop thread to stop, once. */
+/* Asks every running loop thread and the blocking pool to stop, once. */
 static void request_stop(aiob_runtime *rt) {
   if (rt->stop_requested)
     return;
   rt->stop_requested = true;
   atomic_store(&rt->shut, 1);
+  /* First: a job still queued never starts once the shutdown began (the
+   * loops drop its task, which drops its arg). */
+  aiob__pool_stop(&rt->pool);
   for (unsigned i = 0; i < rt->nloops; i++) {
     aiob_loop *loop = &rt->loops[i];
     if (atomic_load(&loop->exited)) /* never started, or forked */
@@ -400,10 +471,10 @@ static void abandon_loops(aiob_runtime *rt) {
     if (atomic_load(&loop->exited) || loop->abandoned)
       continue;
     loop->abandoned = true;
-    aiob__runtime_ref(rt);
-    atomic_fetch_add(&abandoned_running, 1);
+    aiob__thread_abandon(rt);
     pthread_detach(loop->thread);
   }
+  aiob__pool_abandon(&rt->pool);
 }
 
 /* Stops and joins every loop thread started so far (creation failed). */
@@ -411,6 +482,7 @@ static void stop_started(aiob_runtime *rt) {
   pthread_mutex_lock(&rt->shutdown_mu);
   request_stop(rt);
   wait_loops(rt, NULL);
+  aiob__pool_wait(&rt->pool, NULL); /* none started yet */
   pthread_mutex_unlock(&rt->shutdown_mu);
 }
 
@@ -426,7 +498,11 @@ static struct timespec *deadline_in(uint64_t timeout_ns, struct timespec *ts) {
   return ts;
 }
 
-#define MAX_THREADS 1024
+/* The caller runs on one of rt's loop threads or blocking-pool workers,
+ * which a shutdown of rt would wait for. */
+static bool own_thread(const aiob_runtime *rt) {
+  return aiob_runtime_current_loop(rt) >= 0 || aiob__current_pool == &rt->pool;
+}
 
 int aiob_runtime_new(aiob_runtime **out, const aiob_runtime_config *cfg) {
   aiob_runtime_config defaults;
@@ -436,18 +512,17 @@ int aiob_runtime_new(aiob_runtime **out, const aiob_runtime_config *cfg) {
     aiob_runtime_config_init(&defaults);
     cfg = &defaults;
   }
-  if (cfg->threads < 1 || cfg->threads > MAX_THREADS ||
-      cfg->spin_us > AIOB_SPIN_US_MAX)
-    return AIOB_EINVAL;
   const aiob_backend *backend;
-  int rc = resolve_backend(cfg, &backend);
+  int rc = config_check(cfg, &backend);
   if (rc < 0)
     return rc;
 
   fork_watch();
+  unsigned workers = cfg->blocking_threads ? cfg->blocking_threads
+                                           : AIOB_BLOCKING_THREADS_DEFAULT;
   aiob_runtime *rt = calloc(1, sizeof *rt);
   aiob_loop *loops = calloc(cfg->threads, sizeof *loops);
-  if (!rt || !loops) {
+  if (!rt || !loops || aiob__pool_init(&rt->pool, rt, workers) < 0) {
     free(rt);
     free(loops);
     return AIOB_ENOMEM;
@@ -459,9 +534,9 @@ int aiob_runtime_new(aiob_runtime **out, const aiob_runtime_config *cfg) {
   rt->nloops = cfg->threads;
   rt->loops = loops;
   pthread_mutex_init(&rt->shutdown_mu, NULL);
-  cond_init_monotonic(&rt->stop_cv);
+  aiob__cond_init_monotonic(&rt->stop_cv);
   pthread_mutex_init(&rt->wait_mu, NULL);
-  cond_init_monotonic(&rt->wait_cv);
+  aiob__cond_init_monotonic(&rt->wait_cv);
   /* Loops without a thread (yet) count as exited and joined. */
   for (unsigned i = 0; i < rt->nloops; i++) {
     atomic_init(&loops[i].exited, 1);
@@ -516,21 +591,24 @@ int aiob_runtime_shutdown_timeout(aiob_runtime *rt, uint64_t timeout_ns,
                                   aiob_shutdown_info *info) {
   if (!rt)
     return AIOB_EINVAL;
-  if (aiob_runtime_current_loop(rt) >= 0)
+  if (own_thread(rt))
     return AIOB_EDEADLK;
   struct timespec ts, *deadline = deadline_in(timeout_ns, &ts);
   pthread_mutex_lock(&rt->shutdown_mu);
   request_stop(rt); /* forked: nothing to stop, see fork_child */
   unsigned left = wait_loops(rt, deadline);
-  rt->timed_out = left > 0;
+  unsigned workers_left = aiob__pool_wait(&rt->pool, deadline);
+  rt->timed_out = left > 0 || workers_left > 0;
   pthread_mutex_unlock(&rt->shutdown_mu);
   if (info) {
     aiob_runtime_stats st;
     aiob_runtime_stats_get(rt, &st);
-    *info = (aiob_shutdown_info){
-        .loops = rt->nloops, .loops_left = left, .tasks_left = st.tasks_live};
+    *info = (aiob_shutdown_info){.loops = rt->nloops,
+                                 .loops_left = left,
+                                 .tasks_left = st.tasks_live,
+                                 .workers_left = workers_left};
   }
-  return left ? AIOB_ETIMEDOUT : 0;
+  return left || workers_left ? AIOB_ETIMEDOUT : 0;
 }
 
 int aiob_runtime_shutdown(aiob_runtime *rt) {
@@ -550,8 +628,8 @@ unsigned aiob_runtime_abandoned_threads(void) {
 void aiob_runtime_free(aiob_runtime *rt) {
   if (!rt)
     return;
-  if (aiob_runtime_current_loop(rt) >= 0)
-    abort(); /* freeing a runtime from its own loop thread */
+  if (own_thread(rt))
+    abort(); /* freeing a runtime from its own loop or worker thread */
   pthread_mutex_lock(&rt->shutdown_mu);
   bool timed_out = rt->timed_out;
   if (timed_out)
@@ -570,6 +648,10 @@ unsigned aiob_runtime_threads(const aiob_runtime *rt) { return rt->nloops; }
 
 unsigned aiob_runtime_spin_us(const aiob_runtime *rt) {
   return (unsigned)(rt->spin_max_ns / 1000);
+}
+
+unsigned aiob_runtime_blocking_threads(const aiob_runtime *rt) {
+  return rt->pool.max;
 }
 
 void *aiob_runtime_native(aiob_runtime *rt, unsigned index) {
@@ -597,6 +679,12 @@ void aiob_runtime_stats_get(const aiob_runtime *rt, aiob_runtime_stats *st) {
   }
   uint64_t done = st->tasks_completed + st->tasks_cancelled;
   st->tasks_live = st->tasks_spawned > done ? st->tasks_spawned - done : 0;
+  const aiob__pool *p = &rt->pool;
+  st->blocking_jobs_run = atomic_load_explicit(&p->n_run, memory_order_relaxed);
+  st->blocking_jobs_cancelled =
+      atomic_load_explicit(&p->n_cancelled, memory_order_relaxed);
+  st->blocking_workers =
+      atomic_load_explicit(&p->n_workers, memory_order_relaxed);
 }
 
 /* ---- Plain callbacks on a loop thread ---------------------------------- */
@@ -650,13 +738,15 @@ static bool default_configured;
 static bool default_used; /* stays set: the choice never changes after use */
 
 int aiob_runtime_default_configure(const aiob_runtime_config *cfg) {
-  if (!cfg || cfg->threads < 1 || cfg->threads > MAX_THREADS ||
-      cfg->spin_us > AIOB_SPIN_US_MAX)
-    return AIOB_EINVAL;
+  if (!cfg)
+    return config_fail(AIOB_EINVAL, "no configuration (NULL)");
+  int rc = config_check(cfg, NULL);
+  if (rc < 0)
+    return rc;
   pthread_mutex_lock(&default_mu);
-  int rc = 0;
   if (default_used) {
-    rc = AIOB_EBUSY;
+    rc = config_fail(AIOB_EBUSY, "the default runtime was already used: "
+                                 "configure it before its first use");
   } else {
     default_cfg = *cfg;
     default_configured = true;
@@ -672,8 +762,10 @@ static int default_get(aiob_runtime **out, bool ref) {
   fork_watch();
   pthread_mutex_lock(&default_mu);
   /* A fresh default runtime waits for the previous one to stop, except on
-   * a loop thread, which the shutdown in progress may be joining. */
-  while (!default_rt && default_stopping && !aiob__current_loop)
+   * a loop or worker thread, which the shutdown in progress may be
+   * joining. */
+  while (!default_rt && default_stopping && !aiob__current_loop &&
+         !aiob__current_pool)
     pthread_cond_wait(&default_stopped, &default_mu);
   int rc = 0;
   if (!default_rt) {
@@ -693,7 +785,10 @@ static int default_get(aiob_runtime **out, bool ref) {
       errno = 0;
       unsigned long us = strtoul(env, &end, 10);
       if (errno || *end || env[0] == '-' || us > AIOB_SPIN_US_MAX)
-        rc = AIOB_EINVAL;
+        rc = config_fail(AIOB_EINVAL,
+                         "AIOBRIDGE_SPIN_US=%s: not a number of microseconds "
+                         "from 0 to %u",
+                         env, AIOB_SPIN_US_MAX);
       cfg.spin_us = (unsigned)us;
     }
     if (rc == 0)
@@ -753,7 +848,7 @@ int aiob_runtime_default_shutdown_timeout(uint64_t timeout_ns,
     *info = (aiob_shutdown_info){0};
   pthread_mutex_lock(&default_mu);
   aiob_runtime *rt = default_rt;
-  if (rt && aiob_runtime_current_loop(rt) >= 0) {
+  if (rt && own_thread(rt)) {
     pthread_mutex_unlock(&default_mu);
     return AIOB_EDEADLK;
   }

@@ -214,6 +214,7 @@ int aiob_spawn_ex(aiob_runtime *rt, const aiob_spawn_opts *opts,
   t->loop = pick_loop(rt, index);
   t->rt = rt;
   t->vt = vt;
+  t->name = opts && opts->name ? opts->name : vt->name;
   t->data = state;
   if (opts) {
     t->on_finish = opts->on_finish;
@@ -401,7 +402,10 @@ void aiob_task_return(aiob_task *self, void *value,
   self->out.free_value = free_value;
 }
 
-void aiob_task_fail(aiob_task *self, int err) { self->out.status = err; }
+int aiob_task_fail(aiob_task *self, int err) {
+  self->out.status = err < 0 ? err : AIOB_EBADSTATUS;
+  return err < 0 ? 0 : AIOB_EINVAL;
+}
 
 aiob_poll aiob_task_forward(aiob_task *self, aiob_output *out) {
   if (out->status < 0)
@@ -410,6 +414,8 @@ aiob_poll aiob_task_forward(aiob_task *self, aiob_output *out) {
   *out = (aiob_output){0};
   return AIOB_READY;
 }
+
+const char *aiob_task_name(const aiob_task *t) { return t->name; }
 
 aiob_task *aiob_task_current(void) { return aiob__current_task; }
 

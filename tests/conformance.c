@@ -2489,7 +2489,25 @@ static void test_runtime_recreate(void **state) {
   /* The process-wide default runtime: only this test touches it. */
   aiob_runtime_config cfg;
   config_for_backend(&cfg, 1);
+  /* A backend this build does not have fails where it is configured, and
+   * the reason names it and the backends there are. */
+  aiob_runtime_config bad = cfg;
+  bad.backend = "kqueue";
+  bad.backend_table = NULL;
+  assert_rc(aiob_runtime_default_configure(&bad), AIOB_ENOENT);
+  assert_non_null(strstr(aiob_runtime_config_error(), "\"kqueue\""));
+  assert_non_null(
+      strstr(aiob_runtime_config_error(), aiob_backend_at(0)->name));
+  aiob_runtime *none = NULL;
+  assert_rc(aiob_runtime_new(&none, &bad), AIOB_ENOENT);
+  assert_null(none);
+  assert_non_null(strstr(aiob_runtime_config_error(), "kqueue"));
+  bad.backend = NULL;
+  bad.threads = 0;
+  assert_rc(aiob_runtime_default_configure(&bad), AIOB_EINVAL);
+  assert_non_null(strstr(aiob_runtime_config_error(), "threads is 0"));
   assert_rc(aiob_runtime_default_configure(&cfg), 0);
+  assert_string_equal(aiob_runtime_config_error(), "");
   aiob_runtime *d = NULL, *d2 = NULL;
   assert_rc(aiob_runtime_default(&d), 0);
   assert_non_null(d);

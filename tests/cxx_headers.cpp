@@ -17,7 +17,7 @@ int main() {
     std::fprintf(stderr, "runtime: %s\n", aiob_strerror(rc));
     return 1;
   }
-  static const aiob_task_vtable vt = {poll_once, nullptr};
+  static const aiob_task_vtable vt = {poll_once, nullptr, "cxx.poll_once"};
   int polls = 0;
   aiob_task *t = nullptr;
   rc = aiob_spawn(rt, &vt, &polls, &t);

@@ -42,9 +42,15 @@ int main(int argc, char **argv) {
   int rc = aiob_runtime_default(&rt);
   if (rc < 0) {
     const char *spin = getenv("AIOBRIDGE_SPIN_US");
+    const char *why = aiob_runtime_config_error();
     printf("AIOBRIDGE_BACKEND=%s AIOBRIDGE_SPIN_US=%s: %s (%s)\n",
-           env ? env : "", spin ? spin : "", aiob_err_name(rc),
-           aiob_strerror(rc));
+           env ? env : "", spin ? spin : "", aiob_err_name(rc), why);
+    /* The reason names what was wrong: the backend, or the spin value. */
+    const char *named = rc == AIOB_ENOENT ? env : spin;
+    if (!named || !strstr(why, named)) {
+      printf("the reason does not name \"%s\"\n", named ? named : "");
+      return 1;
+    }
     return strcmp(aiob_err_name(rc), argv[1]) == 0 ? 0 : 1;
   }
   const char *name = aiob_runtime_backend_name(rt);

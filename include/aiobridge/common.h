@@ -67,6 +67,10 @@ enum aiob_errno {
 #undef AIOB__ERR_ENUM
 };
 
+/* The status of a task that called aiob_task_fail with a code >= 0. Not an
+ * errno: it lies below the errno range, as codes of the caller's own do. */
+#define AIOB_EBADSTATUS (-100001)
+
 /* Human-readable message for an aiobridge error code (or any negated errno).
  * Never NULL; the string is static. Thread-safe. */
 AIOB_API const char *aiob_strerror(int err);

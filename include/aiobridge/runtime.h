@@ -35,20 +35,32 @@ typedef struct aiob_runtime_config {
    * spinning. Timers are never delayed by a spin; fd readiness can be seen
    * up to one budget late. 0 = never spin; at most AIOB_SPIN_US_MAX. */
   unsigned spin_us;
+  /* Bound on the worker threads of the runtime's blocking pool, which run
+   * aiob_blocking jobs (see task.h, "Blocking work"). Workers start when
+   * jobs need them, never more than this many, and live until the runtime
+   * shuts down; jobs beyond the bound wait in FIFO order. 0 = the default,
+   * AIOB_BLOCKING_THREADS_DEFAULT; at most AIOB_BLOCKING_THREADS_MAX. */
+  unsigned blocking_threads;
 } aiob_runtime_config;
 
 /* Default and upper bound of aiob_runtime_config.spin_us. */
 #define AIOB_SPIN_US_DEFAULT 200
 #define AIOB_SPIN_US_MAX 10000
 
+/* Default and upper bound of aiob_runtime_config.blocking_threads. */
+#define AIOB_BLOCKING_THREADS_DEFAULT 8
+#define AIOB_BLOCKING_THREADS_MAX 1024
+
 /* Fills *cfg with defaults: build's default backend, one thread, a spin of
- * AIOB_SPIN_US_DEFAULT. Thread-safe. */
+ * AIOB_SPIN_US_DEFAULT, AIOB_BLOCKING_THREADS_DEFAULT blocking workers at
+ * most. Thread-safe. */
 AIOB_API void aiob_runtime_config_init(aiob_runtime_config *cfg);
 
 /* Creates a runtime and starts its loop threads; each loop is initialised
- * on its own thread. cfg may be NULL (the defaults) and is not kept, but a
- * backend_table must outlive the runtime. On success the caller owns *out
- * until aiob_runtime_free. Thread-safe. If a loop fails to initialise (for
+ * on its own thread (blocking workers start later, when jobs need them).
+ * cfg may be NULL (the defaults) and is not kept, but a backend_table must
+ * outlive the runtime. On success the caller owns *out until
+ * aiob_runtime_free. Thread-safe. If a loop fails to initialise (for
  * example the kernel refuses io_uring), every started thread is stopped and
  * that error is returned. Errors: AIOB_EINVAL (bad config or backend
  * table), AIOB_ENOENT (no such backend compiled in), AIOB_ENOMEM,
@@ -60,10 +72,14 @@ AIOB_API int aiob_runtime_new(aiob_runtime **out,
 /* Stops the runtime: new spawns fail with AIOB_ESHUTDOWN, every task that
  * has not finished is dropped exactly once on its loop thread (joiners see
  * AIOB_ECANCELED), pending aiob_runtime_call callbacks run with
- * AIOB_ECANCELED, the loop threads exit and are joined. rt stays valid
+ * AIOB_ECANCELED, the loop threads exit and are joined. Blocking jobs not
+ * started yet never start (their tasks are dropped, which drops their
+ * args); running ones see aiob_blocking_cancelled() and are waited for:
+ * the blocking pool's workers exit and are joined too. rt stays valid
  * until aiob_runtime_free. Thread-safe, except on one of the runtime's own
- * loop threads. Idempotent. Returns 0, AIOB_EDEADLK on one of its loop
- * threads (nothing is done), or AIOB_EINVAL for a NULL rt. */
+ * loop threads or blocking workers. Idempotent. Returns 0, AIOB_EDEADLK on
+ * one of its loop threads or workers (nothing is done), or AIOB_EINVAL for
+ * a NULL rt. */
 AIOB_API int aiob_runtime_shutdown(aiob_runtime *rt);
 
 /* What a shutdown left behind, filled by the *_shutdown_timeout calls. */
@@ -72,22 +88,26 @@ typedef struct aiob_shutdown_info {
   unsigned loops_left; /* of them, still running when the call returned */
   uint64_t tasks_left; /* tasks not finished nor dropped by then (approx.:
                           see aiob_runtime_stats.tasks_live) */
+  /* Blocking-pool workers still running (in a job's fn) by then. */
+  unsigned workers_left;
 } aiob_shutdown_info;
 
 /* Like aiob_runtime_shutdown, waiting at most timeout_ns (UINT64_MAX: no
- * limit) for the loop threads to stop. A loop thread can only stop once
- * its backend loop closes, and a native request that never completes (a
- * libuv fs request on a FIFO with no writer), or a callback that blocks,
- * keeps it from closing. At the deadline the remaining loop threads are
- * still asked to stop, and keep running until they do: a later
- * aiob_runtime_shutdown or *_shutdown_timeout waits for them again, and
- * aiob_runtime_free no longer waits but abandons them (see there). info,
- * if not NULL, receives what is left (zeros but `loops` on success).
- * Thread-safe, except on one of the runtime's own loop threads. Returns 0
- * once every loop thread stopped (and was joined), AIOB_ETIMEDOUT when
- * the deadline came first (see aiob_runtime_loop_running for which
- * loops), AIOB_EDEADLK on one of its loop threads (nothing is done), or
- * AIOB_EINVAL for a NULL rt. */
+ * limit) for the loop threads and the blocking pool's workers to stop. A
+ * loop thread can only stop once its backend loop closes, and a native
+ * request that never completes (a libuv fs request on a FIFO with no
+ * writer), or a callback that blocks, keeps it from closing; a worker
+ * stops once the job's fn it runs returns. At the deadline the remaining
+ * threads are still asked to stop, and keep running until they do: a
+ * later aiob_runtime_shutdown or *_shutdown_timeout waits for them again,
+ * and aiob_runtime_free no longer waits but abandons them (see there).
+ * info, if not NULL, receives what is left (zeros but `loops` on success).
+ * Thread-safe, except on one of the runtime's own loop threads or workers.
+ * Returns 0 once every loop thread and worker stopped (and was joined),
+ * AIOB_ETIMEDOUT when the deadline came first (see
+ * aiob_runtime_loop_running for which loops, info->workers_left for the
+ * workers), AIOB_EDEADLK on one of its loop threads or workers (nothing is
+ * done), or AIOB_EINVAL for a NULL rt. */
 AIOB_API int aiob_runtime_shutdown_timeout(aiob_runtime *rt,
                                            uint64_t timeout_ns,
                                            aiob_shutdown_info *info);
@@ -101,22 +121,24 @@ AIOB_API int aiob_runtime_loop_running(const aiob_runtime *rt, unsigned index);
 /* Shuts the runtime down (if not yet) and releases the caller's reference.
  * Memory lives on while task handles still refer to it, so handles stay
  * valid until released. After an aiob_runtime_shutdown_timeout that
- * returned AIOB_ETIMEDOUT it does not wait: the loop threads still running
- * are abandoned (detached, never joined; counted by
+ * returned AIOB_ETIMEDOUT it does not wait: the loop threads and blocking
+ * workers still running are abandoned (detached, never joined; counted by
  * aiob_runtime_abandoned_threads), and the runtime's memory lives on until
- * the last of them exits. Any thread but the runtime's own loop threads:
- * there it aborts, as the shutdown could never finish. NULL is a no-op. */
+ * the last of them exits. Any thread but the runtime's own loop threads
+ * and workers: there it aborts, as the shutdown could never finish. NULL
+ * is a no-op. */
 AIOB_API void aiob_runtime_free(aiob_runtime *rt);
 
-/* Number of loop threads of this process that were abandoned by a
- * shutdown that timed out (aiob_runtime_free after AIOB_ETIMEDOUT,
- * aiob_runtime_default_shutdown_timeout) and are still running. Such a
- * thread never touches the runtime's owner again: when it gets unstuck it
- * drops its tasks, closes its loop, frees what only it still uses and
- * exits. One stuck in a request of libuv's threadpool also keeps the
- * process from exiting: libuv's destructor joins its threadpool threads at
- * exit(), so a program that sees a non-zero count at its end should leave
- * with _exit (the Python bridge does so at interpreter exit). Thread-safe. */
+/* Number of loop threads and blocking-pool workers of this process that
+ * were abandoned by a shutdown that timed out (aiob_runtime_free after
+ * AIOB_ETIMEDOUT, aiob_runtime_default_shutdown_timeout) and are still
+ * running. Such a thread never touches the runtime's owner again: when it
+ * gets unstuck it drops its tasks, closes its loop (a worker: frees its
+ * job's output and arg), frees what only it still uses and exits. One
+ * stuck in a request of libuv's threadpool also keeps the process from
+ * exiting: libuv's destructor joins its threadpool threads at exit(), so a
+ * program that sees a non-zero count at its end should leave with _exit
+ * (the Python bridge does so at interpreter exit). Thread-safe. */
 AIOB_API unsigned aiob_runtime_abandoned_threads(void);
 
 /* The process-wide default runtime, created on first call with the
@@ -125,9 +147,10 @@ AIOB_API unsigned aiob_runtime_abandoned_threads(void);
  * AIOBRIDGE_SPIN_US (a decimal spin_us), when set, override the
  * configuration (testing and benchmarking knobs). Thread-safe; while an
  * aiob_runtime_default_shutdown is in progress it waits for it (except on a
- * loop thread). Returns 0 and stores a borrowed pointer valid until
- * aiob_runtime_default_shutdown, or the creation error (AIOB_EINVAL for a
- * malformed or too large AIOBRIDGE_SPIN_US or a NULL out). */
+ * loop thread or blocking worker). Returns 0 and stores a borrowed pointer
+ * valid until aiob_runtime_default_shutdown, or the creation error
+ * (AIOB_EINVAL for a malformed or too large AIOBRIDGE_SPIN_US or a NULL
+ * out). */
 AIOB_API int aiob_runtime_default(aiob_runtime **out);
 
 /* Like aiob_runtime_default, and takes a reference: *out stays valid memory
@@ -147,10 +170,22 @@ AIOB_API void aiob_runtime_release(aiob_runtime *rt);
  * first successful use: afterwards (even after aiob_runtime_default_shutdown)
  * it returns AIOB_EBUSY and changes nothing, so the process-wide choice can
  * never change under code that already used it. The config is copied;
- * `backend` and `backend_table` must point to static storage (the backend
- * is looked up at first use). Thread-safe. Returns 0, AIOB_EBUSY, or
- * AIOB_EINVAL (NULL cfg, threads or spin_us out of range). */
+ * `backend` and `backend_table` must point to static storage. It is
+ * checked here, not at first use: a backend name this build does not have
+ * is AIOB_ENOENT now, with aiob_runtime_config_error() naming it and the
+ * backends there are. Thread-safe. Returns 0, AIOB_EBUSY, AIOB_ENOENT, or
+ * AIOB_EINVAL (NULL cfg; threads, spin_us or blocking_threads out of
+ * range; a backend table this core cannot use). */
 AIOB_API int aiob_runtime_default_configure(const aiob_runtime_config *cfg);
+
+/* Why the last aiob_runtime_new, aiob_runtime_default_configure or
+ * creation of the default runtime on this thread refused its
+ * configuration, as a sentence naming what was wrong (e.g. `no backend
+ * "kqueue" in this build of aiobridge (it has: uv, event)`); "" after a
+ * success or a failure of another kind (no memory, a loop that could not
+ * start). Thread-local: valid until this thread's next such call.
+ * Thread-safe. */
+AIOB_API const char *aiob_runtime_config_error(void);
 
 /* Shuts down and frees the default runtime, if it exists. A later
  * aiob_runtime_default creates a fresh one with the same configuration,
@@ -203,6 +238,11 @@ AIOB_API unsigned aiob_runtime_threads(const aiob_runtime *rt);
 /* The configured spin_us. Thread-safe. */
 AIOB_API unsigned aiob_runtime_spin_us(const aiob_runtime *rt);
 
+/* The bound on the blocking pool's workers: the configured
+ * blocking_threads, or AIOB_BLOCKING_THREADS_DEFAULT for 0 (how many were
+ * started so far: aiob_runtime_stats.blocking_workers). Thread-safe. */
+AIOB_API unsigned aiob_runtime_blocking_threads(const aiob_runtime *rt);
+
 /* The native loop handle of loop thread `index` (uv_loop_t * for "uv"), or
  * NULL if the index is out of range, the backend has no native slot or the
  * runtime is shut down. The backend owns it until the runtime shuts down.
@@ -236,11 +276,17 @@ typedef struct aiob_runtime_stats {
   uint64_t spins;           /* spins before blocking */
   uint64_t spin_hits;       /* spins that caught a push (no block) */
   uint64_t spin_ns;         /* CPU time spent spinning, in ns */
+  /* The blocking pool (see task.h, "Blocking work"). */
+  uint64_t blocking_jobs_run;       /* fn calls that returned */
+  uint64_t blocking_jobs_cancelled; /* queued jobs dropped before a worker
+                                       started them (fn never ran) */
+  uint64_t blocking_workers;        /* worker threads started, at most
+                                       aiob_runtime_blocking_threads */
 } aiob_runtime_stats;
 
-/* Fills *st with counters summed over the loop threads. Counters are
- * updated with relaxed atomics: exact once the runtime is idle.
- * Thread-safe. */
+/* Fills *st with counters summed over the loop threads and the blocking
+ * pool. Counters are updated with relaxed atomics: exact once the runtime
+ * is idle. Thread-safe. */
 AIOB_API void aiob_runtime_stats_get(const aiob_runtime *rt,
                                      aiob_runtime_stats *st);
 

@@ -33,6 +33,11 @@ typedef struct aiob_task_vtable {
    * future still armed in the state (aiob_sleep, aiob_io_wait) has already
    * been disarmed by the core when it runs. */
   void (*drop)(void *state);
+  /* Optional. The task's name, shown where the task is (in Python: the
+   * CTask's repr and __name__, and asyncio's messages about it), e.g.
+   * "myext.read_file". Static storage: the vtable must outlive its tasks
+   * anyway. A spawn option's name wins over it. */
+  const char *name;
 } aiob_task_vtable;
 
 /* A task's result, as seen by a joiner. `value` is owned by whoever took the
@@ -95,10 +100,13 @@ typedef struct aiob_spawn_opts {
    * aiob_task_take_output works in it. Not called if spawning fails. */
   void (*on_finish)(void *arg, aiob_task *task);
   void *on_finish_arg;
+  /* The task's name (see aiob_task_vtable.name), or NULL for the vtable's.
+   * Not copied: static storage, or memory that outlives the task. */
+  const char *name;
 } aiob_spawn_opts;
 
 /* Fills *opts with defaults: loop -1, inherit task locals, no initial
- * locals, no on_finish. Thread-safe. */
+ * locals, no on_finish, the vtable's name. Thread-safe. */
 AIOB_API void aiob_spawn_opts_init(aiob_spawn_opts *opts);
 
 /* Spawns a task running vt->poll over `state` on rt. When called from
@@ -169,11 +177,14 @@ AIOB_API int aiob_task_take_output(aiob_task *t, aiob_output *out);
 AIOB_API void aiob_task_return(aiob_task *self, void *value,
                                void (*free_value)(void *value));
 
-/* Sets a negative status the task finishes with; a value set by
+/* Sets a negative status the task finishes with (an AIOB_E* code, a
+ * negated errno, or a code of the caller's own below -4095); a value set by
  * aiob_task_return stays in the output. A task dropped by cancellation
- * finishes with AIOB_ECANCELED whatever was set. Inside the task's poll
- * function. */
-AIOB_API void aiob_task_fail(aiob_task *self, int err);
+ * finishes with AIOB_ECANCELED whatever was set. A code >= 0 is a bug in
+ * the caller: the task then finishes with AIOB_EBADSTATUS (Python raises
+ * SystemError naming the task) and AIOB_EINVAL is returned. Inside the
+ * task's poll function. Returns 0 or AIOB_EINVAL. */
+AIOB_API int aiob_task_fail(aiob_task *self, int err);
 
 /* Finishes the task with `out` as its own output: an awaited or joined
  * result, errno or Python exception (with its traceback) becomes the
@@ -181,6 +192,10 @@ AIOB_API void aiob_task_fail(aiob_task *self, int err);
  * awaited something and returns what it got. Moves out's value (out is
  * left empty). Inside the task's poll function. Returns AIOB_READY. */
 AIOB_API aiob_poll aiob_task_forward(aiob_task *self, aiob_output *out);
+
+/* The task's name: the spawn option's, else its vtable's, else NULL.
+ * Borrowed. Thread-safe (the caller holds a ref). */
+AIOB_API const char *aiob_task_name(const aiob_task *t);
 
 /* The task being polled on this thread, or NULL; borrowed. Thread-safe. */
 AIOB_API aiob_task *aiob_task_current(void);
@@ -364,6 +379,93 @@ AIOB_API aiob_poll aiob_promise_poll(aiob_task *self, aiob_promise *p,
 /* Gives up the waiter side (frees an untaken value once the completer side
  * is gone too). Idempotent; NULL is a no-op. Thread-safe. */
 AIOB_API void aiob_promise_release(aiob_promise *p);
+
+/* ---- Blocking work -------------------------------------------------------
+ *
+ * Blocking C work (a read(2) of a slow file, getaddrinfo, a compression
+ * call) must not run on a loop thread: it would stall every task of that
+ * loop. An aiob_blocking job runs it on a worker thread of the runtime's
+ * blocking pool instead, and wakes the task that awaits it when done.
+ * Workers start when jobs need them, never more than the runtime's
+ * blocking_threads (aiob_runtime_config); jobs beyond that wait in FIFO
+ * order. A job whose task is cancelled or dropped before a worker started
+ * it never runs; one that runs is never interrupted, but can poll
+ * aiob_blocking_cancelled() to stop early.
+ *
+ * Who owns arg: the job, from aiob_blocking_init (or a successful
+ * aiob_spawn_blocking) on. drop_arg(arg), if not NULL, runs exactly once:
+ * on the worker, right after fn returned and before the task is woken; or,
+ * when fn never runs, on the loop thread of the task (at a first poll that
+ * fails at once, at aiob_blocking_stop, or when the task is dropped). */
+
+/* The work: runs on a worker thread of the blocking pool, never on a loop
+ * thread and never holding the GIL (it must not call Python). *out is
+ * zeroed on entry; fn may set out->value and out->free_value (out->status
+ * is ignored). Returns 0 or a negative aiobridge/errno code, which becomes
+ * the job's status; a positive return is a bug and becomes AIOB_EINVAL
+ * (the value, if set, is kept and freed as usual). */
+typedef int (*aiob_blocking_fn)(void *arg, aiob_output *out);
+
+struct aiob__blocking_job;
+
+/* A leaf future (like aiob_sleep) that runs one job; lives in the task's
+ * state. Its fields are private. */
+typedef struct aiob_blocking {
+  struct aiob__leaf leaf;
+  struct aiob__blocking_job *job;
+  aiob_blocking_fn fn;
+  void *arg;
+  void (*drop_arg)(void *arg);
+  int state;
+  int status;
+} aiob_blocking;
+
+/* Prepares a job that runs fn(arg, &out) on the blocking pool, queued by
+ * the first aiob_blocking_poll. From here on the job owns arg (see the
+ * section's comment): a leaf that is never polled still owns it, so a task
+ * whose drop may run before the first poll calls aiob_blocking_stop there
+ * (a no-op once the core disarmed the leaf). drop_arg may be NULL; a NULL
+ * fn makes the first poll fail with AIOB_EINVAL. Any thread, while no
+ * poll uses *b; must not be called on an armed leaf. */
+AIOB_API void aiob_blocking_init(aiob_blocking *b, aiob_blocking_fn fn,
+                                 void *arg, void (*drop_arg)(void *arg));
+
+/* The first poll queues the job; PENDING until fn returned (self is woken
+ * then), READY afterwards with *out set to fn's output: status as
+ * aiob_blocking_fn says, and its value, which the caller then owns (out
+ * may be NULL: the value is freed here). READY at once, fn never running
+ * and arg dropped here, with out->status AIOB_ESHUTDOWN (the runtime is
+ * shutting down), AIOB_ENOMEM, or AIOB_EAGAIN (no worker thread could be
+ * created and none exists); AIOB_ECANCELED after aiob_blocking_stop; a
+ * poll after READY gives the status again without the value. Inside the
+ * task's poll function (always the same task). */
+AIOB_API aiob_poll aiob_blocking_poll(aiob_task *self, aiob_blocking *b,
+                                      aiob_output *out);
+
+/* Disarms: a job not yet started never runs (drop_arg runs here); a
+ * running one finishes on its worker, sees aiob_blocking_cancelled(), and
+ * its output and arg are freed there; a leaf never polled drops its arg
+ * here. No-op after READY or a first stop. Loop thread of its task (or,
+ * for a leaf never polled, any thread that owns it). */
+AIOB_API void aiob_blocking_stop(aiob_blocking *b);
+
+/* Spawns a task whose only work is one job: it finishes with fn's output
+ * (status and value; joinable with aiob_task_join, aiob_task_wait,
+ * aiob_task_take_output), and aiob_task_cancel cancels the job as above.
+ * opts and handle as aiob_spawn_ex (opts may be NULL). Thread-safe.
+ * Returns 0, or the errors of aiob_spawn_ex and AIOB_EINVAL for a NULL fn:
+ * then nothing ran and the caller keeps arg (drop_arg is not called). */
+AIOB_API int aiob_spawn_blocking(aiob_runtime *rt, const aiob_spawn_opts *opts,
+                                 aiob_blocking_fn fn, void *arg,
+                                 void (*drop_arg)(void *arg),
+                                 aiob_task **handle);
+
+/* Inside a job's fn: returns non-zero once the job was cancelled (its task
+ * cancelled or dropped, its leaf stopped; what fn returns is then freed
+ * unseen, on its worker) or its runtime began shutting down, so long work
+ * can stop early; 0 before, and 0 on any thread that is not running a
+ * job. Thread-safe (it reads the calling thread's job). */
+AIOB_API int aiob_blocking_cancelled(void);
 
 #ifdef __cplusplus
 }
