@@ -36,8 +36,9 @@ static hub_state *hub_of(PyObject *m) {
 /* _register(name, info, stats, shutdown, backend): called by a bridge. A
  * module registered again under the same name (re-import) replaces its
  * earlier entry. shutdown(timeout) takes None or a float of seconds and
- * returns None, or a dict {loops, loops_left, tasks_left} when the loop
- * threads did not stop in time; the others take no argument. */
+ * returns None, or a dict {loops, loops_left, tasks_left[, workers_left]}
+ * when the loop threads or blocking workers did not stop in time; the others
+ * take no argument. */
 static PyObject *hub_register(PyObject *m, PyObject *args) {
   PyObject *name, *info, *stats, *shutdown, *backend;
   if (!PyArg_ParseTuple(args, "UOOOO:_register", &name, &info, &stats,
@@ -243,9 +244,9 @@ static PyObject *parse_timeout(PyObject *timeout) {
   return PyFloat_FromDouble(t);
 }
 
-/* Appends "<name>: <loops_left> of <loops> loop threads still running,
- * <tasks_left> C tasks not dropped" for one runtime's report (a dict made
- * by the bridge). */
+/* Appends "<name>: <loops_left> of <loops> loop threads [and
+ * <workers_left> blocking workers] still running, <tasks_left> C tasks not
+ * dropped" for one runtime's report (a dict made by the bridge). */
 static int describe_left(PyObject *parts, PyObject *name, PyObject *d) {
   PyObject *loops = PyDict_GetItemString(d, "loops");
   PyObject *left = PyDict_GetItemString(d, "loops_left");
@@ -254,9 +255,18 @@ static int describe_left(PyObject *parts, PyObject *name, PyObject *d) {
     PyErr_SetString(PyExc_TypeError, "aiobridge: malformed shutdown report");
     return -1;
   }
-  PyObject *s = PyUnicode_FromFormat(
-      "%U: %S of %S loop threads still running, %S C tasks not dropped", name,
-      left, loops, tasks);
+  /* workers_left: from bridges that have a blocking pool */
+  PyObject *workers = PyDict_GetItemString(d, "workers_left");
+  PyObject *s =
+      workers
+          ? PyUnicode_FromFormat("%U: %S of %S loop threads and %S blocking "
+                                 "workers still running, %S C tasks not "
+                                 "dropped",
+                                 name, left, loops, workers, tasks)
+          : PyUnicode_FromFormat(
+                "%U: %S of %S loop threads still running, %S C tasks not "
+                "dropped",
+                name, left, loops, tasks);
   if (!s)
     return -1;
   int rc = PyList_Append(parts, s);
@@ -343,7 +353,8 @@ static PyMethodDef hub_methods[] = {
     {"runtime_info", (PyCFunction)(void (*)(void))hub_runtime_info,
      METH_VARARGS | METH_KEYWORDS,
      "runtime_info(module=None) -> dict or list of dicts\n\nModule, "
-     "running, backend, threads, spin_us, compiled backends. Never starts "
+     "running, backend, threads, spin_us, blocking_threads, compiled "
+     "backends. Never starts "
      "a runtime."},
     {"stats", (PyCFunction)(void (*)(void))hub_stats,
      METH_VARARGS | METH_KEYWORDS,
@@ -397,7 +408,7 @@ static int hub_exec(PyObject *m) {
       "aiobridge.shutdown(timeout=...) returned at its deadline with loop "
       "threads still running (stuck in a native request or a blocking "
       "callback): they are abandoned. .left maps each module to "
-      "{'loops', 'loops_left', 'tasks_left'}.",
+      "{'loops', 'loops_left', 'tasks_left', 'workers_left'}.",
       bases, NULL);
   Py_DECREF(bases);
   bases = PyTuple_Pack(2, st->error, PyExc_OSError);

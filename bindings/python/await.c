@@ -198,6 +198,29 @@ PyType_Spec aiob__py_waiter_spec = {
     .slots = waiter_slots,
 };
 
+/* After ensure_future refused `aw` with TypeError: says what was given
+ * (asyncio's wording names no type) unless `aw` is awaitable after all and
+ * the TypeError came from elsewhere. */
+static void say_not_awaitable(PyObject *aw) {
+  if (!PyErr_ExceptionMatches(PyExc_TypeError) || PyGen_Check(aw))
+    return;
+  PyObject *type, *value, *tb;
+  PyErr_Fetch(&type, &value, &tb);
+  int has = PyObject_HasAttrString(aw, "__await__");
+  if (has) {
+    PyErr_Restore(type, value, tb);
+    return;
+  }
+  Py_XDECREF(type);
+  Py_XDECREF(value);
+  Py_XDECREF(tb);
+  PyErr_Format(PyExc_TypeError,
+               "aiobridge: a C task cannot await an object of type '%.200s': "
+               "it needs a coroutine, a Future, a Task or an object with "
+               "__await__",
+               Py_TYPE(aw)->tp_name);
+}
+
 /* Starts an awaited Python awaitable on this loop (loop thread, GIL).
  * Consumes the Python side's reference to r. -1: SystemExit or
  * KeyboardInterrupt is set, to leave the loop. */
@@ -234,9 +257,9 @@ int aiob__py_request_start(aiob_py_bridge *b, request *r) {
       aiob__py_request_unref(r);
       return 0;
     }
-    if (aw)
-      fut = PyObject_CallFunctionObjArgs(b->ensure_future, aw, NULL);
-    else if (!PyErr_Occurred())
+    if (aw && !(fut = PyObject_CallFunctionObjArgs(b->ensure_future, aw, NULL)))
+      say_not_awaitable(aw);
+    else if (!aw && !PyErr_Occurred())
       PyErr_SetString(PyExc_SystemError,
                       "aiobridge: the awaitable function returned NULL "
                       "without setting an exception");

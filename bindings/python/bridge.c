@@ -55,16 +55,18 @@ aiob_runtime *aiob__py_bridge_runtime(aiob_py_bridge *b) {
     }
   }
   if (rc < 0) {
-    /* An OSError subclass: errno and a message naming the knob in use. */
+    /* An OSError subclass: errno and a message naming the knob in use and
+     * what was wrong with the configuration. */
     const char *env = getenv("AIOBRIDGE_BACKEND");
+    const char *why = aiob_runtime_config_error();
     PyObject *e = Py_BuildValue(
         "(iN)", -rc,
         env && env[0]
             ? PyUnicode_FromFormat("aiobridge: cannot start the runtime "
                                    "(AIOBRIDGE_BACKEND=%s): %s",
-                                   env, aiob_strerror(rc))
+                                   env, why[0] ? why : aiob_strerror(rc))
             : PyUnicode_FromFormat("aiobridge: cannot start the runtime: %s",
-                                   aiob_strerror(rc)));
+                                   why[0] ? why : aiob_strerror(rc)));
     if (e)
       PyErr_SetObject(b->backend_error, e);
     Py_XDECREF(e);
@@ -84,15 +86,18 @@ PyObject *aiob_py_bridge_stats(aiob_py_bridge *b) {
   memset(&st, 0, sizeof st);
   aiob_runtime_default_peek(stats_fn, &st); /* zeros when not running */
   return Py_BuildValue(
-      "{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:n}", "tasks_live",
-      (unsigned long long)st.tasks_live, "tasks_spawned",
+      "{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:n}",
+      "tasks_live", (unsigned long long)st.tasks_live, "tasks_spawned",
       (unsigned long long)st.tasks_spawned, "tasks_completed",
       (unsigned long long)st.tasks_completed, "tasks_cancelled",
       (unsigned long long)st.tasks_cancelled, "polls",
       (unsigned long long)st.polls, "loop_wakes",
       (unsigned long long)st.loop_wakes, "spins", (unsigned long long)st.spins,
       "spin_hits", (unsigned long long)st.spin_hits, "spin_ns",
-      (unsigned long long)st.spin_ns, "completions", b->completions,
+      (unsigned long long)st.spin_ns, "blocking_jobs_run",
+      (unsigned long long)st.blocking_jobs_run, "blocking_jobs_cancelled",
+      (unsigned long long)st.blocking_jobs_cancelled, "blocking_workers",
+      (unsigned long long)st.blocking_workers, "completions", b->completions,
       "py_loop_wakes", b->py_wakes, "py_awaits", b->py_awaits, "ports",
       b->ports ? PyDict_Size(b->ports) : (Py_ssize_t)0);
 }
@@ -108,7 +113,7 @@ PyObject *aiob_py_bridge_backend(aiob_py_bridge *b) {
 
 typedef struct info_snap {
   const char *backend;
-  unsigned threads, spin_us;
+  unsigned threads, spin_us, blocking;
 } info_snap;
 
 static void info_fn(aiob_runtime *rt, void *arg) {
@@ -116,9 +121,11 @@ static void info_fn(aiob_runtime *rt, void *arg) {
   i->backend = aiob_runtime_backend_name(rt);
   i->threads = aiob_runtime_threads(rt);
   i->spin_us = aiob_runtime_spin_us(rt);
+  i->blocking = aiob_runtime_blocking_threads(rt);
 }
 
-/* {module, running, backend, threads, spin_us, default_backend, backends};
+/* {module, running, backend, threads, spin_us, blocking_threads,
+ * default_backend, backends, abandoned_threads};
  * never starts the runtime (GIL). */
 static PyObject *bridge_info(const char *module) {
   info_snap i = {0};
@@ -133,20 +140,23 @@ static PyObject *bridge_info(const char *module) {
   }
   if (!names)
     return NULL;
-  PyObject *threads = Py_None, *spin = Py_None;
+  PyObject *threads = Py_None, *spin = Py_None, *blocking = Py_None;
   if (running) {
     threads = PyLong_FromUnsignedLong(i.threads);
     spin = PyLong_FromUnsignedLong(i.spin_us);
+    blocking = PyLong_FromUnsignedLong(i.blocking);
   }
   PyObject *d = Py_BuildValue(
-      "{s:s,s:O,s:s,s:O,s:O,s:O,s:s,s:I}", "module", module, "running",
+      "{s:s,s:O,s:s,s:O,s:O,s:O,s:O,s:s,s:I}", "module", module, "running",
       running ? Py_True : Py_False, "backend", running ? i.backend : NULL,
       "threads", threads ? threads : Py_None, "spin_us", spin ? spin : Py_None,
-      "backends", names, "default_backend", aiob_backend_at(0)->name,
-      "abandoned_threads", aiob_runtime_abandoned_threads());
+      "blocking_threads", blocking ? blocking : Py_None, "backends", names,
+      "default_backend", aiob_backend_at(0)->name, "abandoned_threads",
+      aiob_runtime_abandoned_threads());
   if (running) {
     Py_XDECREF(threads);
     Py_XDECREF(spin);
+    Py_XDECREF(blocking);
   }
   Py_DECREF(names);
   return d;
@@ -201,11 +211,13 @@ static PyObject *reg_backend(PyObject *cap, PyObject *unused) {
 }
 
 /* shutdown(timeout): stops the runtime, waiting at most `timeout` seconds
- * (None: no limit) for its loop threads, without the GIL. C tasks in flight
+ * (None: no limit) for its loop threads and blocking workers, without the
+ * GIL. C tasks in flight
  * are dropped; their completions reach the loops' ports and fail the
  * futures with ShutdownError. If the loop threads did not stop in time
  * they are abandoned, the ports are told to fail what they will never
- * finish, and the result is a dict {loops, loops_left, tasks_left}
+ * finish, and the result is a dict {loops, loops_left, tasks_left,
+ * workers_left}
  * (aiobridge.shutdown raises ShutdownTimeoutError with it); else None. */
 static PyObject *reg_shutdown(PyObject *cap, PyObject *args) {
   PyObject *timeout = Py_None;
@@ -227,9 +239,10 @@ static PyObject *reg_shutdown(PyObject *cap, PyObject *args) {
   aiob_py_bridge *b = reg_of(cap) ? reg_of(cap)->b : NULL;
   if (b) /* (freed meanwhile: its ports are gone too) */
     aiob__py_ports_fail_shut(b);
-  return Py_BuildValue("{s:I,s:I,s:K}", "loops", info.loops, "loops_left",
+  return Py_BuildValue("{s:I,s:I,s:K,s:I}", "loops", info.loops, "loops_left",
                        info.loops_left, "tasks_left",
-                       (unsigned long long)info.tasks_left);
+                       (unsigned long long)info.tasks_left, "workers_left",
+                       info.workers_left);
 }
 
 /* atexit: runtime threads stop before the interpreter finalizes, and no

@@ -37,6 +37,8 @@
  *   locals.c    task locals: (asyncio loop, contextvars context)
  *   ctask.c     the CTask type: a C task as an asyncio future
  *   await.c     awaiting Python from C: requests, _Waiter, aiob_py_await
+ *   shapes.c    short forms: awaitables completed by a callback (promises),
+ *               blocking work on the runtime's worker threads
  *   bridge.c    the bridge: init/free, registration with the aiobridge
  *               package, shutdown with a deadline, the atexit hook,
  *               introspection
@@ -73,6 +75,10 @@ typedef struct py_error {
   PyObject *type; /* borrowed, static or module-held (aiob_py_task_raise) */
   char *msg;
   PyObject *exc; /* owned exception instance (from Python), or NULL */
+  /* An errno failure with file names (type NULL): OSError(err, strerror,
+   * filename, None, filename2), as Python's own file functions raise. */
+  int err;
+  char *filename, *filename2; /* or NULL */
 } py_error;
 
 /* ---- Ports (port.c) ---------------------------------------------------- */
@@ -163,6 +169,7 @@ typedef struct cfut {
     aiob_task *task; /* once spawned (referenced) */
   } u;
   aiob_py_converter conv;
+  const char *name;            /* the C task's name, or NULL */
   struct cfut *pnext, **pprev; /* in b->pending while CF_PENDING (GIL) */
   item it; /* the completion; its spare bytes hold the fields below */
 } cfut;
@@ -207,7 +214,10 @@ int aiob__py_main_finish(aiob_py_bridge *b, PyObject *factory, PyObject *res,
 /* errors.c */
 void aiob__py_error_free(void *p);
 PyObject *aiob__py_take_exception(void);
-PyObject *aiob__py_exception_for(PyObject *shutdown_error, aiob_output *out);
+int aiob__py_error_output(aiob_output *out, PyObject *type, const char *msg,
+                          int err, const char *filename, const char *filename2);
+PyObject *aiob__py_exception_for(PyObject *shutdown_error, aiob_output *out,
+                                 const char *name);
 
 /* port.c */
 extern PyType_Spec aiob__py_port_spec;
@@ -235,6 +245,9 @@ extern PyType_Spec aiob__py_ctask_spec;
 int aiob__py_ctask_complete(aiob_py_bridge *b, cfut *f);
 int aiob__py_ctask_fail_shut(aiob_py_bridge *b, port *p);
 void aiob__py_ctask_forget_all(aiob_py_bridge *b);
+PyObject *aiob__py_ctask_new(aiob_py_bridge *b, const aiob_task_vtable *vt,
+                             void *state, aiob_py_converter conv,
+                             const char *name);
 
 /* await.c */
 extern PyType_Spec aiob__py_waiter_spec;

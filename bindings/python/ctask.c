@@ -266,7 +266,7 @@ int aiob__py_ctask_complete(aiob_py_bridge *b, cfut *f) {
   } else if (out.status == AIOB_ECANCELED) {
     CF_STATE(f) = CF_CANCELLED;
   } else {
-    PyObject *exc = aiob__py_exception_for(b->shutdown_error, &out);
+    PyObject *exc = aiob__py_exception_for(b->shutdown_error, &out, f->name);
     if (exc) {
       f->value = exc;
       CF_STATE(f) = CF_EXCEPTION;
@@ -382,6 +382,7 @@ static int cf_start(cfut *f, py_locals *from, PyObject *loop) {
   o.nlocals = 1;
   o.on_finish = cf_finished;
   o.on_finish_arg = f;
+  o.name = f->name;
   aiob_task *task = NULL;
   atomic_fetch_add(&f->loc.refs, 2); /* the task-local + the completion */
   int rc = aiob_spawn_ex(rt, &o, f->u.lazy.vt, f->u.lazy.state, &task);
@@ -435,6 +436,7 @@ static cfut *cf_new(aiob_py_bridge *b, const aiob_task_vtable *vt, void *state,
   f->u.lazy.state = state;
   f->u.lazy.b = b;
   f->conv = conv;
+  f->name = vt->name;
   f->pnext = NULL;
   f->pprev = NULL;
   memset(&f->it, 0, sizeof f->it);
@@ -770,20 +772,33 @@ static PyObject *cf_get_cancel_message(PyObject *self, void *c) {
   return m;
 }
 
+/* <CTask myext.fn pending>: the name, when the C task has one, then the
+ * state, as asyncio shows its tasks. */
 static PyObject *cf_repr(PyObject *self) {
   cfut *f = (cfut *)self;
+  const char *name = f->name ? f->name : "", *sp = f->name ? " " : "";
   switch (CF_STATE(f)) {
   case CF_UNBOUND:
-    return PyUnicode_FromString("<CTask unstarted>");
+    return PyUnicode_FromFormat("<CTask %s%sunstarted>", name, sp);
   case CF_PENDING:
-    return PyUnicode_FromString("<CTask pending>");
+    return PyUnicode_FromFormat("<CTask %s%spending>", name, sp);
   case CF_RESULT:
-    return PyUnicode_FromFormat("<CTask finished result=%R>", f->value);
+    return PyUnicode_FromFormat("<CTask %s%sfinished result=%R>", name, sp,
+                                f->value);
   case CF_EXCEPTION:
-    return PyUnicode_FromFormat("<CTask finished exception=%R>", f->value);
+    return PyUnicode_FromFormat("<CTask %s%sfinished exception=%R>", name, sp,
+                                f->value);
   default:
-    return PyUnicode_FromString("<CTask cancelled>");
+    return PyUnicode_FromFormat("<CTask %s%scancelled>", name, sp);
   }
+}
+
+/* __name__ and __qualname__: asyncio names a coroutine by them in a Task's
+ * repr and in its warnings ("Task was destroyed but it is pending"). */
+static PyObject *cf_get_name(PyObject *self, void *c) {
+  (void)c;
+  const char *name = ((cfut *)self)->name;
+  return PyUnicode_FromString(name ? name : "CTask");
 }
 
 /* A failure nobody retrieved goes to the loop's exception handler, as for
@@ -871,6 +886,8 @@ static PyGetSetDef cf_getset[] = {
     {"_log_traceback", cf_get_log_traceback, cf_set_log_traceback, NULL, NULL},
     {"_loop", cf_get_loop_attr, NULL, NULL, NULL},
     {"_cancel_message", cf_get_cancel_message, NULL, NULL, NULL},
+    {"__name__", cf_get_name, NULL, NULL, NULL},
+    {"__qualname__", cf_get_name, NULL, NULL, NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -905,14 +922,18 @@ static PyObject *cf_abandon(cfut *f) {
   return NULL;
 }
 
-PyObject *aiob_py_future_into_py(aiob_py_bridge *b, const aiob_task_vtable *vt,
-                                 void *state, aiob_py_converter conv) {
+/* aiob_py_future_into_py with a name for the task (NULL: the vtable's). */
+PyObject *aiob__py_ctask_new(aiob_py_bridge *b, const aiob_task_vtable *vt,
+                             void *state, aiob_py_converter conv,
+                             const char *name) {
   if (check_vt(b, vt) < 0)
     return NULL;
   PyObject *loop = aiob__py_running_loop(b);
   if (!loop && PyErr_Occurred())
     return NULL;
   cfut *f = cf_new(b, vt, state, conv);
+  if (f && name)
+    f->name = name;
   if (!f || !loop) {
     /* No running loop: binds to the loop that first awaits it. */
     Py_XDECREF(loop);
@@ -921,6 +942,11 @@ PyObject *aiob_py_future_into_py(aiob_py_bridge *b, const aiob_task_vtable *vt,
   int rc = cf_start(f, NULL, loop); /* inside a loop: start now */
   Py_DECREF(loop);
   return rc < 0 ? cf_abandon(f) : (PyObject *)f;
+}
+
+PyObject *aiob_py_future_into_py(aiob_py_bridge *b, const aiob_task_vtable *vt,
+                                 void *state, aiob_py_converter conv) {
+  return aiob__py_ctask_new(b, vt, state, conv, NULL);
 }
 
 PyObject *aiob_py_future_into_py_with_locals(aiob_py_bridge *b,

@@ -1,10 +1,11 @@
 /* Errors carried in task outputs.
  *
- * A C task fails with a Python exception (aiob_py_task_raise, or an awaited
- * awaitable that raised) by returning a py_error with status
- * AIOB_PY_EXCEPTION: plain C data that crosses threads without the GIL and
- * becomes the exception on the loop thread (aiob__py_exception_for), as
- * errno-style codes become their OSError subclass there. */
+ * A C task fails with a Python exception (aiob_py_task_raise, an errno with
+ * file names, or an awaited awaitable that raised) by returning a py_error
+ * with status AIOB_PY_EXCEPTION: plain C data that crosses threads without
+ * the GIL and becomes the exception on the loop thread
+ * (aiob__py_exception_for), as errno-style codes become their OSError
+ * subclass there. */
 #include "bridge_internal.h"
 
 #include <stdlib.h>
@@ -14,19 +15,63 @@ void aiob__py_error_free(void *p) {
   py_error *e = p;
   aiob_py_release(e->exc);
   free(e->msg);
+  free(e->filename);
+  free(e->filename2);
   free(e);
 }
 
-int aiob_py_task_raise(aiob_task *self, PyObject *exc_type, const char *msg) {
+static char *dup_or_null(const char *s, bool *failed) {
+  char *d = s ? strdup(s) : NULL;
+  *failed |= s && !d;
+  return d;
+}
+
+/* Fills *out with a failure carried as a py_error: exc_type(msg), or (type
+ * NULL) OSError(err, strerror(err), filename, None, filename2). No GIL
+ * needed. Returns 0, or AIOB_ENOMEM with *out untouched. */
+int aiob__py_error_output(aiob_output *out, PyObject *type, const char *msg,
+                          int err, const char *filename,
+                          const char *filename2) {
   py_error *e = calloc(1, sizeof *e);
-  if (!e || !(e->msg = strdup(msg ? msg : ""))) {
-    free(e);
+  if (!e)
+    return AIOB_ENOMEM;
+  bool failed = false;
+  e->type = type;
+  e->err = err;
+  e->msg = dup_or_null(type ? (msg ? msg : "") : NULL, &failed);
+  e->filename = dup_or_null(filename, &failed);
+  e->filename2 = dup_or_null(filename2, &failed);
+  if (failed) {
+    aiob__py_error_free(e);
     return AIOB_ENOMEM;
   }
-  e->type = exc_type;
-  aiob_task_fail(self, AIOB_PY_EXCEPTION);
-  aiob_task_return(self, e, aiob__py_error_free);
+  *out = (aiob_output){AIOB_PY_EXCEPTION, e, aiob__py_error_free};
   return 0;
+}
+
+int aiob_py_task_raise(aiob_task *self, PyObject *exc_type, const char *msg) {
+  if (!exc_type)
+    return AIOB_EINVAL;
+  aiob_output out;
+  int rc = aiob__py_error_output(&out, exc_type, msg, 0, NULL, NULL);
+  if (rc == 0)
+    aiob_task_forward(self, &out);
+  return rc;
+}
+
+int aiob_py_task_fail_path(aiob_task *self, int err, const char *filename,
+                           const char *filename2) {
+  if (err >= 0 || err < -4095) {
+    aiob_task_fail(self, err);
+    return AIOB_EINVAL;
+  }
+  aiob_output out;
+  int rc = aiob__py_error_output(&out, NULL, NULL, -err, filename, filename2);
+  if (rc == 0)
+    aiob_task_forward(self, &out);
+  else
+    aiob_task_fail(self, err);
+  return rc;
 }
 
 /* The current exception, normalized and with its traceback attached, as a
@@ -42,23 +87,66 @@ PyObject *aiob__py_take_exception(void) {
   return value;
 }
 
+/* A file name as Python's os functions give it (the file system encoding,
+ * undecodable bytes escaped), or None. */
+static PyObject *fs_name(const char *name) {
+  if (!name)
+    Py_RETURN_NONE;
+  return PyUnicode_DecodeFSDefault(name);
+}
+
+static PyObject *os_error(const py_error *e) {
+  PyObject *f1 = fs_name(e->filename), *f2 = fs_name(e->filename2);
+  PyObject *exc = f1 && f2
+                      ? PyObject_CallFunction(PyExc_OSError, "isOOO", e->err,
+                                              strerror(e->err), f1, Py_None, f2)
+                      : NULL;
+  Py_XDECREF(f1);
+  Py_XDECREF(f2);
+  return exc;
+}
+
 /* A new exception object for a failed output (GIL); shutdown_error is the
- * bridge's aiobridge.ShutdownError. */
-PyObject *aiob__py_exception_for(PyObject *shutdown_error, aiob_output *out) {
-  if (out->status == AIOB_PY_EXCEPTION && out->value) {
+ * bridge's aiobridge.ShutdownError, name the task's (or NULL). A status
+ * that is no errno, no Python exception and no aiobridge code is a bug in
+ * the C task: SystemError names the task and the status. */
+PyObject *aiob__py_exception_for(PyObject *shutdown_error, aiob_output *out,
+                                 const char *name) {
+  int st = out->status;
+  const char *who = name ? name : "a C task";
+  if (st == AIOB_PY_EXCEPTION && out->value) {
     py_error *e = out->value;
     if (e->exc) {
       Py_INCREF(e->exc);
       return e->exc;
     }
+    if (!e->type)
+      return os_error(e);
     return PyObject_CallFunction(e->type, "s", e->msg);
   }
-  if (out->status == AIOB_PY_EXCEPTION)
-    return PyObject_CallFunction(PyExc_RuntimeError, "s", "unknown error");
-  if (out->status == AIOB_ESHUTDOWN) /* not ESHUTDOWN's BrokenPipeError */
+  if (st == AIOB_PY_EXCEPTION)
+    return PyObject_CallFunction(
+        PyExc_SystemError, "s",
+        "aiobridge: a C task failed with AIOB_PY_EXCEPTION but carried no "
+        "exception (pass an awaited failure on with aiob_task_forward, or "
+        "raise with aiob_py_task_raise)");
+  if (st == AIOB_ESHUTDOWN) /* not ESHUTDOWN's BrokenPipeError */
     return PyObject_CallFunction(shutdown_error, "s",
                                  "aiobridge: the runtime is shutting down");
+  if (st == AIOB_EBADSTATUS || st < -4095) {
+    PyObject *msg =
+        st == AIOB_EBADSTATUS
+            ? PyUnicode_FromFormat("aiobridge: %s called aiob_task_fail with "
+                                   "a code >= 0 (it needs a negative one)",
+                                   who)
+            : PyUnicode_FromFormat("aiobridge: %s failed with the status %d, "
+                                   "which is not a negated errno",
+                                   who, st);
+    PyObject *exc = msg ? PyObject_CallOneArg(PyExc_SystemError, msg) : NULL;
+    Py_XDECREF(msg);
+    return exc;
+  }
   /* OSError(errno, msg) returns the subclass Python uses for that errno. */
-  int err = -out->status;
+  int err = -st;
   return PyObject_CallFunction(PyExc_OSError, "is", err, strerror(err));
 }

@@ -5,6 +5,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -46,46 +47,25 @@ static aiob_poll ready_poll(aiob_task *t, void *p) {
   (void)p;
   return AIOB_READY;
 }
-static const aiob_task_vtable ready_vt = {.poll = ready_poll};
+static const aiob_task_vtable ready_vt = {.poll = ready_poll,
+                                          .name = "aiobridge_demo.ready"};
 
 static PyObject *demo_ready(PyObject *m, PyObject *unused) {
   (void)unused;
   return aiob_py_future_into_py(state_of(m)->bridge, &ready_vt, NULL, NULL);
 }
 
-/* ---- echo(obj) --------------------------------------------------------- */
-
-typedef struct echo_state {
-  PyObject *obj;
-} echo_state;
-
-static aiob_poll echo_poll(aiob_task *t, void *p) {
-  echo_state *s = p;
-  aiob_task_return(t, s->obj, (void (*)(void *))aiob_py_release);
-  s->obj = NULL; /* the output owns it now */
-  return AIOB_READY;
-}
-
-static void echo_drop(void *p) {
-  echo_state *s = p;
-  aiob_py_release(s->obj);
-  free(s);
-}
-static const aiob_task_vtable echo_vt = {.poll = echo_poll, .drop = echo_drop};
+/* ---- echo(obj): shape 1, an awaitable completed at once ---------------- */
 
 static PyObject *demo_echo(PyObject *m, PyObject *obj) {
-  echo_state *s = malloc(sizeof *s);
-  if (!s)
-    return PyErr_NoMemory();
-  Py_INCREF(obj);
-  s->obj = obj;
-  PyObject *r =
-      aiob_py_future_into_py(state_of(m)->bridge, &echo_vt, s, conv_object);
-  if (!r) {
-    Py_DECREF(obj);
-    free(s);
+  aiob_promise *done;
+  PyObject *aw = aiob_py_promise_new(state_of(m)->bridge, "aiobridge_demo.echo",
+                                     conv_object, NULL, NULL, &done);
+  if (aw) {
+    Py_INCREF(obj); /* the promise's value, released from any thread */
+    aiob_promise_complete(done, 0, obj, (void (*)(void *))aiob_py_release);
   }
-  return r;
+  return aw;
 }
 
 /* ---- sleep_ms(ms) ------------------------------------------------------ */
@@ -104,8 +84,8 @@ static aiob_poll sleep_poll(aiob_task *t, void *p) {
   }
   return aiob_sleep_poll(t, &s->sleep, NULL);
 }
-static const aiob_task_vtable sleep_vt = {.poll = sleep_poll,
-                                          .drop = free_state};
+static const aiob_task_vtable sleep_vt = {
+    .poll = sleep_poll, .drop = free_state, .name = "aiobridge_demo.sleep_ms"};
 
 /* Starts a sleep task of `arg` milliseconds with vtable vt (sleep_vt or
  * stamp_vt). Too long to represent (inf included): sleeps forever. */
@@ -141,7 +121,9 @@ static aiob_poll stamp_poll(aiob_task *t, void *p) {
   return AIOB_READY;
 }
 static const aiob_task_vtable stamp_vt = {.poll = stamp_poll,
-                                          .drop = free_state};
+                                          .drop = free_state,
+                                          .name =
+                                              "aiobridge_demo.sleep_stamp_ms"};
 
 static PyObject *conv_u64(aiob_output *out) {
   return PyLong_FromUnsignedLongLong((uintptr_t)out->value);
@@ -151,7 +133,7 @@ static PyObject *demo_sleep_stamp_ms(PyObject *m, PyObject *arg) {
   return spawn_sleep(m, arg, &stamp_vt, conv_u64);
 }
 
-/* ---- await_py(awaitable) and await_py_n(factory, n) -------------------- */
+/* ---- await_py(awaitable) and await_py_n(factory, n): shape 3 ----------- */
 
 typedef struct await_state {
   int co;
@@ -161,21 +143,12 @@ typedef struct await_state {
   aiob_output out;
 } await_state;
 
-/* Finishes the task with an awaited result or error (moves it). */
-static void finish_with(aiob_task *t, aiob_output *out) {
-  if (out->status < 0)
-    aiob_task_fail(t, out->status);
-  aiob_task_return(t, out->value, out->free_value);
-  out->value = NULL;
-  out->free_value = NULL;
-}
-
 static aiob_poll await_one_poll(aiob_task *t, void *p) {
   await_state *s = p;
   AIOB_BEGIN(&s->co);
   aiob_py_await_init(&s->w, s->obj);
   AIOB_AWAIT(&s->co, aiob_py_await_poll(t, &s->w, &s->out));
-  finish_with(t, &s->out);
+  return aiob_task_forward(t, &s->out); /* its value, errno or exception */
   AIOB_END(&s->co);
 }
 
@@ -185,10 +158,8 @@ static aiob_poll await_n_poll(aiob_task *t, void *p) {
   for (s->i = 0; s->i < s->n; s->i++) {
     aiob_py_await_init_call(&s->w, s->obj);
     AIOB_AWAIT(&s->co, aiob_py_await_poll(t, &s->w, &s->out));
-    if (s->out.status < 0) {
-      finish_with(t, &s->out);
-      return AIOB_READY;
-    }
+    if (s->out.status < 0)
+      return aiob_task_forward(t, &s->out);
     aiob_output_clear(&s->out);
   }
   aiob_task_return(t, (void *)(intptr_t)s->n, NULL);
@@ -203,9 +174,13 @@ static void await_drop(void *p) {
 }
 
 static const aiob_task_vtable await_one_vt = {.poll = await_one_poll,
-                                              .drop = await_drop};
+                                              .drop = await_drop,
+                                              .name =
+                                                  "aiobridge_demo.await_py"};
 static const aiob_task_vtable await_n_vt = {.poll = await_n_poll,
-                                            .drop = await_drop};
+                                            .drop = await_drop,
+                                            .name =
+                                                "aiobridge_demo.await_py_n"};
 
 static PyObject *spawn_await(PyObject *m, const aiob_task_vtable *vt,
                              PyObject *obj, long n, aiob_py_converter conv) {
@@ -243,13 +218,14 @@ static PyObject *demo_await_py_n(PyObject *m, PyObject *args) {
   return spawn_await(m, &await_n_vt, factory, n, conv_long);
 }
 
-/* ---- fail_errno(code) -------------------------------------------------- */
+/* ---- fail_errno(code), fail_status(status), fail_path(code, f1, f2) ---- */
 
 static aiob_poll fail_poll(aiob_task *t, void *p) {
   aiob_task_fail(t, -(int)(intptr_t)p);
   return AIOB_READY;
 }
-static const aiob_task_vtable fail_vt = {.poll = fail_poll};
+static const aiob_task_vtable fail_vt = {.poll = fail_poll,
+                                         .name = "aiobridge_demo.fail_errno"};
 
 static PyObject *demo_fail_errno(PyObject *m, PyObject *arg) {
   long code = PyLong_AsLong(arg);
@@ -261,6 +237,331 @@ static PyObject *demo_fail_errno(PyObject *m, PyObject *arg) {
   }
   return aiob_py_future_into_py(state_of(m)->bridge, &fail_vt,
                                 (void *)(intptr_t)code, NULL);
+}
+
+/* aiob_task_fail(status) with any int, right or wrong: what a buggy C task
+ * may pass (0 or positive; a negative code outside the errno range). */
+static aiob_poll fail_status_poll(aiob_task *t, void *p) {
+  aiob_task_fail(t, (int)(intptr_t)p);
+  return AIOB_READY;
+}
+static const aiob_task_vtable fail_status_vt = {
+    .poll = fail_status_poll, .name = "aiobridge_demo.fail_status"};
+
+static PyObject *demo_fail_status(PyObject *m, PyObject *arg) {
+  int overflow;
+  long status = PyLong_AsLongAndOverflow(arg, &overflow);
+  if (status == -1 && PyErr_Occurred())
+    return NULL;
+  if (overflow || status < INT32_MIN || status > INT32_MAX) {
+    PyErr_SetString(PyExc_OverflowError, "fail_status: not a C int");
+    return NULL;
+  }
+  return aiob_py_future_into_py(state_of(m)->bridge, &fail_status_vt,
+                                (void *)(intptr_t)status, NULL);
+}
+
+typedef struct path_fail {
+  int err;
+  char *f1, *f2;
+} path_fail;
+
+static aiob_poll fail_path_poll(aiob_task *t, void *p) {
+  path_fail *f = p;
+  aiob_py_task_fail_path(t, f->err, f->f1, f->f2);
+  return AIOB_READY;
+}
+
+static void fail_path_drop(void *p) {
+  path_fail *f = p;
+  free(f->f1);
+  free(f->f2);
+  free(f);
+}
+static const aiob_task_vtable fail_path_vt = {.poll = fail_path_poll,
+                                              .drop = fail_path_drop,
+                                              .name =
+                                                  "aiobridge_demo.fail_path"};
+
+/* A copy of a str/bytes/PathLike file name, or NULL for None; -1 on error
+ * (with an exception set). */
+static int fs_copy(PyObject *o, char **out) {
+  *out = NULL;
+  if (o == Py_None)
+    return 0;
+  PyObject *b;
+  if (!PyUnicode_FSConverter(o, &b))
+    return -1;
+  *out = strdup(PyBytes_AS_STRING(b));
+  Py_DECREF(b);
+  if (!*out) {
+    PyErr_NoMemory();
+    return -1;
+  }
+  return 0;
+}
+
+static PyObject *demo_fail_path(PyObject *m, PyObject *args) {
+  int code;
+  PyObject *o1, *o2 = Py_None;
+  if (!PyArg_ParseTuple(args, "iO|O:fail_path", &code, &o1, &o2))
+    return NULL;
+  path_fail *f = calloc(1, sizeof *f);
+  if (!f)
+    return PyErr_NoMemory();
+  f->err = -code;
+  PyObject *r = NULL;
+  if (fs_copy(o1, &f->f1) == 0 && fs_copy(o2, &f->f2) == 0)
+    r = aiob_py_future_into_py(state_of(m)->bridge, &fail_path_vt, f, NULL);
+  if (!r)
+    fail_path_drop(f);
+  return r;
+}
+
+/* ---- promise(): shape 1 driven from Python, for the tests --------------
+ *
+ * promise(name=None) -> (awaitable, Completer). The Completer holds the
+ * completer side; its methods complete it the ways a native callback
+ * would, on the calling thread or on a thread of its own that never holds
+ * the GIL. on_done calls are counted (promise_cancels()): those for a
+ * cancellation, how many of them came while the calling thread held the
+ * GIL, and all of them. */
+
+static atomic_long promise_dones, promise_cancels, promise_cancels_gil;
+
+static void count_done(void *arg, int cancelled) {
+  (void)arg;
+  atomic_fetch_add(&promise_dones, 1);
+  if (!cancelled)
+    return;
+  atomic_fetch_add(&promise_cancels, 1);
+  if (PyGILState_Check())
+    atomic_fetch_add(&promise_cancels_gil, 1);
+}
+
+typedef struct completer {
+  PyObject_HEAD aiob_promise *p; /* completer side, NULL once given up */
+} completer;
+
+static PyTypeObject *completer_type; /* set by demo_exec */
+
+/* The completer side, given up by the caller (NULL: ValueError set). */
+static aiob_promise *take_side(completer *c) {
+  aiob_promise *p = c->p;
+  c->p = NULL;
+  if (!p)
+    PyErr_SetString(PyExc_ValueError, "the promise was already completed");
+  return p;
+}
+
+static PyObject *completer_complete(PyObject *self, PyObject *value) {
+  aiob_promise *p = take_side((completer *)self);
+  if (!p)
+    return NULL;
+  Py_INCREF(value);
+  return PyLong_FromLong(
+      aiob_promise_complete(p, 0, value, (void (*)(void *))aiob_py_release));
+}
+
+static PyObject *completer_fail(PyObject *self, PyObject *args) {
+  int code;
+  PyObject *o1 = Py_None, *o2 = Py_None;
+  char *f1 = NULL, *f2 = NULL;
+  if (!PyArg_ParseTuple(args, "i|OO:fail", &code, &o1, &o2) ||
+      fs_copy(o1, &f1) < 0 || fs_copy(o2, &f2) < 0) {
+    free(f1);
+    return NULL;
+  }
+  aiob_promise *p = take_side((completer *)self);
+  int rc = p ? aiob_py_promise_fail_path(p, -code, f1, f2) : 0;
+  free(f1);
+  free(f2);
+  return p ? PyLong_FromLong(rc) : NULL;
+}
+
+static PyObject *completer_raise(PyObject *self, PyObject *msg) {
+  const char *s = PyUnicode_AsUTF8(msg);
+  aiob_promise *p = s ? take_side((completer *)self) : NULL;
+  return p ? PyLong_FromLong(aiob_py_promise_raise(p, PyExc_ValueError, s))
+           : NULL;
+}
+
+static PyObject *completer_abandon(PyObject *self, PyObject *unused) {
+  (void)unused;
+  aiob_promise *p = take_side((completer *)self);
+  return p ? PyLong_FromLong(aiob_promise_abandon(p)) : NULL;
+}
+
+/* complete_in_thread(n): completes with the int n from a new thread that
+ * never holds the GIL; returns once that thread completed it. */
+typedef struct thread_completion {
+  aiob_promise *p;
+  long n;
+  int rc;
+} thread_completion;
+
+static void *complete_off_gil(void *arg) {
+  thread_completion *tc = arg;
+  tc->rc = aiob_promise_complete(tc->p, 0, (void *)(intptr_t)tc->n, NULL);
+  return NULL;
+}
+
+static PyObject *completer_complete_in_thread(PyObject *self, PyObject *arg) {
+  long n = PyLong_AsLong(arg);
+  if (n == -1 && PyErr_Occurred())
+    return NULL;
+  thread_completion tc = {take_side((completer *)self), n, 0};
+  if (!tc.p)
+    return NULL;
+  pthread_t th;
+  int err;
+  Py_BEGIN_ALLOW_THREADS;
+  err = pthread_create(&th, NULL, complete_off_gil, &tc);
+  if (!err)
+    pthread_join(th, NULL);
+  Py_END_ALLOW_THREADS;
+  if (err) {
+    aiob_promise_abandon(tc.p);
+    errno = err;
+    return PyErr_SetFromErrno(PyExc_OSError);
+  }
+  return PyLong_FromLong(tc.rc);
+}
+
+/* A Completer collected without completing abandons the promise. */
+static void completer_dealloc(PyObject *self) {
+  completer *c = (completer *)self;
+  if (c->p)
+    aiob_promise_abandon(c->p);
+  PyTypeObject *tp = Py_TYPE(self);
+  tp->tp_free(self);
+  Py_DECREF(tp);
+}
+
+static PyMethodDef completer_methods[] = {
+    {"complete", completer_complete, METH_O,
+     "Complete with a Python value; returns the C return code."},
+    {"complete_in_thread", completer_complete_in_thread, METH_O,
+     "Complete with an int from a thread without the GIL."},
+    {"fail", completer_fail, METH_VARARGS,
+     "fail(errno, filename=None, filename2=None): an OSError."},
+    {"raise_value_error", completer_raise, METH_O, "Raise ValueError(msg)."},
+    {"abandon", completer_abandon, METH_NOARGS, "Give up: CancelledError."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot completer_slots[] = {
+    {Py_tp_dealloc, completer_dealloc},
+    {Py_tp_methods, completer_methods},
+    {0, NULL},
+};
+
+static PyType_Spec completer_spec = {
+    .name = "aiobridge_demo.Completer",
+    .basicsize = sizeof(completer),
+    .flags = Py_TPFLAGS_DEFAULT,
+    .slots = completer_slots,
+};
+
+/* Values completed with complete_in_thread are C ints. */
+static PyObject *conv_value(aiob_output *out) {
+  if (out->free_value) /* a Python object from complete() */
+    return conv_object(out);
+  return conv_long(out);
+}
+
+static PyObject *demo_promise(PyObject *m, PyObject *args) {
+  const char *name = NULL;
+  if (!PyArg_ParseTuple(args, "|z:promise", &name))
+    return NULL;
+  if (name) { /* names are static storage: one str per name, kept forever */
+    static PyObject *names;
+    PyObject *s = PyUnicode_FromString(name), *kept = NULL;
+    if (s && (names || (names = PyDict_New())))
+      kept = PyDict_SetDefault(names, s, s); /* borrowed, lives in names */
+    Py_XDECREF(s);
+    if (!kept || !(name = PyUnicode_AsUTF8(kept)))
+      return NULL;
+  }
+  completer *c = PyObject_New(completer, completer_type);
+  if (!c)
+    return NULL;
+  c->p = NULL;
+  PyObject *aw = aiob_py_promise_new(state_of(m)->bridge, name, conv_value,
+                                     count_done, NULL, &c->p);
+  if (!aw) {
+    Py_DECREF(c);
+    return NULL;
+  }
+  return Py_BuildValue("(NN)", aw, (PyObject *)c);
+}
+
+static PyObject *demo_promise_cancels(PyObject *m, PyObject *unused) {
+  (void)m;
+  (void)unused;
+  return Py_BuildValue("(lll)", atomic_load(&promise_cancels),
+                       atomic_load(&promise_cancels_gil),
+                       atomic_load(&promise_dones));
+}
+
+/* ---- blocking work: shape 2 ------------------------------------------ */
+
+static atomic_long blocking_runs;
+
+/* Worker thread: reads one byte from the fd; resolves to it. */
+static int read_byte(void *arg, aiob_output *out) {
+  atomic_fetch_add(&blocking_runs, 1);
+  unsigned char c;
+  ssize_t n;
+  do
+    n = read((int)(intptr_t)arg, &c, 1);
+  while (n < 0 && errno == EINTR);
+  if (n < 0)
+    return -errno;
+  out->value = (void *)(intptr_t)(n == 1 ? c : -1);
+  return 0;
+}
+
+static PyObject *demo_blocking_read(PyObject *m, PyObject *arg) {
+  int fd = PyObject_AsFileDescriptor(arg);
+  if (fd < 0)
+    return NULL;
+  return aiob_py_run_blocking(state_of(m)->bridge,
+                              "aiobridge_demo.blocking_read", read_byte,
+                              (void *)(intptr_t)fd, NULL, conv_long);
+}
+
+/* Worker thread: sum of 0..n-1, stopping early once cancelled. */
+static int sum_below(void *arg, aiob_output *out) {
+  atomic_fetch_add(&blocking_runs, 1);
+  uint64_t n = *(uint64_t *)arg, sum = 0;
+  for (uint64_t i = 0; i < n; i++) {
+    sum += i;
+    if ((i & 0xfffff) == 0 && aiob_blocking_cancelled())
+      return AIOB_ECANCELED;
+  }
+  out->value = (void *)(uintptr_t)sum;
+  return 0;
+}
+
+static PyObject *demo_blocking_sum(PyObject *m, PyObject *arg) {
+  uint64_t *n = malloc(sizeof *n);
+  if (!n)
+    return PyErr_NoMemory();
+  *n = PyLong_AsUnsignedLongLong(arg);
+  if (*n == (uint64_t)-1 && PyErr_Occurred()) {
+    free(n);
+    return NULL;
+  }
+  return aiob_py_run_blocking(state_of(m)->bridge,
+                              "aiobridge_demo.blocking_sum", sum_below, n, free,
+                              conv_u64);
+}
+
+static PyObject *demo_blocking_runs(PyObject *m, PyObject *unused) {
+  (void)m;
+  (void)unused;
+  return PyLong_FromLong(atomic_load(&blocking_runs));
 }
 
 /* ---- stuck_fifo_open(path) and block_loop_on_fifo(path) ----------------
@@ -446,6 +747,21 @@ static PyMethodDef demo_methods[] = {
      "Awaitable: a C task awaits factory() n times; resolves to n."},
     {"fail_errno", demo_fail_errno, METH_O,
      "Awaitable: raises the OSError subclass for that errno."},
+    {"fail_status", demo_fail_status, METH_O,
+     "Awaitable: a C task calls aiob_task_fail with this status."},
+    {"fail_path", demo_fail_path, METH_VARARGS,
+     "fail_path(errno, filename, filename2=None): the OSError with them."},
+    {"promise", demo_promise, METH_VARARGS,
+     "promise(name=None) -> (awaitable, Completer)."},
+    {"promise_cancels", demo_promise_cancels, METH_NOARGS,
+     "(on_done calls for a cancellation, of which with the GIL held, "
+     "on_done calls in all)."},
+    {"blocking_read", demo_blocking_read, METH_O,
+     "Awaitable: a worker thread reads one byte from the fd."},
+    {"blocking_sum", demo_blocking_sum, METH_O,
+     "Awaitable: a worker thread sums 0..n-1."},
+    {"blocking_runs", demo_blocking_runs, METH_NOARGS,
+     "How many blocking functions have started."},
     {"stuck_fifo_open", demo_stuck_fifo_open, METH_O,
      "Awaitable (uv backend): a libuv fs open of the FIFO at path on the "
      "runtime's uv loop; None once a writer opened it. Until then the loop "
@@ -462,6 +778,9 @@ static PyMethodDef demo_methods[] = {
 };
 
 static int demo_exec(PyObject *m) {
+  if (!completer_type &&
+      !(completer_type = (PyTypeObject *)PyType_FromSpec(&completer_spec)))
+    return -1;
   return aiob_py_bridge_init(m, &state_of(m)->bridge);
 }
 

@@ -62,7 +62,8 @@ void aiob_py_bridge_free(aiob_py_bridge *b);
 /* Counters of the bridge's runtime and of the bridge, as a new dict (with
  * the GIL; NULL with an exception set if it cannot be made):
  * tasks_live, tasks_spawned, tasks_completed, tasks_cancelled, polls,
- * loop_wakes, spins, spin_hits, spin_ns (runtime; zeros while it is not
+ * loop_wakes, spins, spin_hits, spin_ns, blocking_jobs_run,
+ * blocking_jobs_cancelled, blocking_workers (runtime; zeros while it is not
  * running), completions (C results delivered to asyncio futures),
  * py_loop_wakes (asyncio loops woken to drain their queue), py_awaits
  * (Python awaitables started for C tasks), ports (asyncio loops known). */
@@ -163,8 +164,93 @@ PyObject *aiob_py_future_into_py_with_locals(aiob_py_bridge *b,
 /* Makes the task finish with `exc_type(msg)` (status AIOB_PY_EXCEPTION).
  * exc_type is borrowed and must outlive the task (a built-in exception or
  * one the module keeps); msg is copied. Inside the task's poll function; no
- * GIL needed. Returns 0 or AIOB_ENOMEM (nothing is set). */
+ * GIL needed. Returns 0, AIOB_EINVAL (NULL exc_type) or AIOB_ENOMEM
+ * (nothing is set). */
 int aiob_py_task_raise(aiob_task *self, PyObject *exc_type, const char *msg);
+
+/* Makes the task fail with the negated errno `err` and the file names the
+ * error is about (either may be NULL; both are copied), so Python raises
+ * what its own open() would: FileNotFoundError(2, 'No such file or
+ * directory', 'a.txt'), with filename2 for two-path calls such as rename.
+ * Inside the task's poll function; no GIL needed. Returns 0, AIOB_ENOMEM
+ * (the task then fails with err alone), or AIOB_EINVAL for an err that is
+ * no negated errno (the task then fails as aiob_task_fail(self, err)). */
+int aiob_py_task_fail_path(aiob_task *self, int err, const char *filename,
+                           const char *filename2);
+
+/* ---- Shape 1: an awaitable completed by a callback ---------------------
+ *
+ * For native APIs that take a callback (libcurl multi, c-ares, libpq, a
+ * libuv or io_uring request): the extension function starts the request
+ * and returns the awaitable; the request's callback completes it. */
+
+/* Called exactly once when the awaitable of aiob_py_promise_new is done
+ * with the producer's request, so the producer can let go of what it
+ * shares with it. `cancelled` is 1 when the awaitable was cancelled (or
+ * collected, or its runtime shut down) before the completion reached it:
+ * abort the native request then. It is 0 when the completion came first.
+ * Runs on a loop thread of the runtime, without the GIL; or, for an
+ * awaitable made with no running loop and closed or collected before it
+ * was ever awaited, on the thread that drops it, with the GIL. A cancel
+ * may race with a completion in progress on another thread. */
+typedef void (*aiob_py_done_fn)(void *arg, int cancelled);
+
+/* Returns a new awaitable (an aiobridge.CTask named `name`, static storage
+ * or NULL; the conversion of its value is `conv`, as for
+ * aiob_py_future_into_py) and gives the caller *completer, the completer
+ * side of a promise. The caller (the native request's callback, on any
+ * thread) completes it exactly once:
+ *   aiob_promise_complete(p, 0, value, free_value)  the awaitable's value;
+ *   aiob_promise_complete(p, AIOB_ENOENT, NULL, NULL)  an OSError;
+ *   aiob_py_promise_fail_path(p, AIOB_ENOENT, path, NULL)  with a file name;
+ *   aiob_py_promise_raise(p, PyExc_ValueError, "msg")  any exception type;
+ *   aiob_promise_abandon(p)  CancelledError.
+ * on_done(done_arg, cancelled) (NULL: none) is called exactly once, as
+ * aiob_py_done_fn says. The completer side stays the producer's even after
+ * a cancellation: it still completes (or abandons) the promise, and a
+ * value completed after the cancellation is freed by its free_value on the
+ * completing thread, without touching Python. With the GIL. On failure
+ * returns NULL with an exception set, *completer untouched and on_done
+ * never called. */
+PyObject *aiob_py_promise_new(aiob_py_bridge *b, const char *name,
+                              aiob_py_converter conv, aiob_py_done_fn on_done,
+                              void *done_arg, aiob_promise **completer);
+
+/* Completes a promise with `exc_type(msg)`: exc_type is borrowed and must
+ * outlive the awaitable (a built-in exception or one the module keeps);
+ * msg is copied. Gives up the completer side. Thread-safe; no GIL needed.
+ * Returns 0, AIOB_EALREADY (already completed: nothing done), AIOB_EINVAL
+ * (NULL p or exc_type: nothing done), or AIOB_ENOMEM (the promise was
+ * completed with AIOB_ENOMEM instead). */
+int aiob_py_promise_raise(aiob_promise *p, PyObject *exc_type, const char *msg);
+
+/* Completes a promise with the negated errno `err` and the file names of
+ * the error (either may be NULL; copied), as aiob_py_task_fail_path. Gives
+ * up the completer side. Thread-safe; no GIL needed. Returns 0,
+ * AIOB_EALREADY, AIOB_EINVAL (NULL p, or err no negated errno: nothing
+ * done), or AIOB_ENOMEM (completed with err alone). */
+int aiob_py_promise_fail_path(aiob_promise *p, int err, const char *filename,
+                              const char *filename2);
+
+/* ---- Shape 2: blocking C work on the runtime's worker threads ---------- */
+
+/* Runs fn(arg, out) on a worker thread of the bridge's runtime (its
+ * blocking pool, sized by aiob_runtime_config.blocking_threads; never a
+ * loop thread, never holding the GIL: fn must not call Python) and returns
+ * a new awaitable (an aiobridge.CTask named `name`, static storage or NULL)
+ * for its output: what fn put in out->value goes through `conv` on the
+ * loop thread, a negative return raises (as for aiob_task_fail).
+ * Cancelling the awaitable before a worker started the job means fn never
+ * runs; once running, fn finishes (aiob_blocking_cancelled() tells it to
+ * stop early) and its value is freed without touching Python. The call
+ * takes arg in every case: drop_arg(arg) (NULL: nothing) runs exactly once,
+ * after fn ran or when it never will, also when this call fails. With the
+ * GIL. Returns NULL with an exception set on failure (ValueError for a NULL
+ * fn). */
+PyObject *aiob_py_run_blocking(aiob_py_bridge *b, const char *name,
+                               aiob_blocking_fn fn, void *arg,
+                               void (*drop_arg)(void *arg),
+                               aiob_py_converter conv);
 
 /* Releases a Python reference from any thread: at once if this thread holds
  * the GIL, otherwise on a later drain of the bridge's queues. A coroutine

@@ -470,6 +470,7 @@ class TestAiobridgeModule(BridgeCase):
     STATS_KEYS = {
         "tasks_live", "tasks_spawned", "tasks_completed", "tasks_cancelled",
         "polls", "loop_wakes", "spins", "spin_hits", "spin_ns",
+        "blocking_jobs_run", "blocking_jobs_cancelled", "blocking_workers",
         "completions", "py_loop_wakes", "py_awaits", "ports",
     }
 
@@ -512,6 +513,7 @@ class TestAiobridgeModule(BridgeCase):
         self.assertEqual(info["backend"], want)
         self.assertEqual(info["threads"], 1)
         self.assertIsInstance(info["spin_us"], int)
+        self.assertGreaterEqual(info["blocking_threads"], 1)
         self.assertIn(want, info["backends"])
         self.assertEqual(info["abandoned_threads"], 0)
         self.assertEqual(aiobridge.runtime_info(), [info])
@@ -570,6 +572,9 @@ class TestAiobridgeModule(BridgeCase):
             except aiobridge.BackendError as e:
                 assert e.errno == errno.ENOENT, e.errno
                 assert "AIOBRIDGE_BACKEND=nope" in str(e), str(e)
+                # Why: the backend is named, with the ones the build has.
+                assert 'no backend "nope" in this build' in str(e), str(e)
+                assert aiobridge.runtime_info(demo)["default_backend"] in str(e), str(e)
                 print("ok")
             """,
             env={"AIOBRIDGE_BACKEND": "nope"},
@@ -648,6 +653,27 @@ class TestLoopGoesAway(unittest.TestCase):
         self.assertNotIn("Traceback", p.stderr)
 
 
+def references_leaked(work, rounds=10):
+    """The growth of the debug interpreter's total reference count over
+    `rounds` runs of the coroutine function `work`, after 3 warm-up runs.
+
+    A stock loop even under AIOB_TEST_LOOP=uvloop: Debian's uvloop is built
+    for the release ABI, and its inline reference counting does not
+    maintain the debug interpreter's total, so the count drifts."""
+    loop = asyncio.SelectorEventLoop()
+    try:
+        for _ in range(3):  # warm up caches
+            loop.run_until_complete(work())
+        gc.collect()
+        before = sys.gettotalrefcount()
+        for _ in range(rounds):
+            loop.run_until_complete(work())
+        gc.collect()
+        return sys.gettotalrefcount() - before
+    finally:
+        loop.close()
+
+
 @unittest.skipUnless(hasattr(sys, "gettotalrefcount"), "needs a debug interpreter (python3-dbg)")
 class TestReferenceLeaks(unittest.TestCase):
     def test_conversions_do_not_leak(self):
@@ -673,21 +699,7 @@ class TestReferenceLeaks(unittest.TestCase):
                     pass
                 demo.sleep_ms(10_000)  # dropped unawaited
 
-        # A stock loop even under AIOB_TEST_LOOP=uvloop: Debian's uvloop is
-        # built for the release ABI, and its inline reference counting does
-        # not maintain the debug interpreter's total, so the count drifts.
-        loop = asyncio.SelectorEventLoop()
-        try:
-            for _ in range(3):  # warm up caches
-                loop.run_until_complete(work())
-            gc.collect()
-            before = sys.gettotalrefcount()
-            for _ in range(10):
-                loop.run_until_complete(work())
-            gc.collect()
-            delta = sys.gettotalrefcount() - before
-        finally:
-            loop.close()
+        delta = references_leaked(work)
         self.assertLess(delta, 100, f"{delta} references leaked over ~5000 conversions")
 
 

@@ -121,7 +121,8 @@ class TestShutdownDeadline(ChildCase):
         self.assertEqual((left["loops"], left["loops_left"]), (1, 1), r)
         # Dropped before the close got stuck (unless the deadline came first).
         self.assertLessEqual(left["tasks_left"], 3, r)
-        self.assertIn("aiobridge_demo: 1 of 1 loop threads still running", r["message"])
+        self.assertIn("aiobridge_demo: 1 of 1 loop threads and 0 blocking workers "
+                      "still running", r["message"])
         for o in r["outcomes"]:
             self.assertTrue(o.startswith("ShutdownError: "), r["outcomes"])
         self.assertEqual(r["events"], ["python cancelled"])
@@ -173,6 +174,40 @@ class TestShutdownDeadline(ChildCase):
                                 "down and its loop thread did not stop in time", r)
         self.assertEqual(r["events"], ["python cancelled"])
         self.assertEqual((r["restart"], r["abandoned"]), ("again", 1))
+
+    def test_stuck_blocking_worker_times_out(self):
+        """A blocking job stuck in read(2): the loop thread stops, the worker
+        does not. shutdown(timeout) raises ShutdownTimeoutError naming the
+        worker; the awaitable fails with ShutdownError; the worker is
+        abandoned, and ends once its read returns; a fresh runtime starts
+        with a fresh pool."""
+        p = run_with_helpers("""
+        async def main():
+            r, w = os.pipe()
+            stuck_read = asyncio.ensure_future(demo.blocking_read(r))
+            await until(lambda: demo.blocking_runs() == 1, "the job to run")
+            try:
+                aiobridge.shutdown(timeout=0.2)
+                err = None
+            except aiobridge.ShutdownTimeoutError as e:
+                err = e
+            res = {"left": getattr(err, "left", None), "message": str(err),
+                   "outcome": await outcome(stuck_read),
+                   "abandoned": abandoned()}
+            os.write(w, b"x")  # the read returns: the worker ends
+            await until(lambda: abandoned() == 0, "the abandoned worker to end")
+            res["restart"] = await demo.blocking_sum(10)
+            return res
+        print(json.dumps(asyncio.run(main())))
+        """)
+        self.assertChildOk(p)
+        self.assertEqual(p.stderr, "")
+        r = last_json(p)
+        left = r["left"]["aiobridge_demo"]
+        self.assertEqual((left["loops_left"], left["workers_left"]), (0, 1), r)
+        self.assertIn("0 of 1 loop threads and 1 blocking workers still running", r["message"])
+        self.assertTrue(r["outcome"].startswith("ShutdownError"), r)
+        self.assertEqual((r["abandoned"], r["restart"]), (1, 45), r)
 
     def test_unbounded_shutdown_releases_the_gil(self):
         """shutdown() without a deadline on a loop that only Python code in
@@ -236,10 +271,16 @@ class TestExit(ChildCase):
     async def main():
         keep = [asyncio.ensure_future(demo.sleep_ms(60_000)),
                 asyncio.ensure_future(demo.await_py(asyncio.sleep(60)))]
-        keep.append(asyncio.ensure_future(
-            demo.stuck_fifo_open(fifo) if os.environ["HOW"] == "native"
-            else demo.block_loop_on_fifo(fifo)))
-        await until(stuck, "the stuck request or loop thread")
+        if os.environ["HOW"] == "worker":  # a blocking job stuck in read(2)
+            r, w = os.pipe()
+            keep.append(asyncio.ensure_future(demo.blocking_read(r)))
+            await until(lambda: demo.blocking_runs() == 1, "the job to run")
+            await until(lambda: demo.stats()["tasks_live"] == 3, "3 live tasks")
+        else:
+            keep.append(asyncio.ensure_future(
+                demo.stuck_fifo_open(fifo) if os.environ["HOW"] == "native"
+                else demo.block_loop_on_fifo(fifo)))
+            await until(stuck, "the stuck request or loop thread")
         await until(lambda: demo.stats()["tasks_live"] == 3, "3 live tasks")
         print("leaving", flush=True)
         if os.environ["STATUS"] != "0":
@@ -258,6 +299,10 @@ class TestExit(ChildCase):
     def test_exit_with_a_blocked_loop_thread(self):
         self.exit_with("block", 0)
         self.exit_with("block", 3)
+
+    def test_exit_with_a_stuck_blocking_worker(self):
+        self.exit_with("worker", 0)
+        self.exit_with("worker", 3)
 
     def test_exit_with_a_stuck_native_request(self):
         if backend() != "uv":
