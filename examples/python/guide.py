@@ -27,15 +27,32 @@ async def fetch(x):
     return x + 1
 
 
+def fnv1a(data):
+    """The same checksum in Python, to check the C one."""
+    h = 0xCBF29CE484222325
+    for byte in data:
+        h = ((h ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
 async def main():
-    # Awaiting a C task from Python.
+    # Shape 1: a callback API (glibc's getaddrinfo_a) as an awaitable.
+    print("resolve('localhost') =", await ext.resolve("localhost"))
+
+    # Shape 2: blocking C work on the runtime's worker threads.
+    data = bytes(range(256)) * 4096
+    sums = await asyncio.gather(*(ext.checksum(data) for _ in range(8)))
+    assert sums == [fnv1a(data)] * 8
+    print(f"checksum of 1 MiB, 8 at once on worker threads: {sums[0]:#018x}")
+
+    # Shape 3: C awaits a Python coroutine; plain C data converted back.
+    request_id.set("r-42")
+    print("double_of(fetch(20)) =", await ext.double_of(fetch(20)))
+
+    # Awaiting a C task of your own from Python.
     t0 = time.monotonic()
     await ext.sleep(0.01)
     print(f"C sleep of 10 ms took {(time.monotonic() - t0) * 1000:.1f} ms")
-
-    # C awaits a Python coroutine and returns plain C data converted back.
-    request_id.set("r-42")
-    print("double_of(fetch, 20) =", await ext.double_of(fetch, 20))
 
     # Many C tasks at once, with a timeout and a cancellation.
     await asyncio.gather(*(ext.sleep(0.005) for _ in range(1000)))
@@ -56,7 +73,7 @@ async def main():
         raise KeyError(x)
 
     try:
-        await ext.double_of(broken, 7)
+        await ext.double_of(broken(7))
     except KeyError as e:
         print("KeyError came back through C:", e)
 
