@@ -24,6 +24,7 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <sched.h>
 #include <setjmp.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -67,6 +68,49 @@ static atomic_int g_rconv_calls;
 /* test 9 (plain task) */
 static atomic_int g_plain_polls, g_plain_had_locals;
 
+/* tests 17 and 18 (promise awaitables): one slot per awaitable. */
+#define PROMISE_N 2000
+enum { PK_VALUE, PK_RAISE, PK_PATH };
+typedef struct pslot {
+  aiob_promise *p; /* completer: the test thread, then one helper thread */
+  int kind;
+  atomic_int done_calls, done_cancelled, done_gil, done_on_test_thread;
+  atomic_int complete_rc;
+  atomic_int frees, freed_gil, freed_by_helper;
+  atomic_int conv_calls;
+} pslot;
+static pslot g_ps[PROMISE_N];
+static atomic_int g_pfrees;        /* pval_free calls */
+static latch g_pdone;              /* on_done calls */
+static latch g_helpers_done;       /* helper threads that finished */
+static _Thread_local int t_helper; /* set on the tests' helper threads */
+
+/* test 19 (run_blocking under a cancel storm): one slot per job. */
+#define BLK_N 500
+typedef struct bslot {
+  atomic_int runs, drops, frees, conv_calls, saw_cancel;
+} bslot;
+static bslot g_bs[BLK_N];
+static latch g_blk_gate;    /* reaches 1 when the test opens the gate */
+static latch g_blk_entered; /* fn calls */
+static latch g_blk_settled; /* cancelled jobs: dropped unrun, or fn saw it */
+static latch g_blk_drops, g_blk_frees;
+static atomic_int g_blk_inside, g_blk_inside_max;
+
+/* test 20 (run_blocking failures) */
+static atomic_int g_b2_runs, g_b2_drops, g_b2_frees, g_b2_convs;
+
+/* test 21 (names): rc of the failing call of each mode, name seen inside */
+#define NM_MODES 6
+static atomic_int g_fail_rc[NM_MODES];
+static atomic_uintptr_t g_seen_name;
+
+static latch *const g_shape_latches[] = {
+    &g_pdone,       &g_helpers_done, &g_blk_gate,  &g_blk_entered,
+    &g_blk_settled, &g_blk_drops,    &g_blk_frees,
+};
+#define SHAPE_LATCHES (sizeof g_shape_latches / sizeof g_shape_latches[0])
+
 static void reset_state(void) {
   reset_checks();
   atomic_store(&g_conv_calls, 0);
@@ -90,6 +134,42 @@ static void reset_state(void) {
   atomic_store(&g_rconv_calls, 0);
   atomic_store(&g_plain_polls, 0);
   atomic_store(&g_plain_had_locals, -1);
+  for (size_t i = 0; i < SHAPE_LATCHES; i++) {
+    latch_destroy(g_shape_latches[i]);
+    latch_init(g_shape_latches[i]);
+  }
+  for (int i = 0; i < PROMISE_N; i++) {
+    pslot *s = &g_ps[i];
+    s->p = NULL;
+    s->kind = PK_VALUE;
+    atomic_store(&s->done_calls, 0);
+    atomic_store(&s->done_cancelled, -1);
+    atomic_store(&s->done_gil, -1);
+    atomic_store(&s->done_on_test_thread, -1);
+    atomic_store(&s->complete_rc, 1);
+    atomic_store(&s->frees, 0);
+    atomic_store(&s->freed_gil, -1);
+    atomic_store(&s->freed_by_helper, -1);
+    atomic_store(&s->conv_calls, 0);
+  }
+  atomic_store(&g_pfrees, 0);
+  for (int i = 0; i < BLK_N; i++) {
+    bslot *s = &g_bs[i];
+    atomic_store(&s->runs, 0);
+    atomic_store(&s->drops, 0);
+    atomic_store(&s->frees, 0);
+    atomic_store(&s->conv_calls, 0);
+    atomic_store(&s->saw_cancel, 0);
+  }
+  atomic_store(&g_blk_inside, 0);
+  atomic_store(&g_blk_inside_max, 0);
+  atomic_store(&g_b2_runs, 0);
+  atomic_store(&g_b2_drops, 0);
+  atomic_store(&g_b2_frees, 0);
+  atomic_store(&g_b2_convs, 0);
+  for (int i = 0; i < NM_MODES; i++)
+    atomic_store(&g_fail_rc[i], 1);
+  atomic_store(&g_seen_name, 0);
 }
 
 /* Converters are documented to run on the loop thread with the GIL: a
@@ -731,6 +811,607 @@ static PyObject *m_probe_object(PyObject *m, PyObject *unused) {
   return PyCapsule_New(&g_probe_freed, "bcapi.probe", probe_destroyed);
 }
 
+/* ---- Shapes: promise awaitables and blocking work (tests 17-21) -------- */
+
+static int promise_kind(int i) {
+  return i % 10 == 7 ? PK_RAISE : i % 10 == 9 ? PK_PATH : PK_VALUE;
+}
+
+/* A promise's heap value; its free is counted per slot, with where it ran. */
+typedef struct pval {
+  int slot;
+} pval;
+
+static void pval_free(void *p) {
+  pval *v = p;
+  pslot *s = &g_ps[v->slot];
+  atomic_store(&s->freed_gil, PyGILState_Check());
+  atomic_store(&s->freed_by_helper, t_helper);
+  atomic_fetch_add(&s->frees, 1);
+  atomic_fetch_add(&g_pfrees, 1);
+  free(v);
+}
+
+/* Owns the value: frees it after reading its slot. */
+static PyObject *conv_pval(aiob_output *out) {
+  CHECK(on_loop_thread_with_gil());
+  pval *v = out->value;
+  CHECK(v != NULL);
+  if (!v)
+    Py_RETURN_NONE;
+  int slot = v->slot;
+  atomic_fetch_add(&g_ps[slot].conv_calls, 1);
+  aiob_output_clear(out);
+  return PyLong_FromLong(slot);
+}
+
+/* aiob_py_done_fn: records the call, its `cancelled` and where it ran. */
+static void promise_done(void *arg, int cancelled) {
+  pslot *s = arg;
+  atomic_store(&s->done_cancelled, cancelled);
+  atomic_store(&s->done_gil, PyGILState_Check());
+  atomic_store(&s->done_on_test_thread,
+               pthread_equal(pthread_self(), g_loop_thread) != 0);
+  atomic_fetch_add(&s->done_calls, 1);
+  latch_add(&g_pdone, 1);
+}
+
+/* Completes slot i's promise as its kind says: a pval, ValueError("p<i>"),
+ * or FileNotFoundError for "f<i>". Any thread; the completer side is given
+ * up (slot->p must not be used again: the promise may be freed). */
+static int complete_slot(int i) {
+  pslot *s = &g_ps[i];
+  aiob_promise *p = s->p;
+  char text[32];
+  s->p = NULL;
+  switch (s->kind) {
+  case PK_RAISE:
+    snprintf(text, sizeof text, "p%d", i);
+    return aiob_py_promise_raise(p, PyExc_ValueError, text);
+  case PK_PATH:
+    snprintf(text, sizeof text, "f%d", i);
+    return aiob_py_promise_fail_path(p, AIOB_ENOENT, text, NULL);
+  default: {
+    pval *v = malloc(sizeof *v);
+    CHECK(v != NULL);
+    if (!v)
+      return aiob_promise_abandon(p);
+    v->slot = i;
+    int rc = aiob_promise_complete(p, 0, v, pval_free);
+    if (rc < 0)
+      free(v); /* not taken */
+    return rc;
+  }
+  }
+}
+
+/* Helper threads of test 17: thread k completes slots k, k + n, ... */
+#define HELPERS_MAX 8
+static pthread_t g_helpers[HELPERS_MAX];
+static int g_nhelpers, g_helpers_made;
+
+static void *promise_helper(void *arg) {
+  int k = (int)(intptr_t)arg, n = 0;
+  t_helper = 1;
+  CHECK(!PyGILState_Check());
+  for (int i = k; i < PROMISE_N; i += g_nhelpers) {
+    atomic_store(&g_ps[i].complete_rc, complete_slot(i));
+    if (++n % 8 == 0)
+      sched_yield(); /* let the loop and the other helpers in */
+  }
+  latch_add(&g_helpers_done, 1);
+  return NULL;
+}
+
+/* Completes one slot on a thread of its own (no GIL) and waits for it. */
+static void *complete_one(void *arg) {
+  t_helper = 1;
+  CHECK(!PyGILState_Check());
+  int i = (int)(intptr_t)arg;
+  atomic_store(&g_ps[i].complete_rc, complete_slot(i));
+  latch_add(&g_helpers_done, 1);
+  return NULL;
+}
+
+/* Test thread, GIL held: completes slot i from another thread. */
+static void complete_off_thread(int i) {
+  long before = latch_get(&g_helpers_done);
+  pthread_t th = start_thread(complete_one, (void *)(intptr_t)i);
+  int rc;
+  Py_BEGIN_ALLOW_THREADS;
+  rc = latch_wait(&g_helpers_done, before + 1, WAIT_TIMEOUT);
+  if (rc == 0)
+    pthread_join(th, NULL);
+  Py_END_ALLOW_THREADS;
+  if (rc != 0)
+    fail_msg("the completing thread of slot %d did not finish", i);
+}
+
+static int slot_arg(PyObject *arg) {
+  long i = PyLong_AsLong(arg);
+  if (i == -1 && PyErr_Occurred())
+    return -1;
+  if (i < 0 || i >= PROMISE_N) {
+    PyErr_SetString(PyExc_ValueError, "slot out of range");
+    return -1;
+  }
+  return (int)i;
+}
+
+/* promise(i): slot i's awaitable (shape 1); its kind follows i. */
+static PyObject *m_promise(PyObject *m, PyObject *arg) {
+  (void)m;
+  int i = slot_arg(arg);
+  if (i < 0)
+    return NULL;
+  pslot *s = &g_ps[i];
+  s->kind = promise_kind(i);
+  return aiob_py_promise_new(g_bridge, "bcapi.promise", conv_pval, promise_done,
+                             s, &s->p);
+}
+
+/* promise_go(n): n helper threads complete every slot's promise, started
+ * with the GIL released; True if all started. */
+static PyObject *m_promise_go(PyObject *m, PyObject *arg) {
+  (void)m;
+  long n = PyLong_AsLong(arg);
+  if (n == -1 && PyErr_Occurred())
+    return NULL;
+  if (n < 1 || n > HELPERS_MAX)
+    return PyErr_Format(PyExc_ValueError, "1 to %d helpers", HELPERS_MAX);
+  g_nhelpers = (int)n;
+  g_helpers_made = 0;
+  Py_BEGIN_ALLOW_THREADS;
+  for (int k = 0; k < g_nhelpers; k++)
+    if (pthread_create(&g_helpers[k], NULL, promise_helper,
+                       (void *)(intptr_t)k) == 0)
+      g_helpers_made++;
+  Py_END_ALLOW_THREADS;
+  return PyBool_FromLong(g_helpers_made == g_nhelpers);
+}
+
+/* promise_join(): True once the helper threads finished (joined). */
+static PyObject *m_promise_join(PyObject *m, PyObject *unused) {
+  (void)m;
+  (void)unused;
+  int rc;
+  Py_BEGIN_ALLOW_THREADS;
+  rc = latch_wait(&g_helpers_done, g_helpers_made, WAIT_TIMEOUT);
+  if (rc == 0)
+    for (int k = 0; k < g_helpers_made; k++)
+      pthread_join(g_helpers[k], NULL);
+  Py_END_ALLOW_THREADS;
+  return PyBool_FromLong(rc == 0 && g_helpers_made == g_nhelpers);
+}
+
+/* promise_wait_done(k): True once on_done ran k times (GIL released). */
+static PyObject *m_promise_wait_done(PyObject *m, PyObject *arg) {
+  (void)m;
+  long k = PyLong_AsLong(arg);
+  if (k == -1 && PyErr_Occurred())
+    return NULL;
+  int rc;
+  Py_BEGIN_ALLOW_THREADS;
+  rc = latch_wait(&g_pdone, k, WAIT_TIMEOUT);
+  Py_END_ALLOW_THREADS;
+  return PyBool_FromLong(rc == 0);
+}
+
+/* Values among slots 0..n-1 of test 17. */
+static int promise_values(int n) {
+  int v = 0;
+  for (int i = 0; i < n; i++)
+    v += promise_kind(i) == PK_VALUE;
+  return v;
+}
+
+/* promise_settled(): every on_done ran and every value was freed. Python
+ * polls it while its loop runs: a value whose awaitable was cancelled
+ * after the completion is freed by that loop's drain. */
+static PyObject *m_promise_settled(PyObject *m, PyObject *unused) {
+  (void)m;
+  (void)unused;
+  return PyBool_FromLong(latch_get(&g_pdone) >= PROMISE_N &&
+                         atomic_load(&g_pfrees) >= promise_values(PROMISE_N));
+}
+
+/* promise_now(kind): slot 10 + kind's awaitable, completed at once on this
+ * thread: 0 a value, 1 aiob_py_promise_raise(KeyError), 2 fail_path with
+ * two names, 3 abandoned, 4 an errno. */
+static PyObject *m_promise_now(PyObject *m, PyObject *arg) {
+  (void)m;
+  long kind = PyLong_AsLong(arg);
+  if (kind == -1 && PyErr_Occurred())
+    return NULL;
+  if (kind < 0 || kind > 4)
+    return PyErr_Format(PyExc_ValueError, "kind 0 to 4");
+  int i = 10 + (int)kind;
+  pslot *s = &g_ps[i];
+  aiob_promise *p = NULL;
+  PyObject *aw = aiob_py_promise_new(g_bridge, "bcapi.now", conv_pval,
+                                     promise_done, s, &p);
+  if (!aw)
+    return NULL;
+  int rc;
+  switch (kind) {
+  case 0: {
+    pval *v = malloc(sizeof *v);
+    CHECK(v != NULL);
+    if (v)
+      v->slot = i;
+    rc = aiob_promise_complete(p, 0, v, v ? pval_free : NULL);
+    break;
+  }
+  case 1:
+    rc = aiob_py_promise_raise(p, PyExc_KeyError, "now");
+    break;
+  case 2:
+    rc = aiob_py_promise_fail_path(p, AIOB_ENOENT, "a.txt", "b.txt");
+    break;
+  case 3:
+    rc = aiob_promise_abandon(p);
+    break;
+  default:
+    rc = aiob_promise_complete(p, AIOB_EACCES, NULL, NULL);
+    break;
+  }
+  atomic_store(&s->complete_rc, rc);
+  return aw;
+}
+
+/* ---- Blocking jobs (test 19) ---- */
+
+typedef struct barg {
+  int idx;
+} barg;
+
+typedef struct bval {
+  int idx;
+} bval;
+
+/* drop_arg: once per job. A job whose fn never ran was cancelled. */
+static void barg_drop(void *a) {
+  barg *b = a;
+  bslot *s = &g_bs[b->idx];
+  if (atomic_load(&s->runs) == 0)
+    latch_add(&g_blk_settled, 1);
+  atomic_fetch_add(&s->drops, 1);
+  free(b);
+  latch_add(&g_blk_drops, 1);
+}
+
+static void bval_free(void *p) {
+  bval *v = p;
+  atomic_fetch_add(&g_bs[v->idx].frees, 1);
+  free(v);
+  latch_add(&g_blk_frees, 1);
+}
+
+static PyObject *conv_bval(aiob_output *out) {
+  CHECK(on_loop_thread_with_gil());
+  bval *v = out->value;
+  CHECK(v != NULL);
+  if (!v)
+    Py_RETURN_NONE;
+  int idx = v->idx;
+  atomic_fetch_add(&g_bs[idx].conv_calls, 1);
+  aiob_output_clear(out);
+  return PyLong_FromLong(idx);
+}
+
+/* Worker thread, no GIL: waits until the test opens the gate or the job is
+ * cancelled (checked between bounded waits on the gate), then returns a
+ * value. */
+static int blk_fn(void *arg, aiob_output *out) {
+  barg *b = arg;
+  bslot *s = &g_bs[b->idx];
+  CHECK(!PyGILState_Check());
+  CHECK(!pthread_equal(pthread_self(), g_loop_thread));
+  CHECK(aiob_task_current() == NULL); /* not inside a loop thread's poll */
+  atomic_fetch_add(&s->runs, 1);
+  int inside = atomic_fetch_add(&g_blk_inside, 1) + 1;
+  int max = atomic_load(&g_blk_inside_max);
+  while (inside > max &&
+         !atomic_compare_exchange_weak(&g_blk_inside_max, &max, inside))
+    ;
+  latch_add(&g_blk_entered, 1);
+  uint64_t deadline = aiob_now_ns() + WAIT_TIMEOUT;
+  for (;;) {
+    if (aiob_blocking_cancelled()) {
+      atomic_store(&s->saw_cancel, 1);
+      latch_add(&g_blk_settled, 1);
+      break;
+    }
+    if (latch_wait(&g_blk_gate, 1, AIOB_MSEC) == 0)
+      break;
+    if (aiob_now_ns() > deadline) {
+      CHECK(!"blocking job: neither the gate opened nor a cancel came");
+      break;
+    }
+  }
+  atomic_fetch_sub(&g_blk_inside, 1);
+  bval *v = malloc(sizeof *v);
+  CHECK(v != NULL);
+  if (v) {
+    v->idx = b->idx;
+    out->value = v;
+    out->free_value = bval_free;
+  }
+  return 0;
+}
+
+/* blocking(i): job i on the bridge runtime's pool (shape 2). */
+static PyObject *m_blocking(PyObject *m, PyObject *arg) {
+  (void)m;
+  long i = PyLong_AsLong(arg);
+  if (i == -1 && PyErr_Occurred())
+    return NULL;
+  if (i < 0 || i >= BLK_N)
+    return PyErr_Format(PyExc_ValueError, "job out of range");
+  barg *a = malloc(sizeof *a);
+  if (!a)
+    return PyErr_NoMemory();
+  a->idx = (int)i;
+  return aiob_py_run_blocking(g_bridge, "bcapi.blocking", blk_fn, a, barg_drop,
+                              conv_bval);
+}
+
+static aiob_runtime_stats default_stats(void) {
+  aiob_runtime_stats st = {0};
+  aiob_runtime *rt = NULL;
+  if (aiob_runtime_default_acquire(&rt) == 0) {
+    aiob_runtime_stats_get(rt, &st);
+    aiob_runtime_release(rt);
+  }
+  return st;
+}
+
+static PyObject *m_rt_polls(PyObject *m, PyObject *unused) {
+  (void)m;
+  (void)unused;
+  return PyLong_FromUnsignedLongLong(default_stats().polls);
+}
+
+static void mark_loop(void *arg, int status) {
+  (void)status;
+  latch_add(arg, 1);
+}
+
+/* blocking_queued(base, n): True once n polls started on the default
+ * runtime since `base` (the first poll of a job's task queues it) and then
+ * every loop thread ran a call queued behind them: the polls are over,
+ * every job is in the pool. GIL released. */
+static PyObject *m_blocking_queued(PyObject *m, PyObject *args) {
+  (void)m;
+  unsigned long long base;
+  long n;
+  if (!PyArg_ParseTuple(args, "Kl:blocking_queued", &base, &n))
+    return NULL;
+  aiob_runtime *rt = NULL;
+  if (aiob_runtime_default_acquire(&rt) < 0)
+    Py_RETURN_FALSE;
+  int ok = 0;
+  latch marks;
+  latch_init(&marks);
+  Py_BEGIN_ALLOW_THREADS;
+  uint64_t deadline = aiob_now_ns() + WAIT_TIMEOUT;
+  for (;;) {
+    aiob_runtime_stats st;
+    aiob_runtime_stats_get(rt, &st);
+    if (st.polls - base >= (unsigned long long)n) {
+      ok = 1;
+      break;
+    }
+    if (aiob_now_ns() > deadline)
+      break;
+    sleep_thread_ns(AIOB_MSEC);
+  }
+  unsigned loops = aiob_runtime_threads(rt), queued = 0;
+  for (unsigned k = 0; ok && k < loops; k++)
+    queued += aiob_runtime_call(rt, k, mark_loop, &marks) == 0;
+  ok = ok && queued == loops &&
+       latch_wait(&marks, (long)loops, WAIT_TIMEOUT) == 0;
+  Py_END_ALLOW_THREADS;
+  latch_destroy(&marks);
+  aiob_runtime_release(rt);
+  return PyBool_FromLong(ok);
+}
+
+/* blocking_busy(): True once as many fn calls started as the pool has
+ * workers (GIL released). */
+static PyObject *m_blocking_busy(PyObject *m, PyObject *unused) {
+  (void)m;
+  (void)unused;
+  aiob_runtime *rt = NULL;
+  if (aiob_runtime_default_acquire(&rt) < 0)
+    Py_RETURN_FALSE;
+  long pool = (long)aiob_runtime_blocking_threads(rt);
+  aiob_runtime_release(rt);
+  int rc;
+  Py_BEGIN_ALLOW_THREADS;
+  rc = latch_wait(&g_blk_entered, pool, WAIT_TIMEOUT);
+  Py_END_ALLOW_THREADS;
+  return PyBool_FromLong(rc == 0);
+}
+
+/* blocking_running(): the jobs whose fn started. */
+static PyObject *m_blocking_running(PyObject *m, PyObject *unused) {
+  (void)m;
+  (void)unused;
+  PyObject *l = PyList_New(0);
+  for (int i = 0; l && i < BLK_N; i++) {
+    if (!atomic_load(&g_bs[i].runs))
+      continue;
+    PyObject *n = PyLong_FromLong(i);
+    if (!n || PyList_Append(l, n) < 0)
+      Py_CLEAR(l);
+    Py_XDECREF(n);
+  }
+  return l;
+}
+
+/* blocking_settle(k): True once k cancelled jobs were dropped unrun or saw
+ * aiob_blocking_cancelled() in fn (GIL released). */
+static PyObject *m_blocking_settle(PyObject *m, PyObject *arg) {
+  (void)m;
+  long k = PyLong_AsLong(arg);
+  if (k == -1 && PyErr_Occurred())
+    return NULL;
+  int rc;
+  Py_BEGIN_ALLOW_THREADS;
+  rc = latch_wait(&g_blk_settled, k, WAIT_TIMEOUT);
+  Py_END_ALLOW_THREADS;
+  return PyBool_FromLong(rc == 0);
+}
+
+static PyObject *m_blocking_open(PyObject *m, PyObject *unused) {
+  (void)m;
+  (void)unused;
+  latch_add(&g_blk_gate, 1);
+  Py_RETURN_NONE;
+}
+
+/* ---- Blocking jobs that fail (test 20) ---- */
+
+enum { B2_VALUE, B2_ENOENT, B2_EACCES, B2_POSITIVE, B2_BIGNEG, B2_MODES };
+
+typedef struct b2arg {
+  int mode;
+} b2arg;
+
+static void b2_drop(void *a) {
+  atomic_fetch_add(&g_b2_drops, 1);
+  free(a);
+}
+
+static void b2_free(void *p) {
+  atomic_fetch_add(&g_b2_frees, 1);
+  free(p);
+}
+
+static PyObject *conv_b2(aiob_output *out) {
+  CHECK(on_loop_thread_with_gil());
+  atomic_fetch_add(&g_b2_convs, 1);
+  long v = out->value ? *(int *)out->value : -1;
+  aiob_output_clear(out);
+  return PyLong_FromLong(v);
+}
+
+/* Worker thread: a value (7), an errno, a positive return with a value, or
+ * a status below the errno range. */
+static int b2_fn(void *arg, aiob_output *out) {
+  b2arg *a = arg;
+  CHECK(!PyGILState_Check());
+  CHECK(!pthread_equal(pthread_self(), g_loop_thread));
+  atomic_fetch_add(&g_b2_runs, 1);
+  if (a->mode == B2_VALUE || a->mode == B2_POSITIVE) {
+    int *v = malloc(sizeof *v);
+    CHECK(v != NULL);
+    if (v) {
+      *v = 7;
+      out->value = v;
+      out->free_value = b2_free;
+    }
+  }
+  switch (a->mode) {
+  case B2_ENOENT:
+    return AIOB_ENOENT;
+  case B2_EACCES:
+    return AIOB_EACCES;
+  case B2_POSITIVE:
+    return 5;
+  case B2_BIGNEG:
+    return -200000;
+  default:
+    return 0;
+  }
+}
+
+/* A job of `mode` (-1: a NULL fn) as aiob_py_run_blocking's awaitable. */
+static PyObject *run_b2(int mode) {
+  b2arg *a = malloc(sizeof *a);
+  if (!a)
+    return PyErr_NoMemory();
+  a->mode = mode;
+  return aiob_py_run_blocking(g_bridge, "bcapi.blk", mode < 0 ? NULL : b2_fn, a,
+                              b2_drop, conv_b2);
+}
+
+static PyObject *m_blocking_mode(PyObject *m, PyObject *arg) {
+  (void)m;
+  long mode = PyLong_AsLong(arg);
+  if (mode == -1 && PyErr_Occurred())
+    return NULL;
+  if (mode < -1 || mode >= B2_MODES)
+    return PyErr_Format(PyExc_ValueError, "mode -1 to %d", B2_MODES - 1);
+  return run_b2((int)mode);
+}
+
+/* ---- Named tasks (test 21) ---- */
+
+enum {
+  NM_NAP,           /* sleeps 60 s (cancelled by the test) */
+  NM_FAIL_POSITIVE, /* aiob_task_fail(self, 5) */
+  NM_FAIL_BIGNEG,   /* aiob_task_fail(self, -200000) */
+  NM_FAIL_PATH,     /* aiob_py_task_fail_path(self, AIOB_ENOENT, "a", "b") */
+  NM_FAIL_PATH_BAD, /* aiob_py_task_fail_path(self, 5, "a", "b") */
+  NM_NAME,          /* records aiob_task_name(self) */
+};
+
+typedef struct named {
+  int mode;
+  int armed;
+  aiob_sleep sleep;
+} named;
+
+static aiob_poll named_poll(aiob_task *t, void *p) {
+  named *n = p;
+  switch (n->mode) {
+  case NM_NAP:
+    if (!n->armed) {
+      aiob_sleep_init(&n->sleep, 60 * AIOB_SEC);
+      n->armed = 1;
+    }
+    return aiob_sleep_poll(t, &n->sleep, NULL);
+  case NM_FAIL_POSITIVE:
+    atomic_store(&g_fail_rc[n->mode], aiob_task_fail(t, 5));
+    return AIOB_READY;
+  case NM_FAIL_BIGNEG:
+    atomic_store(&g_fail_rc[n->mode], aiob_task_fail(t, -200000));
+    return AIOB_READY;
+  case NM_FAIL_PATH:
+    atomic_store(&g_fail_rc[n->mode],
+                 aiob_py_task_fail_path(t, AIOB_ENOENT, "a", "b"));
+    return AIOB_READY;
+  case NM_FAIL_PATH_BAD:
+    atomic_store(&g_fail_rc[n->mode], aiob_py_task_fail_path(t, 5, "a", "b"));
+    return AIOB_READY;
+  default:
+    atomic_store(&g_seen_name, (uintptr_t)aiob_task_name(t));
+    return AIOB_READY;
+  }
+}
+static void named_drop(void *p) { free(p); }
+static const aiob_task_vtable named_vt = {
+    .poll = named_poll, .drop = named_drop, .name = "bcapi.x"};
+
+static PyObject *m_named(PyObject *m, PyObject *arg) {
+  (void)m;
+  long mode = PyLong_AsLong(arg);
+  if (mode == -1 && PyErr_Occurred())
+    return NULL;
+  if (mode < 0 || mode >= NM_MODES)
+    return PyErr_Format(PyExc_ValueError, "mode 0 to %d", NM_MODES - 1);
+  named *n = calloc(1, sizeof *n);
+  if (!n)
+    return PyErr_NoMemory();
+  n->mode = (int)mode;
+  PyObject *f = aiob_py_future_into_py(g_bridge, &named_vt, n, NULL);
+  if (!f)
+    free(n);
+  return f;
+}
+
 static PyMethodDef bcapi_methods[] = {
     {"gate_block", m_gate_block, METH_O, NULL},
     {"gate_entered", m_gate_entered, METH_O, NULL},
@@ -751,6 +1432,21 @@ static PyMethodDef bcapi_methods[] = {
     {"wait_started", m_wait_started, METH_O, NULL},
     {"await_in", m_await_in, METH_VARARGS, NULL},
     {"plain_await", m_plain_await, METH_VARARGS, NULL},
+    {"promise", m_promise, METH_O, NULL},
+    {"promise_go", m_promise_go, METH_O, NULL},
+    {"promise_join", m_promise_join, METH_NOARGS, NULL},
+    {"promise_wait_done", m_promise_wait_done, METH_O, NULL},
+    {"promise_settled", m_promise_settled, METH_NOARGS, NULL},
+    {"promise_now", m_promise_now, METH_O, NULL},
+    {"blocking", m_blocking, METH_O, NULL},
+    {"rt_polls", m_rt_polls, METH_NOARGS, NULL},
+    {"blocking_queued", m_blocking_queued, METH_VARARGS, NULL},
+    {"blocking_busy", m_blocking_busy, METH_NOARGS, NULL},
+    {"blocking_running", m_blocking_running, METH_NOARGS, NULL},
+    {"blocking_settle", m_blocking_settle, METH_O, NULL},
+    {"blocking_open", m_blocking_open, METH_NOARGS, NULL},
+    {"blocking_mode", m_blocking_mode, METH_O, NULL},
+    {"named", m_named, METH_O, NULL},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1569,6 +2265,684 @@ static void test_shutdown_outcomes(void **state) {
   assert_clean();
 }
 
+/* Test thread: runs `code` with `obj` bound to `name` in its globals, and
+ * returns them; fails the test if it raised. */
+static PyObject *run_ok_with(const char *code, const char *name,
+                             PyObject *obj) {
+  PyObject *g = PyDict_New();
+  assert_non_null(g);
+  assert_int_equal(PyDict_SetItemString(g, name, obj), 0);
+  PyObject *r = PyRun_String(code, Py_file_input, g, g);
+  if (!r) {
+    PyErr_Print();
+    fail_msg("Python snippet failed (traceback above)");
+  }
+  Py_DECREF(r);
+  return g;
+}
+
+static const char *py_str_at(PyObject *list, Py_ssize_t i) {
+  PyObject *v = PyList_GET_ITEM(list, i);
+  if (v == Py_None)
+    return NULL;
+  const char *s = PyUnicode_AsUTF8(v);
+  assert_non_null(s);
+  return s;
+}
+
+static int str_is(const char *s, const char *want) {
+  return s && strcmp(s, want) == 0;
+}
+
+/* ======================================================================== */
+/* 17. Shape 1 under races: 2000 promise awaitables in a running loop, each */
+/*     completed (a value, aiob_py_promise_raise or _fail_path) by one of   */
+/*     four helper threads without the GIL, while Python cancels a random   */
+/*     subset before the helpers start, while they run, and after they      */
+/*     finished (before the loop drained the completions). Every value is   */
+/*     freed exactly once (by the converter, or unseen); on_done runs once  */
+/*     per awaitable on a runtime thread without the GIL, with cancelled=1  */
+/*     only for awaitables Python cancelled before the completion came (so  */
+/*     always for those whose on_done ran before the helpers started, never */
+/*     for those cancelled after the helpers finished); every awaitable     */
+/*     Python did not cancel gets its value or its exception.               */
+static void test_promise_races(void **state) {
+  (void)state;
+  PyObject *g = run_ok(
+      "import asyncio, bcapi, random\n"
+      "N = 2000\n"
+      "seed = random.randrange(1 << 30)\n"
+      "async def settle():\n"
+      "    while not bcapi.promise_settled():\n"
+      "        await asyncio.sleep(0.001)\n"
+      "def outcome(i, r):\n"
+      "    if isinstance(r, asyncio.CancelledError):\n"
+      "        return 'cancelled'\n"
+      "    if type(r) is int and r == i:\n"
+      "        return 'value'\n"
+      "    if type(r) is ValueError and str(r) == f'p{i}':\n"
+      "        return 'raise'\n"
+      "    if (type(r) is FileNotFoundError and r.errno == 2\n"
+      "            and r.filename == f'f{i}' and r.filename2 is None):\n"
+      "        return 'path'\n"
+      "    return repr(r)\n"
+      "async def main():\n"
+      "    rnd = random.Random(seed)\n"
+      "    fs = [bcapi.promise(i) for i in range(N)]\n"
+      "    how = [None] * N\n"
+      "    pre = rnd.sample(range(N), N // 10)\n"
+      "    for i in pre:\n"
+      "        if fs[i].cancel():\n"
+      "            how[i] = 'pre'\n"
+      "    pre_done = bcapi.promise_wait_done(len(pre))\n"
+      "    started = bcapi.promise_go(4)\n"
+      "    for i in range(N):\n"
+      "        if how[i] is None and rnd.random() < 0.25 and fs[i].cancel():\n"
+      "            how[i] = 'during'\n"
+      "        if i % 64 == 0:\n"
+      "            await asyncio.sleep(0)\n"
+      "    joined = bcapi.promise_join()\n"
+      "    for i in range(N):\n"
+      "        if how[i] is None and rnd.random() < 0.1 and fs[i].cancel():\n"
+      "            how[i] = 'after'\n"
+      "    res = await asyncio.gather(*fs, return_exceptions=True)\n"
+      "    await settle()\n"
+      "    return (pre_done, started, joined, how,\n"
+      "            [outcome(i, r) for i, r in enumerate(res)])\n"
+      "pre_done, started, joined, how, out = asyncio.run(\n"
+      "    asyncio.wait_for(main(), 120))\n");
+  long seed = py_long(g, "seed");
+  assert_py_true(g, "pre_done");
+  assert_py_true(g, "started");
+  assert_py_true(g, "joined");
+  PyObject *how = py_get(g, "how"), *out = py_get(g, "out");
+  assert_int_equal(PyList_GET_SIZE(how), PROMISE_N);
+  assert_int_equal(PyList_GET_SIZE(out), PROMISE_N);
+  static const char *const kinds[] = {"value", "raise", "path"};
+  int n_cancel[4] = {0}, n_done_cancelled = 0, n_delivered = 0;
+  for (int i = 0; i < PROMISE_N; i++) {
+    pslot *s = &g_ps[i];
+    const char *h = py_str_at(how, i), *o = py_str_at(out, i);
+    const char *want = kinds[s->kind];
+    int cancelled = atomic_load(&s->done_cancelled);
+    int conv = atomic_load(&s->conv_calls), frees = atomic_load(&s->frees);
+#define SLOT_FAIL(what)                                                        \
+  fail_msg("seed %ld, slot %d (%s, cancel %s, outcome %s, on_done(%d) x%d, "   \
+           "conv %d, frees %d): %s",                                           \
+           seed, i, want, h ? h : "none", o, cancelled,                        \
+           atomic_load(&s->done_calls), conv, frees, what)
+    if (atomic_load(&s->complete_rc) != 0)
+      SLOT_FAIL("the completion did not return 0");
+    if (atomic_load(&s->done_calls) != 1)
+      SLOT_FAIL("on_done not called exactly once");
+    if (atomic_load(&s->done_gil) != 0 ||
+        atomic_load(&s->done_on_test_thread) != 0)
+      SLOT_FAIL("on_done ran with the GIL or on the asyncio loop's thread");
+    if (!h && (!str_is(o, want) || cancelled != 0))
+      SLOT_FAIL("not cancelled by Python, yet no result or cancelled=1");
+    if (h && !str_is(o, "cancelled"))
+      SLOT_FAIL("cancelled by Python, yet not CancelledError");
+    if (cancelled == 1 && conv != 0)
+      SLOT_FAIL("cancelled=1 but the value was converted");
+    if (str_is(h, "pre") && cancelled != 1)
+      SLOT_FAIL("on_done ran before any completion, yet cancelled=0");
+    if (str_is(h, "after") && cancelled != 0)
+      SLOT_FAIL("cancelled after its completion, yet cancelled=1");
+    if (s->kind == PK_VALUE) {
+      if (frees != 1)
+        SLOT_FAIL("the value was not freed exactly once");
+      if (conv != str_is(o, "value"))
+        SLOT_FAIL("converter calls differ from values delivered");
+      if (cancelled == 1 && atomic_load(&s->freed_gil) != 0)
+        SLOT_FAIL("a value completed after the cancellation was freed with "
+                  "the GIL");
+    } else if (frees != 0 || conv != 0) {
+      SLOT_FAIL("an exception completion went through a value's path");
+    }
+#undef SLOT_FAIL
+    n_cancel[str_is(h, "pre") ? 1 : str_is(h, "during") ? 2 : h ? 3 : 0]++;
+    n_done_cancelled += cancelled == 1;
+    n_delivered += conv;
+  }
+  assert_int_equal(n_cancel[0] + n_cancel[1] + n_cancel[2] + n_cancel[3],
+                   PROMISE_N);
+  assert_int_equal(atomic_load(&g_pfrees), promise_values(PROMISE_N));
+  assert_int_equal(latch_get(&g_pdone), PROMISE_N);
+  print_message("    promise races (seed %ld): cancelled %d before, %d "
+                "during, %d after; on_done(cancelled=1) %d; values "
+                "converted %d\n",
+                seed, n_cancel[1], n_cancel[2], n_cancel[3], n_done_cancelled,
+                n_delivered);
+  Py_DECREF(g);
+  Py_DECREF(run_ok("import gc\ngc.collect()\n"));
+  assert_int_equal(atomic_load(&g_pfrees), promise_values(PROMISE_N));
+  assert_clean();
+}
+
+/* ======================================================================== */
+/* 18. Shape 1 without a running loop and its return codes. An awaitable    */
+/*     collected unawaited (refcount, close(), a reference cycle) calls     */
+/*     on_done(cancelled=1) at once on the collecting thread with the GIL;  */
+/*     the completion from a thread without the GIL then frees the value    */
+/*     there, touching no Python. A completed promise whose awaitable still */
+/*     holds it: the second completion of any kind is AIOB_EALREADY, bad    */
+/*     arguments AIOB_EINVAL, and the value awaited later is the first.     */
+/*     In a running loop each completion kind raises what it should, and a  */
+/*     shutdown under a pending one is on_done(1) and ShutdownError.        */
+static void test_promise_unawaited(void **state) {
+  (void)state;
+  static const struct {
+    int kind, how; /* how: 0 refcount, 1 close(), 2 a reference cycle */
+  } cases[] = {
+      {PK_VALUE, 0}, {PK_VALUE, 1}, {PK_VALUE, 2}, {PK_RAISE, 0}, {PK_PATH, 1},
+  };
+  for (int c = 0; c < (int)(sizeof cases / sizeof cases[0]); c++) {
+    pslot *s = &g_ps[c];
+    s->kind = cases[c].kind;
+    PyObject *aw = aiob_py_promise_new(g_bridge, "bcapi.orphan", conv_pval,
+                                       promise_done, s, &s->p);
+    if (!aw)
+      PyErr_Print();
+    assert_non_null(aw);
+    assert_non_null(s->p);
+    assert_int_equal(atomic_load(&s->done_calls), 0);
+    if (cases[c].how == 0) {
+      Py_DECREF(aw);
+    } else if (cases[c].how == 1) {
+      PyObject *r = PyObject_CallMethod(aw, "close", NULL);
+      assert_non_null(r);
+      Py_DECREF(r);
+      assert_int_equal(atomic_load(&s->done_calls), 1); /* at close() */
+      Py_DECREF(aw);
+    } else {
+      PyObject *l = PyList_New(0);
+      assert_non_null(l);
+      assert_int_equal(PyList_Append(l, aw), 0);
+      assert_int_equal(PyList_Append(l, l), 0);
+      Py_DECREF(aw);
+      Py_DECREF(l);
+      assert_int_equal(atomic_load(&s->done_calls), 0); /* in the cycle */
+      PyGC_Collect();
+    }
+    assert_int_equal(atomic_load(&s->done_calls), 1);
+    assert_int_equal(atomic_load(&s->done_cancelled), 1);
+    assert_int_equal(atomic_load(&s->done_gil), 1);
+    assert_int_equal(atomic_load(&s->done_on_test_thread), 1);
+    complete_off_thread(c);
+    assert_rc(atomic_load(&s->complete_rc), 0);
+    assert_int_equal(atomic_load(&s->conv_calls), 0);
+    if (s->kind == PK_VALUE) {
+      assert_int_equal(atomic_load(&s->frees), 1);
+      assert_int_equal(atomic_load(&s->freed_by_helper), 1);
+      assert_int_equal(atomic_load(&s->freed_gil), 0);
+    }
+  }
+  assert_int_equal(atomic_load(&g_pfrees), 3);
+  assert_int_equal(latch_get(&g_pdone), 5);
+
+  /* Return codes while the (unbound) awaitable holds the promise. */
+  pslot *s = &g_ps[5];
+  aiob_promise *p = NULL;
+  PyObject *aw = aiob_py_promise_new(g_bridge, "bcapi.held", conv_pval,
+                                     promise_done, s, &p);
+  assert_non_null(aw);
+  pval *v = xcalloc(1, sizeof *v);
+  v->slot = 5;
+  assert_rc(aiob_promise_complete(p, 0, v, pval_free), 0);
+  pval other = {.slot = 5}; /* must not be touched: not freed */
+  assert_rc(aiob_promise_complete(p, 0, &other, pval_free), AIOB_EALREADY);
+  assert_rc(aiob_promise_abandon(p), AIOB_EALREADY);
+  assert_rc(aiob_py_promise_raise(p, PyExc_ValueError, "late"), AIOB_EALREADY);
+  assert_rc(aiob_py_promise_fail_path(p, AIOB_ENOENT, "a", "b"), AIOB_EALREADY);
+  assert_rc(aiob_py_promise_raise(NULL, PyExc_ValueError, "x"), AIOB_EINVAL);
+  assert_rc(aiob_py_promise_raise(p, NULL, "x"), AIOB_EINVAL);
+  assert_rc(aiob_py_promise_fail_path(NULL, AIOB_ENOENT, "a", NULL),
+            AIOB_EINVAL);
+  assert_rc(aiob_py_promise_fail_path(p, 0, "a", NULL), AIOB_EINVAL);
+  assert_rc(aiob_py_promise_fail_path(p, 5, "a", NULL), AIOB_EINVAL);
+  assert_rc(aiob_py_promise_fail_path(p, -200000, "a", NULL), AIOB_EINVAL);
+  assert_rc(aiob_promise_complete(NULL, 0, NULL, NULL), AIOB_EINVAL);
+  assert_int_equal(atomic_load(&s->frees), 0);
+  assert_int_equal(atomic_load(&s->done_calls), 0);
+  PyObject *g = run_ok_with("import asyncio\n"
+                            "r = asyncio.run(asyncio.wait_for(aw, 10))\n"
+                            "del aw\n",
+                            "aw", aw);
+  Py_DECREF(aw);
+  assert_int_equal(py_long(g, "r"), 5); /* the first completion's */
+  Py_DECREF(g);
+  assert_int_equal(atomic_load(&s->conv_calls), 1);
+  assert_int_equal(atomic_load(&s->frees), 1);
+  assert_int_equal(atomic_load(&s->done_calls), 1);
+  assert_int_equal(atomic_load(&s->done_cancelled), 0);
+  assert_int_equal(atomic_load(&s->done_gil), 0); /* a runtime thread */
+
+  /* Refused: no bridge, or no place for the completer; on_done never. */
+  p = NULL;
+  assert_null(aiob_py_promise_new(g_bridge, "bcapi.bad", conv_pval,
+                                  promise_done, &g_ps[6], NULL));
+  assert_py_error(PyExc_ValueError);
+  assert_null(aiob_py_promise_new(NULL, "bcapi.bad", conv_pval, promise_done,
+                                  &g_ps[6], &p));
+  assert_py_error(PyExc_ValueError);
+  assert_null(p);
+  assert_int_equal(atomic_load(&g_ps[6].done_calls), 0);
+
+  /* Each kind of completion, in a running loop. */
+  g = run_ok("import asyncio, bcapi\n"
+             "async def outcome(f):\n"
+             "    try:\n"
+             "        return ('value', await f)\n"
+             "    except OSError as e:\n"
+             "        return (type(e).__name__, e.errno, e.filename,\n"
+             "                e.filename2)\n"
+             "    except BaseException as e:\n"
+             "        return (type(e).__name__, str(e))\n"
+             "async def main():\n"
+             "    return [await outcome(bcapi.promise_now(k))\n"
+             "            for k in range(5)]\n"
+             "r = asyncio.run(asyncio.wait_for(main(), 10))\n"
+             "want = [('value', 10), ('KeyError', \"'now'\"),\n"
+             "        ('FileNotFoundError', 2, 'a.txt', 'b.txt'),\n"
+             "        ('CancelledError', ''),\n"
+             "        ('PermissionError', 13, None, None)]\n"
+             "ok = r == want\n");
+  PyObject *ok = py_get(g, "ok");
+  if (ok != Py_True) {
+    PyObject *r = PyObject_Repr(py_get(g, "r"));
+    fail_msg("promise outcomes: %s", r ? PyUnicode_AsUTF8(r) : "?");
+  }
+  Py_DECREF(g);
+  for (int i = 10; i < 15; i++) {
+    assert_rc(atomic_load(&g_ps[i].complete_rc), 0);
+    assert_int_equal(atomic_load(&g_ps[i].done_calls), 1);
+    assert_int_equal(atomic_load(&g_ps[i].done_cancelled), 0);
+    assert_int_equal(atomic_load(&g_ps[i].done_gil), 0);
+  }
+  assert_int_equal(atomic_load(&g_ps[10].conv_calls), 1);
+  assert_int_equal(atomic_load(&g_ps[10].frees), 1);
+
+  /* A runtime shut down under a pending awaitable: ShutdownError, and
+   * on_done(1) on the runtime's thread before Python sees it; the late
+   * completion is freed on its own thread. */
+  s = &g_ps[20];
+  g = run_ok("import asyncio, aiobridge, bcapi\n"
+             "async def main():\n"
+             "    f = bcapi.promise(20)\n"
+             "    aiobridge.shutdown()\n"
+             "    try:\n"
+             "        return repr(await asyncio.wait_for(f, 10))\n"
+             "    except BaseException as e:\n"
+             "        return type(e).__name__\n"
+             "r = asyncio.run(asyncio.wait_for(main(), 30))\n");
+  assert_py_str(g, "r", "ShutdownError");
+  Py_DECREF(g);
+  assert_int_equal(atomic_load(&s->done_calls), 1);
+  assert_int_equal(atomic_load(&s->done_cancelled), 1);
+  assert_int_equal(atomic_load(&s->done_gil), 0);
+  assert_int_equal(atomic_load(&s->done_on_test_thread), 0);
+  complete_off_thread(20);
+  assert_rc(atomic_load(&s->complete_rc), 0);
+  assert_int_equal(atomic_load(&s->frees), 1);
+  assert_int_equal(atomic_load(&s->freed_by_helper), 1);
+  assert_int_equal(atomic_load(&s->conv_calls), 0);
+  assert_clean();
+}
+
+/* ======================================================================== */
+/* 19. Shape 2 under a cancel storm: 500 jobs on the bridge runtime's pool  */
+/*     of the default size, whose fn waits on a gate the test holds. Once   */
+/*     every job is queued and every worker is inside fn, Python cancels    */
+/*     half the running jobs and a random half overall, and the test waits  */
+/*     until each cancelled job was dropped unrun or saw                    */
+/*     aiob_blocking_cancelled() in fn; then the gate opens. Every          */
+/*     uncancelled job returns its value through the converter; drop_arg    */
+/*     runs once per job; fn never ran for a job cancelled while queued     */
+/*     (runs + blocking_jobs_cancelled == 500); values of jobs cancelled    */
+/*     while running are freed once, unseen; at most the pool's bound of fn */
+/*     calls ever run at once, and the pool fills up to it.                 */
+static void test_blocking_cancel_storm(void **state) {
+  (void)state;
+  aiob_runtime *rt = NULL;
+  assert_rc(aiob_runtime_default_acquire(&rt), 0);
+  unsigned pool = aiob_runtime_blocking_threads(rt);
+  aiob_runtime_stats before;
+  aiob_runtime_stats_get(rt, &before);
+  assert_int_equal(pool, AIOB_BLOCKING_THREADS_DEFAULT);
+  assert_true(pool < BLK_N);
+  PyObject *g = run_ok(
+      "import asyncio, bcapi, random\n"
+      "N = 500\n"
+      "seed = random.randrange(1 << 30)\n"
+      "async def main():\n"
+      "    rnd = random.Random(seed)\n"
+      "    base = bcapi.rt_polls()\n"
+      "    fs = [bcapi.blocking(i) for i in range(N)]\n"
+      "    queued = bcapi.blocking_queued(base, N)\n"
+      "    busy = bcapi.blocking_busy()\n"
+      "    running = bcapi.blocking_running()\n"
+      "    cancel = set(rnd.sample(running, (len(running) + 1) // 2))\n"
+      "    rest = [i for i in range(N) if i not in running]\n"
+      "    cancel |= set(rnd.sample(rest, N // 2 - len(cancel)))\n"
+      "    cancel = sorted(cancel)\n"
+      "    refused = [i for i in cancel if not fs[i].cancel()]\n"
+      "    settled = bcapi.blocking_settle(len(cancel))\n"
+      "    bcapi.blocking_open()\n"
+      "    res = await asyncio.gather(*fs, return_exceptions=True)\n"
+      "    cs = set(cancel)\n"
+      "    bad = [(i, repr(r)) for i, r in enumerate(res)\n"
+      "           if (not isinstance(r, asyncio.CancelledError) if i in cs\n"
+      "               else type(r) is not int or r != i)]\n"
+      "    return queued, busy, len(running), cancel, refused, settled, bad\n"
+      "queued, busy, nrunning, cancel, refused, settled, bad = asyncio.run(\n"
+      "    asyncio.wait_for(main(), 120))\n");
+  long seed = py_long(g, "seed");
+  print_message("    blocking cancel storm: seed %ld\n", seed);
+  assert_py_true(g, "queued");
+  assert_py_true(g, "busy");
+  assert_int_equal(py_long(g, "nrunning"), pool);
+  assert_py_empty(g, "refused", "cancel() refused for pending jobs");
+  assert_py_true(g, "settled");
+  assert_py_empty(g, "bad", "jobs with the wrong outcome");
+  PyObject *cancel = py_get(g, "cancel");
+  Py_ssize_t ncancel = PyList_GET_SIZE(cancel);
+  assert_int_equal(ncancel, BLK_N / 2);
+  char cancelled[BLK_N] = {0};
+  for (Py_ssize_t k = 0; k < ncancel; k++)
+    cancelled[PyLong_AsLong(PyList_GET_ITEM(cancel, k))] = 1;
+  Py_DECREF(g);
+
+  /* Every drop_arg ran (after fn, on the worker; or on the loop thread for
+   * a job that never ran), then every value was freed. */
+  latch_ok(&g_blk_drops, BLK_N);
+  long runs = 0, saw = 0;
+  for (int i = 0; i < BLK_N; i++)
+    runs += atomic_load(&g_bs[i].runs);
+  latch_ok(&g_blk_frees, runs);
+  aiob_runtime_stats after;
+  aiob_runtime_stats_get(rt, &after);
+  aiob_runtime_release(rt);
+  for (int i = 0; i < BLK_N; i++) {
+    bslot *s = &g_bs[i];
+    int r = atomic_load(&s->runs), sc = atomic_load(&s->saw_cancel);
+    if (atomic_load(&s->drops) != 1 || r > 1 || atomic_load(&s->frees) != r ||
+        (!cancelled[i] && (r != 1 || sc || atomic_load(&s->conv_calls) != 1)) ||
+        (cancelled[i] && (atomic_load(&s->conv_calls) != 0 || sc != r)))
+      fail_msg("seed %ld, job %d (%s): runs %d, drops %d, frees %d, conv %d, "
+               "saw cancel %d",
+               seed, i, cancelled[i] ? "cancelled" : "kept", r,
+               atomic_load(&s->drops), atomic_load(&s->frees),
+               atomic_load(&s->conv_calls), sc);
+    saw += sc;
+  }
+  long jobs_cancelled =
+      (long)(after.blocking_jobs_cancelled - before.blocking_jobs_cancelled);
+  print_message("    blocking cancel storm: %ld fn runs (%ld saw their "
+                "cancel), %ld cancelled in the queue, %d workers at once\n",
+                runs, saw, jobs_cancelled, atomic_load(&g_blk_inside_max));
+  assert_int_equal(runs + jobs_cancelled, BLK_N);
+  assert_int_equal((long)(after.blocking_jobs_run - before.blocking_jobs_run),
+                   runs);
+  assert_true(saw >= 1); /* half the running jobs were cancelled */
+  assert_int_equal(latch_get(&g_blk_settled), ncancel);
+  assert_int_equal(latch_get(&g_blk_drops), BLK_N);
+  assert_int_equal(atomic_load(&g_blk_inside_max), pool);
+  assert_true(after.blocking_workers <= pool);
+  assert_clean();
+}
+
+/* ======================================================================== */
+/* 20. Shape 2 failures: a NULL fn (or bridge) is a ValueError and drop_arg */
+/*     still runs once (in a loop or not); a negative errno raises its      */
+/*     OSError; a positive return is a bug that task.h turns into           */
+/*     AIOB_EBADSTATUS (SystemError naming the task), its value freed       */
+/*     unseen; a status below the errno range is a SystemError naming the   */
+/*     task too. Unbound awaitables                                         */
+/*     closed or collected never run fn and drop their arg once.            */
+static void test_blocking_failures(void **state) {
+  (void)state;
+  /* No running loop: a NULL fn, no bridge. */
+  PyObject *aw = run_b2(-1);
+  assert_null(aw);
+  assert_py_error(PyExc_ValueError);
+  assert_int_equal(atomic_load(&g_b2_drops), 1);
+  assert_null(
+      aiob_py_run_blocking(g_bridge, "bcapi.blk", NULL, NULL, NULL, conv_b2));
+  assert_py_error(PyExc_ValueError);
+  b2arg *a = xcalloc(1, sizeof *a); /* no bridge: refused, arg dropped */
+  assert_null(
+      aiob_py_run_blocking(NULL, "bcapi.blk", b2_fn, a, b2_drop, conv_b2));
+  assert_py_error(PyExc_ValueError);
+  assert_int_equal(atomic_load(&g_b2_drops), 2);
+  /* The core's aiob_spawn_blocking, unlike it, leaves arg to the caller. */
+  aiob_runtime *rt = NULL;
+  assert_rc(aiob_runtime_default_acquire(&rt), 0);
+  aiob_task *h = NULL;
+  a = xcalloc(1, sizeof *a);
+  assert_rc(aiob_spawn_blocking(rt, NULL, NULL, a, b2_drop, &h), AIOB_EINVAL);
+  aiob_runtime_release(rt);
+  assert_null(h);
+  assert_int_equal(atomic_load(&g_b2_drops), 2);
+  free(a);
+  aw = run_b2(B2_VALUE);
+  assert_non_null(aw);
+  PyObject *r = PyObject_CallMethod(aw, "close", NULL);
+  assert_non_null(r);
+  Py_DECREF(r);
+  assert_int_equal(atomic_load(&g_b2_drops), 3); /* at close() */
+  Py_DECREF(aw);
+  aw = run_b2(B2_VALUE);
+  assert_non_null(aw);
+  Py_DECREF(aw);
+  assert_int_equal(atomic_load(&g_b2_drops), 4);
+  assert_int_equal(atomic_load(&g_b2_runs), 0);
+  aw = run_b2(B2_VALUE); /* bound by the loop that awaits it */
+  assert_non_null(aw);
+  PyObject *g = run_ok_with("import asyncio\n"
+                            "r = asyncio.run(asyncio.wait_for(aw, 10))\n"
+                            "del aw\n",
+                            "aw", aw);
+  Py_DECREF(aw);
+  assert_int_equal(py_long(g, "r"), 7);
+  Py_DECREF(g);
+  assert_int_equal(atomic_load(&g_b2_runs), 1);
+  assert_int_equal(atomic_load(&g_b2_drops), 5);
+  assert_int_equal(atomic_load(&g_b2_frees), 1);
+  assert_int_equal(atomic_load(&g_b2_convs), 1);
+
+  /* A running loop. */
+  g = run_ok(
+      "import asyncio, bcapi\n"
+      "async def outcome(f):\n"
+      "    try:\n"
+      "        return ('value', await asyncio.wait_for(f, 10))\n"
+      "    except OSError as e:\n"
+      "        return (type(e).__name__, e.errno)\n"
+      "    except BaseException as e:\n"
+      "        return (type(e).__name__, str(e))\n"
+      "async def main():\n"
+      "    try:\n"
+      "        bcapi.blocking_mode(-1)\n"
+      "        null = 'nothing raised'\n"
+      "    except Exception as e:\n"
+      "        null = type(e).__name__\n"
+      "    return [null] + [await outcome(bcapi.blocking_mode(m))\n"
+      "                     for m in range(5)]\n"
+      "(null, (value_t, value), (enoent_t, enoent_errno),\n"
+      " (eacces_t, eacces_errno), (pos_t, pos_errno),\n"
+      " (big_t, big_msg)) = asyncio.run(asyncio.wait_for(main(), 30))\n");
+  assert_py_str(g, "null", "ValueError");
+  assert_py_str(g, "value_t", "value");
+  assert_int_equal(py_long(g, "value"), 7);
+  assert_py_str(g, "enoent_t", "FileNotFoundError");
+  assert_int_equal(py_long(g, "enoent_errno"), ENOENT);
+  assert_py_str(g, "eacces_t", "PermissionError");
+  assert_int_equal(py_long(g, "eacces_errno"), EACCES);
+  /* task.h: "a positive return is a bug and becomes AIOB_EBADSTATUS". */
+  assert_py_str(g, "pos_t", "SystemError");
+  const char *pos = PyUnicode_AsUTF8(py_get(g, "pos_errno"));
+  assert_non_null(pos);
+  if (!strstr(pos, "bcapi.blk failed with a status >= 0"))
+    fail_msg("SystemError does not name the task: %s", pos);
+  assert_py_str(g, "big_t", "SystemError");
+  const char *msg = PyUnicode_AsUTF8(py_get(g, "big_msg"));
+  assert_non_null(msg);
+  if (!strstr(msg, "bcapi.blk") || !strstr(msg, "-200000"))
+    fail_msg("SystemError does not name the task and status: %s", msg);
+  Py_DECREF(g);
+  assert_int_equal(atomic_load(&g_b2_runs), 6);
+  assert_int_equal(atomic_load(&g_b2_drops), 11); /* + null fn + 5 jobs */
+  assert_int_equal(atomic_load(&g_b2_frees), 3);  /* + value, positive's */
+  assert_int_equal(atomic_load(&g_b2_convs), 2);  /* + value */
+  assert_clean();
+}
+
+/* ======================================================================== */
+/* 21. Names: a vtable's name is the CTask's repr and __name__ (and what    */
+/*     asyncio shows for a Task running it); a spawn option's name wins     */
+/*     over the vtable's (aiob_task_name, inside and out; also for          */
+/*     aiob_spawn_blocking); aiob_task_fail with a code >= 0 returns        */
+/*     AIOB_EINVAL and Python raises SystemError naming the task, as for a  */
+/*     status below the errno range; aiob_py_task_fail_path gives           */
+/*     FileNotFoundError with filename and filename2.                       */
+static void test_names(void **state) {
+  (void)state;
+  PyObject *g = run_ok(
+      "import asyncio, bcapi\n"
+      "async def outcome(f):\n"
+      "    try:\n"
+      "        return ('value', await asyncio.wait_for(f, 10))\n"
+      "    except OSError as e:\n"
+      "        return (type(e).__name__, e.errno, e.filename, e.filename2)\n"
+      "    except BaseException as e:\n"
+      "        return (type(e).__name__, str(e))\n"
+      "async def main():\n"
+      "    f = bcapi.named(0)\n"
+      "    reprs = [repr(f), f.__name__, f.__qualname__]\n"
+      "    f.cancel()\n"
+      "    reprs.append(repr(f))\n"
+      "    t = asyncio.get_running_loop().create_task(bcapi.named(0))\n"
+      "    await asyncio.sleep(0)\n"
+      "    task_repr = repr(t)\n"
+      "    t.cancel()\n"
+      "    outs = [await outcome(bcapi.named(m)) for m in (1, 2, 3, 4)]\n"
+      "    return reprs, task_repr, outs\n"
+      "(reprs, task_repr, outs) = asyncio.run(asyncio.wait_for(main(), 10))\n"
+      "u = bcapi.named(0)\n"
+      "unbound = repr(u)\n"
+      "u.close()\n"
+      "v = bcapi.value(1)\n"
+      "plain = (repr(v), v.__name__)\n"
+      "v.close()\n"
+      "b = bcapi.blocking_mode(0)\n"
+      "blocking = repr(b)\n"
+      "b.close()\n"
+      "ok = (reprs == ['<CTask bcapi.x pending>', 'bcapi.x', 'bcapi.x',\n"
+      "                '<CTask bcapi.x cancelled>']\n"
+      "      and 'bcapi.x' in task_repr\n"
+      "      and unbound == '<CTask bcapi.x unstarted>'\n"
+      "      and plain == ('<CTask unstarted>', 'CTask')\n"
+      "      and blocking == '<CTask bcapi.blk unstarted>'\n"
+      "      and outs[2] == ('FileNotFoundError', 2, 'a', 'b')\n"
+      "      and [o[0] for o in outs] == ['SystemError', 'SystemError',\n"
+      "                                   'FileNotFoundError', "
+      "'SystemError'])\n");
+  PyObject *ok = py_get(g, "ok");
+  if (ok != Py_True) {
+    PyObject *r = PyObject_Repr(g);
+    fail_msg("names: %s", r ? PyUnicode_AsUTF8(r) : "?");
+  }
+  PyObject *outs = py_get(g, "outs");
+  static const char *const want[] = {
+      "bcapi.x failed with a status >= 0",
+      "bcapi.x failed with the status -200000",
+      NULL,
+      "bcapi.x failed with a status >= 0",
+  };
+  for (int k = 0; k < 4; k++) {
+    if (!want[k])
+      continue;
+    const char *m =
+        PyUnicode_AsUTF8(PyTuple_GET_ITEM(PyList_GET_ITEM(outs, k), 1));
+    assert_non_null(m);
+    if (!strstr(m, want[k]))
+      fail_msg("SystemError '%s' does not say '%s'", m, want[k]);
+  }
+  Py_DECREF(g);
+  assert_rc(atomic_load(&g_fail_rc[NM_FAIL_POSITIVE]), AIOB_EINVAL);
+  assert_rc(atomic_load(&g_fail_rc[NM_FAIL_BIGNEG]), 0);
+  assert_rc(atomic_load(&g_fail_rc[NM_FAIL_PATH]), 0);
+  assert_rc(atomic_load(&g_fail_rc[NM_FAIL_PATH_BAD]), AIOB_EINVAL);
+
+  /* aiob_task_name on tasks spawned on the runtime. */
+  aiob_runtime *rt = NULL;
+  assert_rc(aiob_runtime_default_acquire(&rt), 0);
+  aiob_spawn_opts o;
+  aiob_spawn_opts_init(&o);
+  assert_null(o.name);
+  static const char opts_name[] = "bcapi.opts";
+  for (int k = 0; k < 3; k++) {
+    named *n = xcalloc(1, sizeof *n);
+    n->mode = NM_NAME;
+    o.name = k == 0 ? opts_name : NULL;
+    aiob_task *h = NULL;
+    assert_rc(aiob_spawn_ex(rt, k == 2 ? NULL : &o, &named_vt, n, &h), 0);
+    const char *want_name = k == 0 ? opts_name : "bcapi.x";
+    assert_string_equal(aiob_task_name(h), want_name);
+    int rc;
+    Py_BEGIN_ALLOW_THREADS;
+    rc = aiob_task_wait(h, WAIT_TIMEOUT);
+    Py_END_ALLOW_THREADS;
+    assert_rc(rc, 0);
+    const char *seen = (const char *)atomic_load(&g_seen_name);
+    assert_non_null(seen);
+    assert_string_equal(seen, want_name);
+    assert_string_equal(aiob_task_name(h), want_name); /* finished too */
+    aiob_task_release(h);
+  }
+  aiob_task *h = NULL;
+  assert_rc(aiob_spawn(rt, &value_vt, (void *)(intptr_t)3, &h), 0);
+  assert_null(aiob_task_name(h)); /* no name anywhere */
+  int rc;
+  Py_BEGIN_ALLOW_THREADS;
+  rc = aiob_task_wait(h, WAIT_TIMEOUT);
+  Py_END_ALLOW_THREADS;
+  assert_rc(rc, 0);
+  aiob_task_release(h);
+  b2arg *a = xcalloc(1, sizeof *a);
+  a->mode = B2_VALUE;
+  o.name = opts_name;
+  assert_rc(aiob_spawn_blocking(rt, &o, b2_fn, a, b2_drop, &h), 0);
+  assert_string_equal(aiob_task_name(h), opts_name);
+  Py_BEGIN_ALLOW_THREADS;
+  rc = aiob_task_wait(h, WAIT_TIMEOUT);
+  Py_END_ALLOW_THREADS;
+  assert_rc(rc, 0);
+  assert_status(h, 0); /* takes and frees the value */
+  aiob_task_release(h);
+  aiob_runtime_release(rt);
+  assert_int_equal(atomic_load(&g_b2_frees), 1);
+  assert_int_equal(atomic_load(&g_b2_drops), 2); /* + the closed one */
+
+  /* A promise awaitable's name. */
+  aiob_promise *p = NULL;
+  PyObject *aw = aiob_py_promise_new(g_bridge, "bcapi.named_promise", NULL,
+                                     NULL, NULL, &p);
+  assert_non_null(aw);
+  PyObject *rep = PyObject_Repr(aw);
+  assert_non_null(rep);
+  assert_string_equal(PyUnicode_AsUTF8(rep),
+                      "<CTask bcapi.named_promise unstarted>");
+  Py_DECREF(rep);
+  PyObject *nm = PyObject_GetAttrString(aw, "__name__");
+  assert_non_null(nm);
+  assert_string_equal(PyUnicode_AsUTF8(nm), "bcapi.named_promise");
+  Py_DECREF(nm);
+  Py_DECREF(aw);
+  assert_rc(aiob_promise_abandon(p), 0); /* the completer side is ours */
+  assert_clean();
+}
+
 /* Interpreter exit with a loop thread that cannot stop: Py_FinalizeEx
  * returns (the exit hook abandons the thread after its deadline), and
  * nothing touches Python afterwards: neither the abandoned thread once
@@ -1640,6 +3014,8 @@ int main(void) {
   g_loop_thread = pthread_self();
   latch_init(&g_started);
   latch_init(&g_gate_entered);
+  for (size_t i = 0; i < SHAPE_LATCHES; i++)
+    latch_init(g_shape_latches[i]);
   const char *env = getenv("AIOBRIDGE_BACKEND");
   g_backend = env && env[0] ? env : NULL;
 
@@ -1716,6 +3092,11 @@ int main(void) {
       T(shutdown_while_starting),
       T(shutdown_deadline),
       T(shutdown_outcomes),
+      T(promise_races),
+      T(promise_unawaited),
+      T(blocking_cancel_storm),
+      T(blocking_failures),
+      T(names),
   };
   int failed = cmocka_run_group_tests_name("bridge_capi", tests, NULL, NULL);
 
@@ -1732,5 +3113,7 @@ int main(void) {
   }
   latch_destroy(&g_started);
   latch_destroy(&g_gate_entered);
+  for (size_t i = 0; i < SHAPE_LATCHES; i++)
+    latch_destroy(g_shape_latches[i]);
   return failed ? 1 : 0;
 }
