@@ -85,7 +85,7 @@ static void job_run(aiob__pool *p, aiob__blocking_job *j) {
   current_job = j;
   int rc = j->fn(j->arg, &out);
   current_job = NULL;
-  out.status = rc > 0 ? AIOB_EINVAL : rc;
+  out.status = rc > 0 ? AIOB_EBADSTATUS : rc;
   atomic_fetch_add_explicit(&p->n_run, 1, memory_order_relaxed);
   if (j->drop_arg)
     j->drop_arg(j->arg);

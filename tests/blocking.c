@@ -312,7 +312,7 @@ static aiob_task *spawn_queued(ctx *c, jarg *a, latch *queued) {
 
 /* ======================================================================== */
 /* result_and_error: a value comes back with status 0, a negative return is */
-/* the status, a positive one is AIOB_EINVAL (its value still freed); fn    */
+/* the status, a positive one is AIOB_EBADSTATUS (its value still freed); fn*/
 /* runs off the loop threads and drop_arg once, on the worker, after it.    */
 static void test_result_and_error(void **state) {
   (void)state;
@@ -334,7 +334,7 @@ static void test_result_and_error(void **state) {
   assert_int_equal(n, 0);
   assert_rc(take(te, &n), AIOB_EIO);
   assert_int_equal(n, -1);
-  assert_rc(take(tp, &n), AIOB_EINVAL);
+  assert_rc(take(tp, &n), AIOB_EBADSTATUS);
   assert_int_equal(n, 2);
   /* drop_arg ran before the task was woken. */
   assert_int_equal(latch_get(&c->drops), 3);

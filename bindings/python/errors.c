@@ -136,8 +136,10 @@ PyObject *aiob__py_exception_for(PyObject *shutdown_error, aiob_output *out,
   if (st == AIOB_EBADSTATUS || st < -4095) {
     PyObject *msg =
         st == AIOB_EBADSTATUS
-            ? PyUnicode_FromFormat("aiobridge: %s called aiob_task_fail with "
-                                   "a code >= 0 (it needs a negative one)",
+            ? PyUnicode_FromFormat("aiobridge: %s failed with a status >= 0 "
+                                   "(aiob_task_fail, or a blocking "
+                                   "function's return, needs a negative "
+                                   "error code)",
                                    who)
             : PyUnicode_FromFormat("aiobridge: %s failed with the status %d, "
                                    "which is not a negated errno",

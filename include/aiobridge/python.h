@@ -205,28 +205,32 @@ typedef void (*aiob_py_done_fn)(void *arg, int cancelled);
  *   aiob_py_promise_fail_path(p, AIOB_ENOENT, path, NULL)  with a file name;
  *   aiob_py_promise_raise(p, PyExc_ValueError, "msg")  any exception type;
  *   aiob_promise_abandon(p)  CancelledError.
- * on_done(done_arg, cancelled) (NULL: none) is called exactly once, as
- * aiob_py_done_fn says. The completer side stays the producer's even after
- * a cancellation: it still completes (or abandons) the promise, and a
- * value completed after the cancellation is freed by its free_value on the
- * completing thread, without touching Python. With the GIL. On failure
- * returns NULL with an exception set, *completer untouched and on_done
- * never called. */
+ * The first completion consumes the completer side: p must not be used
+ * again (the promise may be freed at once). on_done(done_arg, cancelled)
+ * (NULL: none) is called exactly once, as aiob_py_done_fn says. The
+ * completer side stays the producer's even after a cancellation: it still
+ * completes (or abandons) the promise, and a value completed after the
+ * cancellation is freed by its free_value without touching Python (on the
+ * completing thread, or on the runtime thread the awaitable is dropped
+ * on). With the GIL. On failure returns NULL with an exception set,
+ * *completer untouched and on_done never called. */
 PyObject *aiob_py_promise_new(aiob_py_bridge *b, const char *name,
                               aiob_py_converter conv, aiob_py_done_fn on_done,
                               void *done_arg, aiob_promise **completer);
 
 /* Completes a promise with `exc_type(msg)`: exc_type is borrowed and must
  * outlive the awaitable (a built-in exception or one the module keeps);
- * msg is copied. Gives up the completer side. Thread-safe; no GIL needed.
- * Returns 0, AIOB_EALREADY (already completed: nothing done), AIOB_EINVAL
- * (NULL p or exc_type: nothing done), or AIOB_ENOMEM (the promise was
- * completed with AIOB_ENOMEM instead). */
+ * msg is copied. Gives up the completer side, as aiob_promise_complete
+ * (AIOB_EALREADY only while the waiter side is known to be held).
+ * Thread-safe; no GIL needed. Returns 0, AIOB_EALREADY, AIOB_EINVAL (NULL
+ * p or exc_type: nothing done), or AIOB_ENOMEM (the promise was completed
+ * with AIOB_ENOMEM instead). */
 int aiob_py_promise_raise(aiob_promise *p, PyObject *exc_type, const char *msg);
 
 /* Completes a promise with the negated errno `err` and the file names of
  * the error (either may be NULL; copied), as aiob_py_task_fail_path. Gives
- * up the completer side. Thread-safe; no GIL needed. Returns 0,
+ * up the completer side, as aiob_promise_complete. Thread-safe; no GIL
+ * needed. Returns 0,
  * AIOB_EALREADY, AIOB_EINVAL (NULL p, or err no negated errno: nothing
  * done), or AIOB_ENOMEM (completed with err alone). */
 int aiob_py_promise_fail_path(aiob_promise *p, int err, const char *filename,
@@ -239,7 +243,8 @@ int aiob_py_promise_fail_path(aiob_promise *p, int err, const char *filename,
  * loop thread, never holding the GIL: fn must not call Python) and returns
  * a new awaitable (an aiobridge.CTask named `name`, static storage or NULL)
  * for its output: what fn put in out->value goes through `conv` on the
- * loop thread, a negative return raises (as for aiob_task_fail).
+ * loop thread, a negative return raises (as for aiob_task_fail; a
+ * positive one is a bug: SystemError naming the task).
  * Cancelling the awaitable before a worker started the job means fn never
  * runs; once running, fn finishes (aiob_blocking_cancelled() tells it to
  * stop early) and its value is freed without touching Python. The call

@@ -357,15 +357,18 @@ AIOB_API int aiob_promise_new(aiob_promise **out);
 
 /* Completes the promise with status and value and gives up the completer
  * side. The value goes to the waiter; if the waiter side was already
- * released, free_value(value) runs here. Thread-safe. Returns 0,
- * AIOB_EALREADY if the completer side was already given up (then value is
- * not touched), or AIOB_EINVAL for a NULL p. */
+ * released, free_value(value) runs here. Afterwards p is no longer the
+ * completer's: once the waiter side is gone too the promise is freed, so
+ * a second completion is only safe (and returns AIOB_EALREADY, value not
+ * touched) while the caller knows the waiter side is still held.
+ * Thread-safe. Returns 0, AIOB_EALREADY, or AIOB_EINVAL for a NULL p. */
 AIOB_API int aiob_promise_complete(aiob_promise *p, int status, void *value,
                                    void (*free_value)(void *value));
 
 /* Gives up the completer side without a value: the waiter is woken with
- * AIOB_ECANCELED. Thread-safe. Returns 0 or AIOB_EALREADY (or AIOB_EINVAL
- * for a NULL p). */
+ * AIOB_ECANCELED. p is then no longer the completer's, as after
+ * aiob_promise_complete. Thread-safe. Returns 0 or AIOB_EALREADY (or
+ * AIOB_EINVAL for a NULL p). */
 AIOB_API int aiob_promise_abandon(aiob_promise *p);
 
 /* READY once completed, moving the output into *out (the value only the
@@ -402,7 +405,8 @@ AIOB_API void aiob_promise_release(aiob_promise *p);
  * thread and never holding the GIL (it must not call Python). *out is
  * zeroed on entry; fn may set out->value and out->free_value (out->status
  * is ignored). Returns 0 or a negative aiobridge/errno code, which becomes
- * the job's status; a positive return is a bug and becomes AIOB_EINVAL
+ * the job's status; a positive return is a bug and becomes
+ * AIOB_EBADSTATUS, as for aiob_task_fail
  * (the value, if set, is kept and freed as usual). */
 typedef int (*aiob_blocking_fn)(void *arg, aiob_output *out);
 
