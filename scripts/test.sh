@@ -19,7 +19,7 @@ JOBS=$(nproc)
 
 export ASAN_OPTIONS="abort_on_error=1:detect_leaks=1:strict_init_order=1"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
-export TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1"
+export TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1:suppressions=$ROOT/tests/tsan.supp"
 
 total_pass=0 total_fail=0 total_skip=0
 failed_variants=()

@@ -3018,6 +3018,10 @@ int main(void) {
     latch_init(g_shape_latches[i]);
   const char *env = getenv("AIOBRIDGE_BACKEND");
   g_backend = env && env[0] ? env : NULL;
+  /* BRIDGE_CAPI_FILTER=<glob>: run only the tests it matches. */
+  const char *filter = getenv("BRIDGE_CAPI_FILTER");
+  if (filter && filter[0])
+    cmocka_set_test_filter(filter);
 
   /* Refused by the kernel or the build: skip, with the reason. */
   aiob_runtime_config cfg;
