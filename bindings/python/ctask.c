@@ -259,6 +259,11 @@ int aiob__py_ctask_complete(aiob_py_bridge *b, cfut *f) {
       f->value = v;
       CF_STATE(f) = CF_RESULT;
     } else {
+      if (!PyErr_Occurred()) /* a bug, not a cancellation */
+        PyErr_Format(PyExc_SystemError,
+                     "aiobridge: the converter of %s returned NULL without "
+                     "setting an exception",
+                     f->name ? f->name : "a C task");
       cf_set_current_exception(f);
     }
   } else if (out.status == AIOB_ECANCELED && cf_runtime_shut(f)) {
@@ -436,7 +441,7 @@ static cfut *cf_new(aiob_py_bridge *b, const aiob_task_vtable *vt, void *state,
   f->u.lazy.state = state;
   f->u.lazy.b = b;
   f->conv = conv;
-  f->name = vt->name;
+  f->name = vt->name && vt->name[0] ? vt->name : NULL;
   f->pnext = NULL;
   f->pprev = NULL;
   memset(&f->it, 0, sizeof f->it);
@@ -798,7 +803,9 @@ static PyObject *cf_repr(PyObject *self) {
 static PyObject *cf_get_name(PyObject *self, void *c) {
   (void)c;
   const char *name = ((cfut *)self)->name;
-  return PyUnicode_FromString(name ? name : "CTask");
+  if (!name)
+    return PyUnicode_FromString("CTask");
+  return PyUnicode_DecodeUTF8(name, (Py_ssize_t)strlen(name), "replace");
 }
 
 /* A failure nobody retrieved goes to the loop's exception handler, as for
@@ -932,7 +939,7 @@ PyObject *aiob__py_ctask_new(aiob_py_bridge *b, const aiob_task_vtable *vt,
   if (!loop && PyErr_Occurred())
     return NULL;
   cfut *f = cf_new(b, vt, state, conv);
-  if (f && name)
+  if (f && name && name[0])
     f->name = name;
   if (!f || !loop) {
     /* No running loop: binds to the loop that first awaits it. */

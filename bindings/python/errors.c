@@ -95,14 +95,37 @@ static PyObject *fs_name(const char *name) {
   return PyUnicode_DecodeFSDefault(name);
 }
 
-static PyObject *os_error(const py_error *e) {
-  PyObject *f1 = fs_name(e->filename), *f2 = fs_name(e->filename2);
-  PyObject *exc = f1 && f2
-                      ? PyObject_CallFunction(PyExc_OSError, "isOOO", e->err,
-                                              strerror(e->err), f1, Py_None, f2)
+/* OSError(err, strerror, filename, None, filename2): the subclass Python
+ * uses for that errno, its message decoded as Python decodes strerror's
+ * (the locale's, undecodable bytes escaped). */
+static PyObject *os_error(int err, const char *filename,
+                          const char *filename2) {
+  PyObject *text = PyUnicode_DecodeLocale(strerror(err), "surrogateescape");
+  PyObject *f1 = fs_name(filename), *f2 = fs_name(filename2);
+  PyObject *exc = text && f1 && f2
+                      ? PyObject_CallFunction(PyExc_OSError, "iOOOO", err, text,
+                                              f1, Py_None, f2)
                       : NULL;
+  Py_XDECREF(text);
   Py_XDECREF(f1);
   Py_XDECREF(f2);
+  return exc;
+}
+
+/* type(msg), msg decoded as UTF-8 with bad bytes replaced: a message from C
+ * (localized text, a host name) never turns into a UnicodeDecodeError. */
+static PyObject *raise_with(PyObject *type, const char *msg) {
+  PyObject *text =
+      PyUnicode_DecodeUTF8(msg, (Py_ssize_t)strlen(msg), "replace");
+  PyObject *exc = text ? PyObject_CallOneArg(type, text) : NULL;
+  Py_XDECREF(text);
+  return exc;
+}
+
+/* SystemError(msg) for a bug in a C task; msg is consumed (NULL: NULL). */
+static PyObject *bug(PyObject *msg) {
+  PyObject *exc = msg ? PyObject_CallOneArg(PyExc_SystemError, msg) : NULL;
+  Py_XDECREF(msg);
   return exc;
 }
 
@@ -114,41 +137,37 @@ PyObject *aiob__py_exception_for(PyObject *shutdown_error, aiob_output *out,
                                  const char *name) {
   int st = out->status;
   const char *who = name ? name : "a C task";
-  if (st == AIOB_PY_EXCEPTION && out->value) {
+  /* Only the bridge's own py_error values carry an exception: a status of
+   * AIOB_PY_EXCEPTION set by hand, with any other value, carries none. */
+  if (st == AIOB_PY_EXCEPTION && out->value &&
+      out->free_value == aiob__py_error_free) {
     py_error *e = out->value;
     if (e->exc) {
       Py_INCREF(e->exc);
       return e->exc;
     }
     if (!e->type)
-      return os_error(e);
-    return PyObject_CallFunction(e->type, "s", e->msg);
+      return os_error(e->err, e->filename, e->filename2);
+    return raise_with(e->type, e->msg);
   }
   if (st == AIOB_PY_EXCEPTION)
-    return PyObject_CallFunction(
-        PyExc_SystemError, "s",
-        "aiobridge: a C task failed with AIOB_PY_EXCEPTION but carried no "
+    return bug(PyUnicode_FromFormat(
+        "aiobridge: %s failed with AIOB_PY_EXCEPTION but carried no "
         "exception (pass an awaited failure on with aiob_task_forward, or "
-        "raise with aiob_py_task_raise)");
+        "raise with aiob_py_task_raise)",
+        who));
   if (st == AIOB_ESHUTDOWN) /* not ESHUTDOWN's BrokenPipeError */
     return PyObject_CallFunction(shutdown_error, "s",
                                  "aiobridge: the runtime is shutting down");
-  if (st == AIOB_EBADSTATUS || st < -4095) {
-    PyObject *msg =
-        st == AIOB_EBADSTATUS
-            ? PyUnicode_FromFormat("aiobridge: %s failed with a status >= 0 "
-                                   "(aiob_task_fail, or a blocking "
-                                   "function's return, needs a negative "
-                                   "error code)",
-                                   who)
-            : PyUnicode_FromFormat("aiobridge: %s failed with the status %d, "
-                                   "which is not a negated errno",
-                                   who, st);
-    PyObject *exc = msg ? PyObject_CallOneArg(PyExc_SystemError, msg) : NULL;
-    Py_XDECREF(msg);
-    return exc;
-  }
-  /* OSError(errno, msg) returns the subclass Python uses for that errno. */
-  int err = -st;
-  return PyObject_CallFunction(PyExc_OSError, "is", err, strerror(err));
+  if (st == AIOB_EBADSTATUS)
+    return bug(PyUnicode_FromFormat("aiobridge: %s failed with a status >= 0 "
+                                    "(aiob_task_fail, or a blocking "
+                                    "function's return, needs a negative "
+                                    "error code)",
+                                    who));
+  if (st < -4095)
+    return bug(PyUnicode_FromFormat("aiobridge: %s failed with the status %d, "
+                                    "which is not a negated errno",
+                                    who, st));
+  return os_error(-st, NULL, NULL);
 }

@@ -320,10 +320,10 @@ static PyObject *demo_fail_path(PyObject *m, PyObject *args) {
 
 /* ---- promise(): shape 1 driven from Python, for the tests --------------
  *
- * promise(name=None) -> (awaitable, Completer). The Completer holds the
- * completer side; its methods complete it the ways a native callback
- * would, on the calling thread or on a thread of its own that never holds
- * the GIL. on_done calls are counted (promise_cancels()): those for a
+ * promise(name=None, broken_conv=False) -> (awaitable, Completer). The
+ * Completer holds the completer side; its methods complete it the ways a native
+ * callback would, on the calling thread or on a thread of its own that never
+ * holds the GIL. on_done calls are counted (promise_cancels()): those for a
  * cancellation, how many of them came while the calling thread held the
  * GIL, and all of them. */
 
@@ -372,6 +372,12 @@ static PyObject *completer_fail(PyObject *self, PyObject *args) {
     free(f1);
     return NULL;
   }
+  if (code <= 0 || code > 4095) { /* checked before the side is given up */
+    free(f1);
+    free(f2);
+    PyErr_SetString(PyExc_ValueError, "fail: errno must be in 1..4095");
+    return NULL;
+  }
   aiob_promise *p = take_side((completer *)self);
   int rc = p ? aiob_py_promise_fail_path(p, -code, f1, f2) : 0;
   free(f1);
@@ -379,11 +385,30 @@ static PyObject *completer_fail(PyObject *self, PyObject *args) {
   return p ? PyLong_FromLong(rc) : NULL;
 }
 
+/* raise_value_error(msg): msg a str, or bytes passed to C as they are (not
+ * always UTF-8, as localized C messages are not). */
 static PyObject *completer_raise(PyObject *self, PyObject *msg) {
-  const char *s = PyUnicode_AsUTF8(msg);
+  const char *s =
+      PyBytes_Check(msg) ? PyBytes_AsString(msg) : PyUnicode_AsUTF8(msg);
   aiob_promise *p = s ? take_side((completer *)self) : NULL;
   return p ? PyLong_FromLong(aiob_py_promise_raise(p, PyExc_ValueError, s))
            : NULL;
+}
+
+/* complete_with_status(status, obj): any status with a Python value, right
+ * or wrong, as a buggy producer may complete it. */
+static PyObject *completer_complete_with_status(PyObject *self,
+                                                PyObject *args) {
+  int status;
+  PyObject *obj;
+  if (!PyArg_ParseTuple(args, "iO:complete_with_status", &status, &obj))
+    return NULL;
+  aiob_promise *p = take_side((completer *)self);
+  if (!p)
+    return NULL;
+  Py_INCREF(obj);
+  return PyLong_FromLong(
+      aiob_promise_complete(p, status, obj, (void (*)(void *))aiob_py_release));
 }
 
 static PyObject *completer_abandon(PyObject *self, PyObject *unused) {
@@ -447,6 +472,8 @@ static PyMethodDef completer_methods[] = {
      "fail(errno, filename=None, filename2=None): an OSError."},
     {"raise_value_error", completer_raise, METH_O, "Raise ValueError(msg)."},
     {"abandon", completer_abandon, METH_NOARGS, "Give up: CancelledError."},
+    {"complete_with_status", completer_complete_with_status, METH_VARARGS,
+     "Complete with any status and a Python value."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -470,24 +497,40 @@ static PyObject *conv_value(aiob_output *out) {
   return conv_long(out);
 }
 
-static PyObject *demo_promise(PyObject *m, PyObject *args) {
-  const char *name = NULL;
-  if (!PyArg_ParseTuple(args, "|z:promise", &name))
+/* A converter that breaks its contract: NULL without an exception. */
+static PyObject *conv_broken(aiob_output *out) {
+  aiob_output_clear(out);
+  return NULL;
+}
+
+/* promise(name=None, broken_conv=False): name a str or bytes (any bytes: a
+ * C name need not be UTF-8). */
+static PyObject *demo_promise(PyObject *m, PyObject *args, PyObject *kw) {
+  static char *kwlist[] = {"name", "broken_conv", NULL};
+  PyObject *name_obj = Py_None;
+  int broken = 0;
+  if (!PyArg_ParseTupleAndKeywords(args, kw, "|Op:promise", kwlist, &name_obj,
+                                   &broken))
     return NULL;
-  if (name) { /* names are static storage: one str per name, kept forever */
+  const char *name = NULL;
+  if (name_obj != Py_None) { /* names are static storage: kept forever */
     static PyObject *names;
-    PyObject *s = PyUnicode_FromString(name), *kept = NULL;
-    if (s && (names || (names = PyDict_New())))
-      kept = PyDict_SetDefault(names, s, s); /* borrowed, lives in names */
-    Py_XDECREF(s);
-    if (!kept || !(name = PyUnicode_AsUTF8(kept)))
+    PyObject *b = PyUnicode_Check(name_obj) ? PyUnicode_AsUTF8String(name_obj)
+                                            : PyBytes_FromObject(name_obj),
+             *kept = NULL;
+    if (b && (names || (names = PyDict_New())))
+      kept = PyDict_SetDefault(names, b, b); /* borrowed, lives in names */
+    Py_XDECREF(b);
+    if (!kept)
       return NULL;
+    name = PyBytes_AS_STRING(kept);
   }
   completer *c = PyObject_New(completer, completer_type);
   if (!c)
     return NULL;
   c->p = NULL;
-  PyObject *aw = aiob_py_promise_new(state_of(m)->bridge, name, conv_value,
+  PyObject *aw = aiob_py_promise_new(state_of(m)->bridge, name,
+                                     broken ? conv_broken : conv_value,
                                      count_done, NULL, &c->p);
   if (!aw) {
     Py_DECREF(c);
@@ -751,8 +794,9 @@ static PyMethodDef demo_methods[] = {
      "Awaitable: a C task calls aiob_task_fail with this status."},
     {"fail_path", demo_fail_path, METH_VARARGS,
      "fail_path(errno, filename, filename2=None): the OSError with them."},
-    {"promise", demo_promise, METH_VARARGS,
-     "promise(name=None) -> (awaitable, Completer)."},
+    {"promise", (PyCFunction)(void (*)(void))demo_promise,
+     METH_VARARGS | METH_KEYWORDS,
+     "promise(name=None, broken_conv=False) -> (awaitable, Completer)."},
     {"promise_cancels", demo_promise_cancels, METH_NOARGS,
      "(on_done calls for a cancellation, of which with the GIL held, "
      "on_done calls in all)."},

@@ -23,7 +23,9 @@ static PyObject *to_int(aiob_output *out) {
 }
 
 static PyObject *to_str(aiob_output *out) {
-  return PyUnicode_FromString(out->value); /* aiob_output_clear frees it */
+  PyObject *s = PyUnicode_FromString(out->value);
+  aiob_output_clear(out); /* a converter owns the value: frees it here */
+  return s;
 }
 
 /* ---- resolve(host): shape 1, a callback API ----------------------------- */

@@ -393,7 +393,10 @@ AIOB_API void aiob_promise_release(aiob_promise *p);
  * blocking_threads (aiob_runtime_config); jobs beyond that wait in FIFO
  * order. A job whose task is cancelled or dropped before a worker started
  * it never runs; one that runs is never interrupted, but can poll
- * aiob_blocking_cancelled() to stop early.
+ * aiob_blocking_cancelled() to stop early. As in any bounded pool, a job
+ * that blocks waiting for other jobs of the same runtime (aiob_task_wait
+ * on an aiob_spawn_blocking task) deadlocks once every worker does: jobs
+ * should not wait for jobs.
  *
  * Who owns arg: the job, from aiob_blocking_init (or a successful
  * aiob_spawn_blocking) on. drop_arg(arg), if not NULL, runs exactly once:

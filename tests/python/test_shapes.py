@@ -76,6 +76,36 @@ class TestPromise(BridgeCase):
         kind, e = await outcome(aw)
         self.assertIsInstance(e, asyncio.CancelledError)
 
+    async def test_messages_that_are_not_utf8(self):
+        # A localized C message need not be UTF-8: the requested type is
+        # raised anyway, bad bytes replaced.
+        aw, c = demo.promise()
+        c.raise_value_error(b"caf\xe9 closed")
+        kind, e = await outcome(aw)
+        self.assertEqual((type(e), str(e)), (ValueError, "caf\ufffd closed"))
+
+    async def test_bugs_in_a_producer_are_system_errors(self):
+        # AIOB_PY_EXCEPTION by hand, with a value that is no exception.
+        aw, c = demo.promise("test.bad_status")
+        c.complete_with_status(-100000, object())
+        kind, e = await outcome(aw)
+        self.assertIsInstance(e, SystemError)
+        self.assertIn("test.bad_status failed with AIOB_PY_EXCEPTION but carried no exception", str(e))
+        # A converter returning NULL without an exception: not a cancellation.
+        aw, c = demo.promise("test.bad_conv", broken_conv=True)
+        c.complete(1)
+        kind, e = await outcome(aw)
+        self.assertIsInstance(e, SystemError)
+        self.assertIn("the converter of test.bad_conv returned NULL", str(e))
+
+    async def test_a_refused_completion_keeps_the_side(self):
+        aw, c = demo.promise()
+        with self.assertRaises(ValueError):
+            c.fail(0)  # no errno: refused before the side is given up
+        c.fail(errno.EPERM)
+        kind, e = await outcome(aw)
+        self.assertIsInstance(e, PermissionError)
+
     async def test_a_completer_completes_once(self):
         aw, c = demo.promise()
         c.complete(1)
@@ -261,6 +291,20 @@ class TestNames(BridgeCase):
         c.complete(None)
         await aw
         self.assertIn("aiobridge_demo.blocking_sum", repr(demo.blocking_sum(1)))
+
+    async def test_odd_names(self):
+        aw, c = demo.promise(b"bad\xffname")  # not UTF-8: replaced, never raised
+        self.assertEqual(aw.__name__, "bad\ufffdname")
+        self.assertEqual(repr(aw), "<CTask bad\ufffdname pending>")
+        task = asyncio.ensure_future(asyncio.shield(aw))
+        t2 = asyncio.get_running_loop().create_task(aw)
+        self.assertIn("bad\ufffdname", repr(t2))
+        c.complete(None)
+        await asyncio.gather(task, t2)
+        aw, c = demo.promise("")  # empty: no name
+        self.assertEqual((repr(aw), aw.__name__), ("<CTask pending>", "CTask"))
+        c.complete(None)
+        await aw
 
     async def test_in_a_task_repr(self):
         task = asyncio.ensure_future(asyncio.shield(demo.sleep_ms(60_000)))
