@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds a Release tree and runs the benchmarks: the C backend benchmark
 # (bench/bench_backends), then the asyncio bridge benchmark
-# (bench/bench_bridge.py) and the native I/O benchmark (bench/bench_io.py)
-# on /usr/bin/python3 with every backend of the tree.
+# (bench/bench_bridge.py), the native I/O benchmark (bench/bench_io.py) and
+# the streams benchmark (bench/bench_streams.py) on /usr/bin/python3 with
+# every backend of the tree.
 #
 # Usage: ./scripts/bench.sh [bench_backends args...]
 #            [-- bench_bridge.py args... [-- bench_io.py args...]]
@@ -11,7 +12,9 @@
 #   (try --help; both Python benchmarks get --backends <the tree's backends>
 #   first, which a --backends of yours overrides).
 #   e.g. ./scripts/bench.sh --quick -- --quick -- --quick
-# BENCH_BRIDGE=0 skips the bridge benchmark, BENCH_IO=0 the I/O benchmark.
+# BENCH_BRIDGE=0 skips the bridge benchmark, BENCH_IO=0 the I/O benchmark,
+# BENCH_STREAMS=0 the streams benchmark (bench/bench_streams.py, run with
+# the bridge benchmark's demo module; --quick there makes it quick too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/deps.sh
@@ -98,5 +101,14 @@ if [ "$io" = 1 ]; then
     PYTHONPATH="$PWD/build-bench/python/$tag" "$PY" bench/bench_io.py \
       --backends "$backends" "${io_args[@]}"
   fi
+fi
+
+# Streams between C and asyncio (the demo module of the bridge benchmark).
+if [ "$bridge" = 1 ] && [ "$bridge_build_ok" = 1 ] && [ "${BENCH_STREAMS:-1}" != 0 ]; then
+  echo
+  quick=()
+  for a in "${py_args[@]}"; do [ "$a" = --quick ] && quick=(--quick); done
+  PYTHONPATH="$PWD/build-bench/python/$tag" "$PY" bench/bench_streams.py \
+    --backends "$backends" "${quick[@]}"
 fi
 exit "$failed"

@@ -10,7 +10,8 @@
  * the GIL.
  *
  * Items: a finished C task (its Pending object), a request to await a Python
- * awaitable for a C task, and a request to cancel such an await.
+ * awaitable for a C task, a request to cancel such an await, and the wake
+ * of a C stream's consumer.
  *
  * Lifetimes: a port is a refcounted C struct (Pending objects, task locals
  * and the Python-side Port object hold references). Python references held
@@ -39,6 +40,7 @@
  *   await.c     awaiting Python from C: requests, _Waiter, aiob_py_await
  *   shapes.c    short forms: awaitables completed by a callback (promises),
  *               blocking work on the runtime's worker threads
+ *   stream_out.c  C producers as Python async iterators (CStream)
  *   bridge.c    the bridge: init/free, registration with the aiobridge
  *               package, shutdown with a deadline, the atexit hook,
  *               introspection
@@ -58,7 +60,7 @@
 
 /* ---- Items: what crosses to a loop's port ------------------------------ */
 
-enum { ITEM_COMPLETION, ITEM_REQUEST, ITEM_CANCEL };
+enum { ITEM_COMPLETION, ITEM_REQUEST, ITEM_CANCEL, ITEM_STREAM };
 
 typedef struct item {
   aiob__mpsc_node node;
@@ -124,7 +126,7 @@ struct aiob_py_bridge {
   PyObject *ensure_future;       /* asyncio.ensure_future */
   PyObject *cancelled_error;     /* asyncio.CancelledError */
   PyObject *invalid_state_error; /* asyncio.InvalidStateError */
-  PyTypeObject *ctask_type, *port_type, *waiter_type;
+  PyTypeObject *ctask_type, *port_type, *waiter_type, *cstream_type;
   PyObject *s_add_done_callback, *s_cancel, *s_cancelled, *s_add_reader,
       *s_is_closed, *s_call_soon, *s_call_soon_threadsafe, *s_result,
       *s_exception;
@@ -248,6 +250,12 @@ void aiob__py_ctask_forget_all(aiob_py_bridge *b);
 PyObject *aiob__py_ctask_new(aiob_py_bridge *b, const aiob_task_vtable *vt,
                              void *state, aiob_py_converter conv,
                              const char *name);
+bool aiob__py_ctask_done(PyObject *f);
+
+/* stream_out.c */
+extern PyType_Spec aiob__py_cstream_spec;
+void aiob__py_stream_wake(item *it);
+void aiob__py_stream_drop_wake(item *it);
 
 /* await.c */
 extern PyType_Spec aiob__py_waiter_spec;

@@ -36,6 +36,9 @@ static aiob_py_bridge *cf_bridge(cfut *f) {
 
 static bool cf_done(cfut *f) { return CF_STATE(f) >= CF_RESULT; }
 
+/* The CTask f finished: result, exception or cancelled (GIL). */
+bool aiob__py_ctask_done(PyObject *f) { return cf_done((cfut *)f); }
+
 /* The bridge's list of pending CTasks (GIL): what a shutdown that timed out
  * must fail itself, as their C tasks may never be dropped. */
 static void pend_link(aiob_py_bridge *b, cfut *f) {

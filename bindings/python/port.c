@@ -108,6 +108,9 @@ static int dispatch(aiob_py_bridge *b, item *it) {
   case ITEM_CANCEL:
     aiob__py_request_cancel(b, AIOB__CONTAINER_OF(it, request, cancel_it));
     break;
+  case ITEM_STREAM:
+    aiob__py_stream_wake(it);
+    break;
   }
   return rc;
 }
@@ -184,6 +187,8 @@ static void pyport_close(pyport *pp) {
       request *r = AIOB__CONTAINER_OF(it, request, it);
       atomic_store(&r->cancelled, 1);
       aiob__py_request_unref(r);
+    } else if (it->kind == ITEM_STREAM) {
+      aiob__py_stream_drop_wake(it);
     } else {
       aiob__py_request_unref(AIOB__CONTAINER_OF(it, request, cancel_it));
     }

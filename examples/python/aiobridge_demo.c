@@ -607,6 +607,128 @@ static PyObject *demo_blocking_runs(PyObject *m, PyObject *unused) {
   return PyLong_FromLong(atomic_load(&blocking_runs));
 }
 
+/* ---- Streams: a C producer as an async iterator ----------------------- */
+
+static atomic_long stream_drops, box_allocs, box_frees;
+
+typedef struct range_state {
+  long i, n;
+  int err;       /* > 0: fail with this errno after n items */
+  int boxed;     /* items are malloc'd longs (freed with box_free) */
+  long stall_at; /* >= 0: after this many items, wait until cancelled */
+  long *box;     /* a boxed item not sent yet */
+} range_state;
+
+static void box_free(void *p) {
+  atomic_fetch_add(&box_frees, 1);
+  free(p);
+}
+
+/* Sends i..n-1 (as C longs, or boxed), then ends, or fails with err. */
+static aiob_poll range_poll(aiob_task *t, void *p) {
+  range_state *r = p;
+  aiob_py_stream *s = aiob_py_stream_of(t);
+  for (; r->i < r->n; r->i++) {
+    if (r->i == r->stall_at)
+      return AIOB_PENDING; /* nothing will wake it: only a cancel ends it */
+    void *v = (void *)(intptr_t)r->i;
+    if (r->boxed) {
+      if (!r->box && (r->box = malloc(sizeof *r->box)))
+        atomic_fetch_add(&box_allocs, 1);
+      if (!r->box)
+        return aiob_task_fail(t, AIOB_ENOMEM), AIOB_READY;
+      *r->box = r->i;
+      v = r->box;
+    }
+    int st;
+    if (aiob_py_stream_send(t, s, v, r->boxed ? box_free : NULL, &st) ==
+        AIOB_PENDING)
+      return AIOB_PENDING; /* full: woken when the consumer takes one */
+    if (st < 0)
+      return AIOB_READY; /* the consumer is gone: the box is still ours */
+    r->box = NULL;       /* the stream's now */
+  }
+  if (r->err)
+    aiob_task_fail(t, -r->err);
+  return AIOB_READY;
+}
+
+static void range_drop(void *p) {
+  range_state *r = p;
+  atomic_fetch_add(&stream_drops, 1);
+  if (r->box)
+    box_free(r->box);
+  free(r);
+}
+
+static const aiob_task_vtable range_vt = {.poll = range_poll,
+                                          .drop = range_drop,
+                                          .name =
+                                              "aiobridge_demo.stream_range"};
+
+static PyObject *conv_box(aiob_output *out) {
+  PyObject *v = PyLong_FromLong(*(long *)out->value);
+  aiob_output_clear(out); /* box_free */
+  return v;
+}
+
+static PyObject *spawn_range(PyObject *m, long n, long buffer, int err,
+                             int boxed, long stall_at) {
+  if (n < 0 || buffer < 1) {
+    PyErr_SetString(PyExc_ValueError, "n must be >= 0 and buffer >= 1");
+    return NULL;
+  }
+  range_state *r = calloc(1, sizeof *r);
+  if (!r)
+    return PyErr_NoMemory();
+  r->n = n;
+  r->err = err;
+  r->boxed = boxed;
+  r->stall_at = stall_at;
+  PyObject *it = aiob_py_stream_new(state_of(m)->bridge, NULL, (size_t)buffer,
+                                    boxed ? conv_box : conv_long, &range_vt, r);
+  if (!it)
+    free(r);
+  return it;
+}
+
+/* stream_range(n, buffer=16, boxed=False, stall_at=-1): an async iterator
+ * of 0..n-1; stall_at >= 0: the producer stops sending after that many
+ * items and waits until cancelled. */
+static PyObject *demo_stream_range(PyObject *m, PyObject *args, PyObject *kw) {
+  static char *kwlist[] = {"n", "buffer", "boxed", "stall_at", NULL};
+  long n, buffer = 16, stall_at = -1;
+  int boxed = 0;
+  if (!PyArg_ParseTupleAndKeywords(args, kw, "l|lpl:stream_range", kwlist, &n,
+                                   &buffer, &boxed, &stall_at))
+    return NULL;
+  return spawn_range(m, n, buffer, 0, boxed, stall_at);
+}
+
+/* stream_fail_after(n, errno, buffer=16): 0..n-1, then that OSError. */
+static PyObject *demo_stream_fail_after(PyObject *m, PyObject *args,
+                                        PyObject *kw) {
+  static char *kwlist[] = {"n", "errno", "buffer", NULL};
+  long n, buffer = 16;
+  int err;
+  if (!PyArg_ParseTupleAndKeywords(args, kw, "li|l:stream_fail_after", kwlist,
+                                   &n, &err, &buffer))
+    return NULL;
+  if (err <= 0 || err > 4095) {
+    PyErr_SetString(PyExc_ValueError, "errno must be in 1..4095");
+    return NULL;
+  }
+  return spawn_range(m, n, buffer, err, 0, -1);
+}
+
+/* (producer drops, boxed items allocated, boxed items freed) */
+static PyObject *demo_stream_counts(PyObject *m, PyObject *unused) {
+  (void)m;
+  (void)unused;
+  return Py_BuildValue("(lll)", atomic_load(&stream_drops),
+                       atomic_load(&box_allocs), atomic_load(&box_frees));
+}
+
 /* ---- stuck_fifo_open(path) and block_loop_on_fifo(path) ----------------
  *
  * Things that keep a loop thread from stopping, for the shutdown tests.
@@ -806,6 +928,15 @@ static PyMethodDef demo_methods[] = {
      "Awaitable: a worker thread sums 0..n-1."},
     {"blocking_runs", demo_blocking_runs, METH_NOARGS,
      "How many blocking functions have started."},
+    {"stream_range", (PyCFunction)(void (*)(void))demo_stream_range,
+     METH_VARARGS | METH_KEYWORDS,
+     "stream_range(n, buffer=16, boxed=False, stall_at=-1): async iterator "
+     "of 0..n-1 sent by a C task."},
+    {"stream_fail_after", (PyCFunction)(void (*)(void))demo_stream_fail_after,
+     METH_VARARGS | METH_KEYWORDS,
+     "stream_fail_after(n, errno, buffer=16): 0..n-1, then that OSError."},
+    {"stream_counts", demo_stream_counts, METH_NOARGS,
+     "(producer drops, boxed items made, boxed items freed)."},
     {"stuck_fifo_open", demo_stuck_fifo_open, METH_O,
      "Awaitable (uv backend): a libuv fs open of the FIFO at path on the "
      "runtime's uv loop; None once a writer opened it. Until then the loop "

@@ -257,6 +257,47 @@ PyObject *aiob_py_run_blocking(aiob_py_bridge *b, const char *name,
                                void (*drop_arg)(void *arg),
                                aiob_py_converter conv);
 
+/* ---- Streams: C producers as Python async iterators ------------------- */
+
+/* The channel between a producer task and its CStream. */
+typedef struct aiob_py_stream aiob_py_stream;
+
+/* Returns a new async iterator, an aiobridge.CStream named `name` (static
+ * storage, or NULL: the vtable's), over the items a producer C task (vt,
+ * state) sends with aiob_py_stream_send: `async for`, anext() (with a
+ * default too), contextlib.aclosing and async comprehensions take it. The
+ * producer starts on the first anext(), bound to that loop. Each item goes
+ * through `conv` on the loop thread (NULL: None; a converter owns the
+ * item's value, as for aiob_py_future_into_py). At most `capacity` (>= 1)
+ * items wait in the channel: a producer that finds it full is suspended,
+ * never a runtime thread blocked, never an item dropped. Items cross
+ * without the GIL; the consumer's loop is woken once per batch, not per
+ * item. The producer's own end ends the stream, after the items it sent
+ * before: finished, StopAsyncIteration; failed (aiob_task_fail,
+ * aiob_py_task_raise, aiob_task_forward), that exception. The consumer
+ * going away (aclose(), the CStream collected, a pending anext()
+ * cancelled) closes the channel: items left are freed without Python,
+ * later sends fail with AIOB_EPIPE, and the producer task is cancelled
+ * (its drop runs once). With the GIL. On failure returns NULL with an
+ * exception set (ValueError for a NULL vtable or a capacity of 0), and
+ * the caller keeps `state`. */
+PyObject *aiob_py_stream_new(aiob_py_bridge *b, const char *name,
+                             size_t capacity, aiob_py_converter conv,
+                             const aiob_task_vtable *vt, void *state);
+
+/* The stream the producer task `self` sends to (borrowed; valid while the
+ * task runs). Inside the producer task's poll function; no GIL needed. */
+aiob_py_stream *aiob_py_stream_of(aiob_task *self);
+
+/* Sends one item: READY with *status 0 once it is in the channel (the
+ * stream owns value, freed with free_value if nobody takes it); PENDING
+ * while the channel is full (self is woken when the consumer takes an
+ * item: call again); READY with *status AIOB_EPIPE once the consumer is
+ * gone (value not taken: still the caller's; finish the task). status may
+ * be NULL. Inside the producer task's poll function; no GIL needed. */
+aiob_poll aiob_py_stream_send(aiob_task *self, aiob_py_stream *s, void *value,
+                              void (*free_value)(void *value), int *status);
+
 /* Releases a Python reference from any thread: at once if this thread holds
  * the GIL, otherwise on a later drain of the bridge's queues. A coroutine
  * whose last reference this is is closed first, as an asyncio Task cancelled
