@@ -426,6 +426,7 @@ void aiob_py_bridge_free(aiob_py_bridge *b) {
   Py_CLEAR(b->cancelled_error);
   Py_CLEAR(b->invalid_state_error);
   Py_CLEAR(b->kw_context);
+  Py_CLEAR(b->aiter_start);
   Py_CLEAR(b->port_type);
   Py_CLEAR(b->waiter_type);
   Py_CLEAR(b->cstream_type);

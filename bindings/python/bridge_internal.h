@@ -10,8 +10,9 @@
  * the GIL.
  *
  * Items: a finished C task (its Pending object), a request to await a Python
- * awaitable for a C task, a request to cancel such an await, and the wake
- * of a C stream's consumer.
+ * awaitable for a C task, a request to cancel such an await, the wake
+ * of a C stream's consumer, and what a C task consuming a Python async
+ * iterator asks of its pump (start, room again, close).
  *
  * Lifetimes: a port is a refcounted C struct (Pending objects, task locals
  * and the Python-side Port object hold references). Python references held
@@ -41,6 +42,7 @@
  *   shapes.c    short forms: awaitables completed by a callback (promises),
  *               blocking work on the runtime's worker threads
  *   stream_out.c  C producers as Python async iterators (CStream)
+ *   stream_in.c   Python async iterators consumed by C tasks (aiob_py_aiter)
  *   bridge.c    the bridge: init/free, registration with the aiobridge
  *               package, shutdown with a deadline, the atexit hook,
  *               introspection
@@ -60,7 +62,7 @@
 
 /* ---- Items: what crosses to a loop's port ------------------------------ */
 
-enum { ITEM_COMPLETION, ITEM_REQUEST, ITEM_CANCEL, ITEM_STREAM };
+enum { ITEM_COMPLETION, ITEM_REQUEST, ITEM_CANCEL, ITEM_STREAM, ITEM_AITER };
 
 typedef struct item {
   aiob__mpsc_node node;
@@ -130,7 +132,8 @@ struct aiob_py_bridge {
   PyObject *s_add_done_callback, *s_cancel, *s_cancelled, *s_add_reader,
       *s_is_closed, *s_call_soon, *s_call_soon_threadsafe, *s_result,
       *s_exception;
-  PyObject *kw_context; /* ("context",) */
+  PyObject *kw_context;  /* ("context",) */
+  PyObject *aiter_start; /* stream_in.c's pump factory, made on first use */
 };
 
 /* ---- Task locals: (asyncio loop, contextvars context) (locals.c) ------- */
@@ -171,7 +174,12 @@ typedef struct cfut {
     aiob_task *task; /* once spawned (referenced) */
   } u;
   aiob_py_converter conv;
-  const char *name;            /* the C task's name, or NULL */
+  const char *name; /* the C task's name, or NULL */
+  /* Called once the C task's outcome is set, before the done callbacks
+   * (GIL); a C stream's way to learn its producer ended without a Python
+   * reference to itself. */
+  void (*hook)(void *arg);
+  void *hook_arg;
   struct cfut *pnext, **pprev; /* in b->pending while CF_PENDING (GIL) */
   item it; /* the completion; its spare bytes hold the fields below */
 } cfut;
@@ -256,6 +264,10 @@ bool aiob__py_ctask_done(PyObject *f);
 extern PyType_Spec aiob__py_cstream_spec;
 void aiob__py_stream_wake(item *it);
 void aiob__py_stream_drop_wake(item *it);
+
+/* stream_in.c */
+void aiob__py_aiter_run(aiob_py_bridge *b, item *it);
+void aiob__py_aiter_drop(item *it);
 
 /* await.c */
 extern PyType_Spec aiob__py_waiter_spec;

@@ -284,6 +284,8 @@ int aiob__py_ctask_complete(aiob_py_bridge *b, cfut *f) {
     }
   }
   aiob_output_clear(&out);
+  if (f->hook)
+    f->hook(f->hook_arg);
   int rc = cf_callbacks(f, 1);
   Py_DECREF(f);
   return rc;
@@ -317,6 +319,8 @@ int aiob__py_ctask_fail_shut(aiob_py_bridge *b, port *p) {
       pend_unlink(f);
       cf_set_shutdown_error(f, "aiobridge: the runtime was shut down and its "
                                "loop thread did not stop in time");
+      if (f->hook)
+        f->hook(f->hook_arg);
       rc = cf_callbacks(f, 1);
     }
     Py_DECREF(f);
@@ -445,6 +449,7 @@ static cfut *cf_new(aiob_py_bridge *b, const aiob_task_vtable *vt, void *state,
   f->u.lazy.b = b;
   f->conv = conv;
   f->name = vt->name && vt->name[0] ? vt->name : NULL;
+  f->hook = NULL;
   f->pnext = NULL;
   f->pprev = NULL;
   memset(&f->it, 0, sizeof f->it);

@@ -111,6 +111,9 @@ static int dispatch(aiob_py_bridge *b, item *it) {
   case ITEM_STREAM:
     aiob__py_stream_wake(it);
     break;
+  case ITEM_AITER:
+    aiob__py_aiter_run(b, it);
+    break;
   }
   return rc;
 }
@@ -189,6 +192,8 @@ static void pyport_close(pyport *pp) {
       aiob__py_request_unref(r);
     } else if (it->kind == ITEM_STREAM) {
       aiob__py_stream_drop_wake(it);
+    } else if (it->kind == ITEM_AITER) {
+      aiob__py_aiter_drop(it);
     } else {
       aiob__py_request_unref(AIOB__CONTAINER_OF(it, request, cancel_it));
     }

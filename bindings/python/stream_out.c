@@ -46,9 +46,9 @@ typedef aiob_py_stream chan;
 
 struct cstream {
   PyObject_HEAD chan *ch;
-  PyObject *producer; /* the producer's CTask */
-  PyObject *waiting;  /* the future the consumer awaits, or NULL */
-  PyObject *on_wait_done, *on_producer_done; /* bound callbacks */
+  PyObject *producer;     /* the producer's CTask */
+  PyObject *waiting;      /* the future the consumer awaits, or NULL */
+  PyObject *on_wait_done; /* a waiting future's callback (holds the chan) */
   aiob_py_converter conv;
   const char *name;
   bool bound, ended; /* ended: the end (or error) was handed out */
@@ -141,8 +141,11 @@ aiob_poll aiob_py_stream_send(aiob_task *self, aiob_py_stream *s, void *value,
 
 /* ---- The consumer (loop thread, GIL) ----------------------------------- */
 
-/* Takes the oldest item, if any, and wakes a producer waiting for room. */
-static bool chan_take(chan *ch, aiob_output *out) {
+/* Takes the oldest item, if any, and wakes a producer waiting for room.
+ * With `park`, an empty channel marks the consumer as waiting in the same
+ * critical section, so a send right after cannot miss it; a take unmarks
+ * it. */
+static bool chan_take(chan *ch, aiob_output *out, bool park) {
   pthread_mutex_lock(&ch->mu);
   bool got = ch->count > 0;
   aiob_waker *w = NULL;
@@ -152,6 +155,9 @@ static bool chan_take(chan *ch, aiob_output *out) {
     ch->count--;
     w = ch->blocked;
     ch->blocked = NULL;
+    ch->consumer_waiting = false;
+  } else if (park && !ch->closed) {
+    ch->consumer_waiting = true;
   }
   pthread_mutex_unlock(&ch->mu);
   if (w) {
@@ -159,6 +165,12 @@ static bool chan_take(chan *ch, aiob_output *out) {
     aiob_waker_release(w);
   }
   return got;
+}
+
+static void chan_unpark(chan *ch) {
+  pthread_mutex_lock(&ch->mu);
+  ch->consumer_waiting = false;
+  pthread_mutex_unlock(&ch->mu);
 }
 
 /* A new reference to the Python value of an item (conv owns its value). */
@@ -326,6 +338,9 @@ static void cs_close(cstream *cs) {
   }
   if (was)
     return;
+  /* May run from a dealloc while an exception propagates: keep it. */
+  PyObject *type, *value, *tb;
+  PyErr_Fetch(&type, &value, &tb);
   cs->ended = true;
   PyObject *fut = cs->waiting;
   cs->waiting = NULL;
@@ -341,6 +356,7 @@ static void cs_close(cstream *cs) {
     ((cfut *)cs->producer)->it.log_exc = 0;
   }
   PyErr_Clear();
+  PyErr_Restore(type, value, tb);
 }
 
 /* ---- Handing items to a waiting consumer -------------------------------- */
@@ -353,19 +369,17 @@ static void cs_deliver(cstream *cs) {
     return;
   aiob_output out;
   PyObject *v = NULL, *exc = NULL;
-  if (chan_take(cs->ch, &out)) {
+  if (chan_take(cs->ch, &out, true)) {
     if (!(v = convert(cs, &out)))
       exc = aiob__py_take_exception();
   } else if (producer_done(cs)) {
+    chan_unpark(cs->ch);
     cs->ended = true;
     exc = end_exception(cs);
     if (!exc)
       exc = aiob__py_take_exception();
   } else {
-    pthread_mutex_lock(&cs->ch->mu);
-    cs->ch->consumer_waiting = true; /* still nothing: wait on */
-    pthread_mutex_unlock(&cs->ch->mu);
-    return;
+    return; /* parked: the next send wakes it */
   }
   cs->waiting = NULL;
   PyObject *r = v ? PyObject_CallMethod(fut, "set_result", "O", v)
@@ -383,7 +397,6 @@ void aiob__py_stream_wake(item *it) {
   chan *ch = AIOB__CONTAINER_OF(it, chan, it);
   pthread_mutex_lock(&ch->mu);
   ch->wake_queued = false;
-  ch->consumer_waiting = false;
   pthread_mutex_unlock(&ch->mu);
   if (ch->obj)
     cs_deliver(ch->obj);
@@ -397,17 +410,29 @@ void aiob__py_stream_drop_wake(item *it) {
 
 /* ---- CStream: the Python type ------------------------------------------ */
 
-/* Done callback of the producer's CTask: a waiting consumer gets the end. */
-static PyObject *cs_producer_done(PyObject *self, PyObject *fut) {
-  (void)fut;
-  cs_deliver((cstream *)self);
-  Py_RETURN_NONE;
+/* The producer's CTask has its outcome (its hook, GIL): a waiting consumer
+ * gets the end. The hook holds no Python reference, so a CStream dropped
+ * by its consumer is freed at once, cancelling the producer. */
+static void producer_ended(void *arg) {
+  chan *ch = arg;
+  if (ch->obj)
+    cs_deliver(ch->obj);
 }
 
-/* Done callback of a waiting future: cancelled (the consumer was), it
- * closes the stream. */
+#define CHAN_CAPSULE "aiobridge.stream"
+
+static void capsule_unref(PyObject *cap) {
+  chan_unref(PyCapsule_GetPointer(cap, CHAN_CAPSULE));
+}
+
+/* Done callback of a waiting future (bound to a capsule of the channel,
+ * not to the CStream: no cycle): cancelled, as its consumer was, it closes
+ * the stream. */
 static PyObject *cs_wait_done(PyObject *self, PyObject *fut) {
-  cstream *cs = (cstream *)self;
+  chan *ch = PyCapsule_GetPointer(self, CHAN_CAPSULE);
+  cstream *cs = ch ? ch->obj : NULL;
+  if (!cs)
+    Py_RETURN_NONE;
   PyObject *c = PyObject_CallMethod(fut, "cancelled", NULL);
   int cancelled = c ? PyObject_IsTrue(c) : -1;
   Py_XDECREF(c);
@@ -421,8 +446,6 @@ static PyObject *cs_wait_done(PyObject *self, PyObject *fut) {
   Py_RETURN_NONE;
 }
 
-static PyMethodDef cs_producer_done_def = {"_producer_done", cs_producer_done,
-                                           METH_O, NULL};
 static PyMethodDef cs_wait_done_def = {"_wait_done", cs_wait_done, METH_O,
                                        NULL};
 
@@ -442,11 +465,6 @@ static int cs_bind(cstream *cs) {
     cs->ch->port = f->loc.port;
   }
   pthread_mutex_unlock(&cs->ch->mu);
-  PyObject *r = PyObject_CallMethod(cs->producer, "add_done_callback", "O",
-                                    cs->on_producer_done);
-  if (!r)
-    return -1;
-  Py_DECREF(r);
   cs->bound = true;
   return 0;
 }
@@ -464,7 +482,7 @@ static PyObject *cs_anext(PyObject *self) {
   if (cs_bind(cs) < 0)
     return NULL;
   aiob_output out;
-  if (chan_take(cs->ch, &out)) {
+  if (chan_take(cs->ch, &out, false)) {
     PyObject *v = convert(cs, &out);
     return v ? ready_new(v, NULL) : NULL;
   }
@@ -484,15 +502,10 @@ static PyObject *cs_anext(PyObject *self) {
     return NULL;
   }
   Py_DECREF(r);
-  /* Parked, then a last look: an item sent meanwhile was not woken for. */
-  pthread_mutex_lock(&cs->ch->mu);
-  cs->ch->consumer_waiting = true;
-  bool any = cs->ch->count > 0;
-  pthread_mutex_unlock(&cs->ch->mu);
+  /* Parked, or an item came meanwhile: it resolves the future at once. */
   Py_INCREF(fut);
   cs->waiting = fut;
-  if (any)
-    cs_deliver(cs);
+  cs_deliver(cs);
   return fut;
 }
 
@@ -519,7 +532,6 @@ static int cs_traverse(PyObject *self, visitproc visit, void *arg) {
   Py_VISIT(cs->producer);
   Py_VISIT(cs->waiting);
   Py_VISIT(cs->on_wait_done);
-  Py_VISIT(cs->on_producer_done);
   return 0;
 }
 
@@ -527,7 +539,6 @@ static int cs_clear(PyObject *self) {
   cstream *cs = (cstream *)self;
   Py_CLEAR(cs->waiting);
   Py_CLEAR(cs->on_wait_done);
-  Py_CLEAR(cs->on_producer_done);
   Py_CLEAR(cs->producer);
   return 0;
 }
@@ -538,6 +549,8 @@ static void cs_dealloc(PyObject *self) {
   PyObject_GC_UnTrack(self);
   cs_close(cs);
   cs->ch->obj = NULL;
+  if (cs->producer)
+    ((cfut *)cs->producer)->hook = NULL;
   cs_clear(self);
   chan_unref(cs->ch);
   PyTypeObject *tp = Py_TYPE(self);
@@ -619,10 +632,15 @@ PyObject *aiob_py_stream_new(aiob_py_bridge *b, const char *name,
   cs->name = name && name[0] ? name : vt->name && vt->name[0] ? vt->name : NULL;
   cs->bound = cs->ended = false;
   ch->obj = cs;
-  cs->on_wait_done = PyCFunction_New(&cs_wait_done_def, (PyObject *)cs);
-  cs->on_producer_done = PyCFunction_New(&cs_producer_done_def, (PyObject *)cs);
+  cs->on_wait_done = NULL;
   PyObject_GC_Track(cs);
-  if (cs->on_wait_done && cs->on_producer_done)
+  atomic_fetch_add(&ch->refs, 1); /* the capsule's */
+  PyObject *cap = PyCapsule_New(ch, CHAN_CAPSULE, capsule_unref);
+  if (!cap)
+    chan_unref(ch);
+  cs->on_wait_done = cap ? PyCFunction_New(&cs_wait_done_def, cap) : NULL;
+  Py_XDECREF(cap);
+  if (cs->on_wait_done)
     cs->producer = aiob__py_ctask_new(b, &producer_vt, pr, NULL, cs->name);
   if (!cs->producer) { /* nothing started: the caller keeps `state` */
     free(pr);
@@ -630,5 +648,7 @@ PyObject *aiob_py_stream_new(aiob_py_bridge *b, const char *name,
     Py_DECREF(cs);
     return NULL;
   }
+  ((cfut *)cs->producer)->hook = producer_ended;
+  ((cfut *)cs->producer)->hook_arg = ch;
   return (PyObject *)cs; /* bound by the first anext() */
 }

@@ -888,6 +888,231 @@ static PyObject *demo_fifo_waits(PyObject *m, PyObject *unused) {
   return PyLong_FromLong(atomic_load(&fifo_waits));
 }
 
+/* ---- Streams: a Python async iterator consumed by C ------------------- */
+
+/* sum_agen(aiterable, window=16): a C task takes the items of any async
+ * iterable (ints) and resolves to their sum. take_agen(aiterable, n,
+ * window=16, close=True): the sum of the first n items only; close=False
+ * leaves the closing of the iterator to the task's end. collect_agen(
+ * aiterable, window=16): the items as the C task received them (PyObject
+ * references, no converter), as a list. agen_counts(): (items those tasks
+ * took, their drops). */
+
+static atomic_long agen_taken, agen_drops;
+
+typedef struct agen_sum {
+  int co;
+  PyObject *aiterable; /* owned */
+  aiob_py_aiter items; /* the leaf future that pulls them */
+  aiob_output item;
+  size_t window;
+  long limit; /* items to take, or -1: all */
+  long taken, sum;
+  int close_early;
+} agen_sum;
+
+/* Runs on the asyncio loop thread with the GIL: Python int -> C long. */
+static int item_to_long(PyObject *item, aiob_output *out) {
+  long v = PyLong_AsLong(item);
+  if (v == -1 && PyErr_Occurred())
+    return -1; /* the C task receives the exception, after the items before */
+  out->value = (void *)(intptr_t)v;
+  return 0;
+}
+
+static aiob_poll agen_sum_poll(aiob_task *self, void *p) {
+  agen_sum *s = p;
+  AIOB_BEGIN(&s->co);
+  aiob_py_aiter_init(&s->items, s->aiterable, s->window, item_to_long);
+  while (s->limit < 0 || s->taken < s->limit) {
+    AIOB_AWAIT(&s->co, aiob_py_aiter_next(self, &s->items, &s->item));
+    if (s->item.status == AIOB_PY_STREAM_END)
+      break;
+    if (s->item.status < 0) /* raised, or cancelled: pass it on as it is */
+      return aiob_task_forward(self, &s->item);
+    s->sum += (long)(intptr_t)s->item.value; /* plain C: no GIL */
+    s->taken++;
+    atomic_fetch_add(&agen_taken, 1);
+  }
+  if (s->close_early) /* the generator's finally runs now, not at our end */
+    aiob_py_aiter_close(&s->items);
+  aiob_task_return(self, (void *)(intptr_t)s->sum, NULL);
+  AIOB_END(&s->co);
+}
+
+static void agen_sum_drop(void *p) {
+  agen_sum *s = p;
+  atomic_fetch_add(&agen_drops, 1);
+  aiob_py_aiter_close(&s->items); /* a no-op once closed */
+  aiob_py_release(s->aiterable);  /* any thread: deferred if no GIL */
+  free(s);
+}
+
+static const aiob_task_vtable agen_sum_vt = {.poll = agen_sum_poll,
+                                             .drop = agen_sum_drop,
+                                             .name = "aiobridge_demo.sum_agen"};
+static const aiob_task_vtable agen_take_vt = {.poll = agen_sum_poll,
+                                              .drop = agen_sum_drop,
+                                              .name =
+                                                  "aiobridge_demo.take_agen"};
+
+static PyObject *spawn_agen_sum(PyObject *m, const aiob_task_vtable *vt,
+                                PyObject *aiterable, Py_ssize_t window,
+                                long limit, int close_early) {
+  if (window < 1 || (vt == &agen_take_vt && limit < 0)) {
+    PyErr_SetString(PyExc_ValueError, "window must be >= 1 and n >= 0");
+    return NULL;
+  }
+  agen_sum *s = calloc(1, sizeof *s);
+  if (!s)
+    return PyErr_NoMemory();
+  Py_INCREF(aiterable);
+  s->aiterable = aiterable;
+  s->window = (size_t)window;
+  s->limit = limit;
+  s->close_early = close_early;
+  PyObject *aw = aiob_py_future_into_py(state_of(m)->bridge, vt, s, conv_long);
+  if (!aw) /* on failure the state is still ours */
+    agen_sum_drop(s);
+  return aw;
+}
+
+static PyObject *demo_sum_agen(PyObject *m, PyObject *args, PyObject *kw) {
+  static char *kwlist[] = {"aiterable", "window", NULL};
+  PyObject *aiterable;
+  Py_ssize_t window = 16;
+  if (!PyArg_ParseTupleAndKeywords(args, kw, "O|n:sum_agen", kwlist, &aiterable,
+                                   &window))
+    return NULL;
+  return spawn_agen_sum(m, &agen_sum_vt, aiterable, window, -1, 0);
+}
+
+/* The items a collect_agen task received, in order: PyObject references
+ * (released from any thread by their free_value). */
+typedef struct agen_items {
+  size_t n, cap;
+  aiob_output *v;
+} agen_items;
+
+static void agen_items_free(void *p) {
+  agen_items *l = p;
+  for (size_t i = 0; l && i < l->n; i++)
+    aiob_output_clear(&l->v[i]);
+  if (l)
+    free(l->v);
+  free(l);
+}
+
+typedef struct agen_list {
+  int co;
+  PyObject *aiterable; /* owned */
+  aiob_py_aiter items;
+  aiob_output item;
+  size_t window;
+  agen_items *got;
+} agen_list;
+
+static aiob_poll agen_list_poll(aiob_task *self, void *p) {
+  agen_list *s = p;
+  AIOB_BEGIN(&s->co);
+  aiob_py_aiter_init(&s->items, s->aiterable, s->window, NULL);
+  for (;;) {
+    AIOB_AWAIT(&s->co, aiob_py_aiter_next(self, &s->items, &s->item));
+    if (s->item.status == AIOB_PY_STREAM_END)
+      break;
+    if (s->item.status < 0)
+      return aiob_task_forward(self, &s->item);
+    agen_items *l = s->got;
+    if (l->n == l->cap) {
+      size_t cap = l->cap ? 2 * l->cap : 64;
+      aiob_output *v = realloc(l->v, cap * sizeof *v);
+      if (!v) {
+        aiob_output_clear(&s->item);
+        aiob_task_fail(self, AIOB_ENOMEM);
+        return AIOB_READY;
+      }
+      l->v = v;
+      l->cap = cap;
+    }
+    l->v[l->n++] = s->item;
+  }
+  aiob_task_return(self, s->got, agen_items_free);
+  s->got = NULL; /* the task's output now */
+  AIOB_END(&s->co);
+}
+
+static void agen_list_drop(void *p) {
+  agen_list *s = p;
+  aiob_py_aiter_close(&s->items);
+  agen_items_free(s->got);
+  aiob_py_release(s->aiterable);
+  free(s);
+}
+
+static const aiob_task_vtable agen_list_vt = {
+    .poll = agen_list_poll,
+    .drop = agen_list_drop,
+    .name = "aiobridge_demo.collect_agen"};
+
+/* The loop thread, with the GIL: the received items as a list. */
+static PyObject *conv_items(aiob_output *out) {
+  agen_items *l = out->value;
+  PyObject *list = PyList_New(l ? (Py_ssize_t)l->n : 0);
+  for (size_t i = 0; list && l && i < l->n; i++) {
+    PyList_SET_ITEM(list, (Py_ssize_t)i, (PyObject *)l->v[i].value);
+    l->v[i].value = NULL; /* moved into the list */
+  }
+  aiob_output_clear(out);
+  return list;
+}
+
+static PyObject *demo_collect_agen(PyObject *m, PyObject *args, PyObject *kw) {
+  static char *kwlist[] = {"aiterable", "window", NULL};
+  PyObject *aiterable;
+  Py_ssize_t window = 16;
+  if (!PyArg_ParseTupleAndKeywords(args, kw, "O|n:collect_agen", kwlist,
+                                   &aiterable, &window))
+    return NULL;
+  if (window < 1) {
+    PyErr_SetString(PyExc_ValueError, "window must be >= 1");
+    return NULL;
+  }
+  agen_list *s = calloc(1, sizeof *s);
+  if (s)
+    s->got = calloc(1, sizeof *s->got);
+  if (!s || !s->got) {
+    free(s);
+    return PyErr_NoMemory();
+  }
+  Py_INCREF(aiterable);
+  s->aiterable = aiterable;
+  s->window = (size_t)window;
+  PyObject *aw =
+      aiob_py_future_into_py(state_of(m)->bridge, &agen_list_vt, s, conv_items);
+  if (!aw)
+    agen_list_drop(s);
+  return aw;
+}
+
+static PyObject *demo_agen_counts(PyObject *m, PyObject *unused) {
+  (void)m;
+  (void)unused;
+  return Py_BuildValue("(ll)", atomic_load(&agen_taken),
+                       atomic_load(&agen_drops));
+}
+
+static PyObject *demo_take_agen(PyObject *m, PyObject *args, PyObject *kw) {
+  static char *kwlist[] = {"aiterable", "n", "window", "close", NULL};
+  PyObject *aiterable;
+  long n;
+  Py_ssize_t window = 16;
+  int close_early = 1;
+  if (!PyArg_ParseTupleAndKeywords(args, kw, "Ol|np:take_agen", kwlist,
+                                   &aiterable, &n, &window, &close_early))
+    return NULL;
+  return spawn_agen_sum(m, &agen_take_vt, aiterable, window, n, close_early);
+}
+
 /* ---- stats() and backend() --------------------------------------------- */
 
 static PyObject *demo_stats(PyObject *m, PyObject *unused) {
@@ -949,6 +1174,21 @@ static PyMethodDef demo_methods[] = {
      "request or are about to block (their loop thread cannot stop)."},
     {"stats", demo_stats, METH_NOARGS, "Counters of the runtime."},
     {"backend", demo_backend, METH_NOARGS, "The runtime's backend name."},
+    {"sum_agen", (PyCFunction)(void (*)(void))demo_sum_agen,
+     METH_VARARGS | METH_KEYWORDS,
+     "sum_agen(aiterable, window=16): awaitable: a C task sums the ints of "
+     "the async iterable."},
+    {"take_agen", (PyCFunction)(void (*)(void))demo_take_agen,
+     METH_VARARGS | METH_KEYWORDS,
+     "take_agen(aiterable, n, window=16, close=True): awaitable: the sum of "
+     "the first n items; close: the C task closes the iterator before it "
+     "ends."},
+    {"collect_agen", (PyCFunction)(void (*)(void))demo_collect_agen,
+     METH_VARARGS | METH_KEYWORDS,
+     "collect_agen(aiterable, window=16): awaitable: the items, as a list, "
+     "in the order a C task received them."},
+    {"agen_counts", demo_agen_counts, METH_NOARGS,
+     "(items taken by sum_agen / take_agen tasks, their drops)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -388,6 +388,90 @@ void aiob_py_await_set_converter(aiob_py_await *aw,
 aiob_poll aiob_py_await_poll(aiob_task *self, aiob_py_await *aw,
                              aiob_output *out);
 
+/* ---- Streams: Python async iterators consumed by C -------------------- */
+
+/* The status of aiob_py_aiter_next's output at the end of the iteration
+ * (the iterator raised StopAsyncIteration). Positive: neither an item (0)
+ * nor an error (< 0). Not a task status: finish the task with a result of
+ * your own, not by forwarding this output. */
+#define AIOB_PY_STREAM_END 1
+
+/* A C task's pull of the items of a Python async iterable (an async
+ * generator, or any object with __aiter__ and __anext__), with
+ * backpressure. A leaf future: it lives in the task's state, and the core
+ * closes it before the task's drop runs. Its fields are private.
+ *
+ * On the task's asyncio loop a pump task, started in a copy of the task's
+ * contextvars context (one for the whole iteration, as for `async for` in
+ * one task), takes the items with __anext__ and puts them, converted on
+ * the loop thread, into a ring of `window` items that the C task empties
+ * without the GIL. At most `window` items are buffered or being fetched at
+ * once; a full ring suspends the pump (a future: the loop never blocks),
+ * and it resumes once the C task has taken half of them. Neither side is
+ * woken per item: the C task only when it waits on an empty ring, the
+ * pump only when it waits on a full one. */
+typedef struct aiob_py_aiter {
+  struct aiob__leaf leaf;
+  struct aiob__py_aiter_chan *chan; /* shared with the pump, once started */
+  PyObject *iterable;               /* borrowed */
+  aiob_py_result_converter conv;
+  aiob_py_locals *locals; /* borrowed; NULL: the task's */
+  size_t window;
+  int state;
+} aiob_py_aiter;
+
+/* Prepares to iterate over `aiterable` with at most `window` (>= 1) items
+ * buffered or in flight, each converted by `conv` on the loop thread with
+ * the GIL (as for aiob_py_await_set_converter; NULL: the C task receives
+ * PyObject references, whose free_value releases them from any thread).
+ * Nothing happens before the first aiob_py_aiter_next. Borrows the
+ * reference: keep it alive (in the task's state) until the task finished,
+ * and release it in the task's drop with aiob_py_release. Not on an
+ * iteration still open (close it first). No GIL needed. */
+void aiob_py_aiter_init(aiob_py_aiter *it, PyObject *aiterable, size_t window,
+                        aiob_py_result_converter conv);
+
+/* Iterates on the loop and context of `locals` instead of the task's own
+ * (for C tasks not started by the bridge), as aiob_py_await_set_locals.
+ * Borrowed: keep them alive until the iteration is closed. Call after
+ * init, before the first aiob_py_aiter_next; no GIL needed. */
+void aiob_py_aiter_set_locals(aiob_py_aiter *it, aiob_py_locals *locals);
+
+/* The next item: READY with *out filled, or PENDING (`self` is woken when
+ * there is something to take). The first call starts the iteration on the
+ * task's asyncio loop. *out (out may be NULL: it is then freed):
+ *   status 0: an item; out->value is the caller's (a PyObject reference,
+ *     or what the converter made) with its free_value;
+ *   AIOB_PY_STREAM_END: the iterator is exhausted (again on every later
+ *     call);
+ *   AIOB_PY_EXCEPTION: the iterator raised (or __aiter__ did, or the
+ *     converter), after the items it gave before; value is the exception
+ *     with its traceback: aiob_task_forward re-raises it unchanged in
+ *     Python. The iteration is then over: later calls give the end.
+ *     Passing something that is not an async iterable is a TypeError
+ *     naming its type;
+ *   AIOB_ECANCELED: the pump was cancelled on the Python side (e.g. by
+ *     asyncio.run ending), its loop is gone, or the iterator was closed;
+ *   AIOB_EINVAL (window 0, NULL iterable, or neither
+ *     aiob_py_aiter_set_locals nor the task gave locals), AIOB_ENOMEM.
+ * Always from the same task. Inside the task's poll function; no GIL
+ * needed. */
+aiob_poll aiob_py_aiter_next(aiob_task *self, aiob_py_aiter *it,
+                             aiob_output *out);
+
+/* Closes the iteration early: the items not taken are freed without the
+ * GIL, and on the loop the pump stops and closes the iterator: a pending
+ * __anext__ is cancelled, as a cancelled `async for` task's would be, and
+ * an iterator still suspended between items (not exhausted, not failed)
+ * has its aclose() awaited. An error raised by that close goes to the
+ * loop's exception handler (loop.call_exception_handler, with a message
+ * naming the iterator and the task). A closed iterator gives
+ * AIOB_ECANCELED. Idempotent; the task finishing or being cancelled does
+ * the same (before its drop), so a drop that calls it too is safe. Once
+ * the asyncio loop is gone it only frees the C side. Loop thread of its
+ * task (its poll or its drop); no GIL needed. */
+void aiob_py_aiter_close(aiob_py_aiter *it);
+
 #ifdef __cplusplus
 }
 #endif

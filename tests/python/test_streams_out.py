@@ -22,6 +22,17 @@ async def drain(it):
     return [x async for x in it]
 
 
+def producers_gone():
+    """No producer of an earlier test is left: their drops are counted."""
+    gc.collect()
+    return demo.stats()["tasks_live"] == 0
+
+
+def boxes_balanced():
+    _, made, freed = demo.stream_counts()
+    return made == freed
+
+
 class TestCStream(BridgeCase):
     async def test_order_and_completeness_through_a_tiny_buffer(self):
         got = await drain(demo.stream_range(100_000, buffer=10))
@@ -67,12 +78,14 @@ class TestCStream(BridgeCase):
         self.assertRegex(repr(demo.stream_range(1)), r"<CStream aiobridge_demo.stream_range unstarted>")
 
     async def test_boxed_items_are_freed_once(self):
+        self.assertTrue(await wait_until(producers_gone))
         _, made, freed = demo.stream_counts()
         self.assertEqual(await drain(demo.stream_range(50, buffer=4, boxed=True)), list(range(50)))
         self.assertTrue(await wait_until(lambda: demo.stream_counts()[1:] == (made + 50, freed + 50)))
 
     async def test_break_and_collect_drops_the_producer(self):
-        drops, made, freed = demo.stream_counts()
+        self.assertTrue(await wait_until(producers_gone))
+        drops = demo.stream_counts()[0]
         it = demo.stream_range(10**9, buffer=8, boxed=True)
         async for x in it:
             if x == 100:
@@ -81,12 +94,14 @@ class TestCStream(BridgeCase):
         gc.collect()
         # The producer is dropped once; every item made is freed, those
         # left in the channel without Python.
-        self.assertTrue(await wait_until(lambda: demo.stream_counts()[0] == drops + 1))
-        self.assertTrue(await wait_until(lambda: demo.stream_counts()[1] == demo.stream_counts()[2]))
+        self.assertTrue(await wait_until(lambda: demo.stream_counts()[0] == drops + 1),
+                        (drops, demo.stream_counts(), demo.stats()))
+        self.assertTrue(await wait_until(boxes_balanced))
         await asyncio.sleep(0.01)
         self.assertEqual(demo.stream_counts()[0], drops + 1)
 
     async def test_aclose_drops_the_producer(self):
+        self.assertTrue(await wait_until(producers_gone))
         drops = demo.stream_counts()[0]
         it = demo.stream_range(10**9, buffer=4)
         self.assertEqual(await it.__anext__(), 0)
@@ -97,6 +112,7 @@ class TestCStream(BridgeCase):
         self.assertTrue(await wait_until(lambda: demo.stream_counts()[0] == drops + 1))
 
     async def test_cancelling_the_consumer_drops_the_producer(self):
+        self.assertTrue(await wait_until(producers_gone))
         drops = demo.stream_counts()[0]
         parked = asyncio.Event()
 
@@ -117,6 +133,7 @@ class TestCStream(BridgeCase):
             await it.__anext__()
 
     async def test_a_pending_anext_cancelled_by_wait_for(self):
+        self.assertTrue(await wait_until(producers_gone))
         drops = demo.stream_counts()[0]
         it = demo.stream_range(10**9, buffer=4, stall_at=1)
         self.assertEqual(await it.__anext__(), 0)
@@ -162,6 +179,7 @@ class TestCStream(BridgeCase):
 
 class TestCStreamUnbound(unittest.TestCase):
     def test_unstarted_stream_collected(self):
+        asyncio.run(wait_until(producers_gone))
         drops = demo.stream_counts()[0]
         it = demo.stream_range(10)  # no loop: the producer never starts
         del it
