@@ -1560,7 +1560,88 @@ static PyObject *m_aiter_counts(PyObject *m, PyObject *unused) {
                        atomic_load(&g_ai_items), atomic_load(&g_ai_convs));
 }
 
+/* test 23 (C streams): a producer sending n boxed items (n < 0: without
+ * end), each freed once, counted; its drops counted. */
+static atomic_int g_cs_drops, g_cs_made, g_cs_freed;
+
+typedef struct cs_prod {
+  long i, n;
+  long *box; /* not sent yet */
+} cs_prod;
+
+static void cs_box_free(void *p) {
+  atomic_fetch_add(&g_cs_freed, 1);
+  free(p);
+}
+
+static aiob_poll cs_prod_poll(aiob_task *t, void *p) {
+  cs_prod *c = p;
+  aiob_py_stream *s = aiob_py_stream_of(t);
+  CHECK(s != NULL);
+  for (; c->n < 0 || c->i < c->n; c->i++) {
+    if (!c->box) {
+      c->box = malloc(sizeof *c->box);
+      CHECK(c->box != NULL);
+      atomic_fetch_add(&g_cs_made, 1);
+    }
+    *c->box = c->i;
+    int st;
+    if (aiob_py_stream_send(t, s, c->box, cs_box_free, &st) == AIOB_PENDING)
+      return AIOB_PENDING;
+    if (st < 0) {
+      CHECK(st == AIOB_EPIPE);
+      return AIOB_READY; /* the box is still ours: freed in the drop */
+    }
+    c->box = NULL;
+  }
+  return AIOB_READY;
+}
+
+static void cs_prod_drop(void *p) {
+  cs_prod *c = p;
+  if (c->box)
+    cs_box_free(c->box);
+  atomic_fetch_add(&g_cs_drops, 1);
+  free(c);
+}
+
+static const aiob_task_vtable cs_prod_vt = {
+    .poll = cs_prod_poll, .drop = cs_prod_drop, .name = "bcapi.cstream"};
+
+static PyObject *cs_unbox(aiob_output *out) {
+  CHECK(PyGILState_Check()); /* on its loop thread, which holds the GIL */
+  PyObject *v = PyLong_FromLong(*(long *)out->value);
+  aiob_output_clear(out);
+  return v;
+}
+
+/* cstream(n, capacity) -> aiobridge.CStream */
+static PyObject *m_cstream(PyObject *m, PyObject *args) {
+  (void)m;
+  long n, cap;
+  if (!PyArg_ParseTuple(args, "ll", &n, &cap))
+    return NULL;
+  cs_prod *c = calloc(1, sizeof *c);
+  if (!c)
+    return PyErr_NoMemory();
+  c->n = n;
+  PyObject *it =
+      aiob_py_stream_new(g_bridge, NULL, (size_t)cap, cs_unbox, &cs_prod_vt, c);
+  if (!it)
+    free(c);
+  return it;
+}
+
+static PyObject *m_cstream_counts(PyObject *m, PyObject *unused) {
+  (void)m;
+  (void)unused;
+  return Py_BuildValue("(iii)", atomic_load(&g_cs_drops),
+                       atomic_load(&g_cs_made), atomic_load(&g_cs_freed));
+}
+
 static PyMethodDef bcapi_methods[] = {
+    {"cstream", m_cstream, METH_VARARGS, NULL},
+    {"cstream_counts", m_cstream_counts, METH_NOARGS, NULL},
     {"gate_block", m_gate_block, METH_O, NULL},
     {"gate_entered", m_gate_entered, METH_O, NULL},
     {"probe_object", m_probe_object, METH_NOARGS, NULL},
@@ -3181,6 +3262,77 @@ static void test_aiter_cancel_storm(void **state) {
   assert_clean();
 }
 
+/* ======================================================================== */
+/* 23. C streams under a storm, on three loops at once (three threads, each */
+/*     asyncio.run): 120 streams per loop with channels of 1 to 3 items,    */
+/*     read to their end, abandoned after a break (collected), closed with  */
+/*     aclose, or their consumer cancelled while it waits. Every producer   */
+/*     is dropped once, every item made is freed once (through the          */
+/*     converter, on its loop thread, or unseen when the stream closed),    */
+/*     and every stream read to its end gave 0..n-1 in order.               */
+static void test_cstream_storm(void **state) {
+  (void)state;
+  int drops0 = atomic_load(&g_cs_drops);
+  PyObject *g = run_ok(
+      "import asyncio, random, threading, bcapi\n"
+      "N = 120\n"
+      "bad, done = [], []\n"
+      "async def one(k, rnd):\n"
+      "    kind = k % 4\n"
+      "    it = bcapi.cstream(-1 if kind else 50, 1 + k % 3)\n"
+      "    if kind == 0:\n"
+      "        got = [x async for x in it]\n"
+      "        if got != list(range(50)):\n"
+      "            bad.append(('order', k, got[:5]))\n"
+      "    elif kind == 1:\n"
+      "        async for x in it:\n"
+      "            if x >= rnd.randrange(1, 40):\n"
+      "                break\n"
+      "        del it\n"
+      "    elif kind == 2:\n"
+      "        for _ in range(rnd.randrange(1, 30)):\n"
+      "            await it.__anext__()\n"
+      "        await it.aclose()\n"
+      "    else:\n"
+      "        async def consume():\n"
+      "            async for x in it:\n"
+      "                await asyncio.sleep(0)\n"
+      "        t = asyncio.ensure_future(consume())\n"
+      "        for _ in range(rnd.randrange(1, 20)):\n"
+      "            await asyncio.sleep(0)\n"
+      "        t.cancel()\n"
+      "        try:\n"
+      "            await t\n"
+      "        except asyncio.CancelledError:\n"
+      "            pass\n"
+      "def run(seed):\n"
+      "    rnd = random.Random(seed)\n"
+      "    async def main():\n"
+      "        await asyncio.gather(*(one(k, rnd) for k in range(N)))\n"
+      "    asyncio.run(asyncio.wait_for(main(), 60))\n"
+      "    done.append(seed)\n"
+      "ts = [threading.Thread(target=run, args=(s,)) for s in range(3)]\n"
+      "for t in ts: t.start()\n"
+      "for t in ts: t.join(120)\n"
+      "import gc; gc.collect()\n"
+      "ok = sorted(done) == [0, 1, 2]\n");
+  assert_py_true(g, "ok");
+  assert_py_empty(g, "bad", "streams read to their end");
+  Py_DECREF(g);
+  /* The producers' drops run on the runtime thread: wait (bounded). */
+  uint64_t deadline = aiob_now_ns() + WAIT_TIMEOUT;
+  while ((atomic_load(&g_cs_drops) - drops0 != 360 ||
+          atomic_load(&g_cs_made) != atomic_load(&g_cs_freed)) &&
+         aiob_now_ns() < deadline) {
+    Py_BEGIN_ALLOW_THREADS;
+    sleep_thread_ns(AIOB_MSEC);
+    Py_END_ALLOW_THREADS;
+  }
+  assert_int_equal(atomic_load(&g_cs_drops) - drops0, 360);
+  assert_int_equal(atomic_load(&g_cs_made), atomic_load(&g_cs_freed));
+  assert_clean();
+}
+
 /* Interpreter exit with a loop thread that cannot stop: Py_FinalizeEx
  * returns (the exit hook abandons the thread after its deadline), and
  * nothing touches Python afterwards: neither the abandoned thread once
@@ -3340,6 +3492,7 @@ int main(void) {
       T(blocking_failures),
       T(names),
       T(aiter_cancel_storm),
+      T(cstream_storm),
   };
   int failed = cmocka_run_group_tests_name("bridge_capi", tests, NULL, NULL);
 
