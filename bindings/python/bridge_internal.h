@@ -43,6 +43,7 @@
  *               blocking work on the runtime's worker threads
  *   stream_out.c  C producers as Python async iterators (CStream)
  *   stream_in.c   Python async iterators consumed by C tasks (aiob_py_aiter)
+ *   source.c    Python source kept in the bridge, compiled when first used
  *   bridge.c    the bridge: init/free, registration with the aiobridge
  *               package, shutdown with a deadline, the atexit hook,
  *               introspection
@@ -217,9 +218,11 @@ void aiob__py_exit_begin(void);
 int aiob__py_main_start(const aiob_main_config *cfg, aiob_py_bridge **b,
                         PyObject **factory);
 PyObject *aiob__py_main_run(PyObject *factory, PyObject *main);
-PyObject *aiob__py_source_fn(const char *source, const char *name);
 int aiob__py_main_finish(aiob_py_bridge *b, PyObject *factory, PyObject *res,
                          int status);
+
+/* source.c */
+PyObject *aiob__py_source_fn(const char *source, const char *name);
 
 /* errors.c */
 void aiob__py_error_free(void *p);

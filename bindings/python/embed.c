@@ -61,28 +61,6 @@ static int refuse_running_loop(aiob_py_bridge *b, const char *who) {
   return 0;
 }
 
-/* Runs the Python `source` in a fresh namespace and returns its function
- * `name` as a new reference, or NULL with an exception (GIL). */
-PyObject *aiob__py_source_fn(const char *source, const char *name) {
-  PyObject *globals = PyDict_New();
-  if (!globals)
-    return NULL;
-  PyObject *fn = NULL;
-  if (PyDict_SetItemString(globals, "__builtins__", PyEval_GetBuiltins()) ==
-      0) {
-    PyObject *r = PyRun_String(source, Py_file_input, globals, globals);
-    Py_XDECREF(r);
-    if (r) {
-      fn = PyDict_GetItemString(globals, name);
-      Py_XINCREF(fn);
-    }
-  }
-  Py_DECREF(globals);
-  if (!fn && !PyErr_Occurred())
-    PyErr_Format(PyExc_RuntimeError, "aiobridge: no function %s", name);
-  return fn;
-}
-
 /* The `run` function of run_source, a new reference. */
 static PyObject *runner_fn(void) {
   return aiob__py_source_fn(run_source, "run");
