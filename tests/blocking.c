@@ -16,7 +16,6 @@
 #include "aiobridge.h"
 
 #include <pthread.h>
-#include <sched.h>
 #include <setjmp.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -229,9 +228,11 @@ static int job_fn(void *p, aiob_output *out) {
   case K_UNTIL_CANCEL:
     atomic_store(&c->saw_cancel[a->id], wait_cancelled());
     break;
-  case K_SPIN:
+  case K_SPIN: /* busy: sched_yield would give the core away on a loaded
+                  machine for a whole time slice each time */
     for (int i = 0; i < a->spins && !aiob_blocking_cancelled(); i++)
-      sched_yield();
+      for (volatile int k = 0; k < 1000; k++)
+        ;
     atomic_store(&c->saw_cancel[a->id], aiob_blocking_cancelled() != 0);
     break;
   case K_SHUTDOWN:
@@ -705,8 +706,11 @@ static void *canceller(void *p) {
     perm[j] = x;
   }
   for (int i = 0; i < s->n; i++) {
-    for (int k = (int)(rand_r(&s->seed) % 64); k > 0; k--)
-      sched_yield();
+    /* A random short pause: a busy wait, not sched_yield, which on a
+     * loaded machine gives the core away for a whole time slice each time
+     * (400 cancels then outlast the test's time bound). */
+    for (volatile unsigned k = rand_r(&s->seed) % 4096; k > 0; k--)
+      ;
     aiob_task_cancel(s->t[perm[i]]);
   }
   free(perm);
