@@ -262,6 +262,8 @@ PyObject *aiob__py_ctask_new(aiob_py_bridge *b, const aiob_task_vtable *vt,
                              void *state, aiob_py_converter conv,
                              const char *name);
 bool aiob__py_ctask_done(PyObject *f);
+PyObject *aiob__py_convert(aiob_py_converter conv, aiob_output *out,
+                           const char *name);
 
 /* stream_out.c */
 extern PyType_Spec aiob__py_cstream_spec;

@@ -230,6 +230,28 @@ static void cf_set_shutdown_error(cfut *f, const char *msg) {
   f->it.log_exc = 1;
 }
 
+/* The Python value of a finished task's or a stream item's output (GIL):
+ * conv(out), which owns out->value from then on (out is left without it),
+ * or None without a converter (the value is freed). NULL with an
+ * exception set; a converter that returns NULL without one is a bug of
+ * the C task `name`: SystemError. */
+PyObject *aiob__py_convert(aiob_py_converter conv, aiob_output *out,
+                           const char *name) {
+  if (!conv) {
+    aiob_output_clear(out);
+    Py_RETURN_NONE;
+  }
+  PyObject *v = conv(out);
+  out->value = NULL;
+  out->free_value = NULL;
+  if (!v && !PyErr_Occurred())
+    PyErr_Format(PyExc_SystemError,
+                 "aiobridge: the converter of %s returned NULL without "
+                 "setting an exception",
+                 name ? name : "a C task");
+  return v;
+}
+
 /* Resolves the future of a finished C task and runs its done callbacks
  * (loop thread, GIL). A future cancelled by Python meanwhile discards the
  * outcome silently. A task dropped because its runtime was shut down
@@ -250,23 +272,11 @@ int aiob__py_ctask_complete(aiob_py_bridge *b, cfut *f) {
   }
   pend_unlink(f);
   if (out.status >= 0) {
-    PyObject *v;
-    if (f->conv) {
-      v = f->conv(&out); /* owns out.value */
-      out.value = NULL;
-    } else {
-      v = Py_None;
-      Py_INCREF(v);
-    }
+    PyObject *v = aiob__py_convert(f->conv, &out, f->name);
     if (v) {
       f->value = v;
       CF_STATE(f) = CF_RESULT;
     } else {
-      if (!PyErr_Occurred()) /* a bug, not a cancellation */
-        PyErr_Format(PyExc_SystemError,
-                     "aiobridge: the converter of %s returned NULL without "
-                     "setting an exception",
-                     f->name ? f->name : "a C task");
       cf_set_current_exception(f);
     }
   } else if (out.status == AIOB_ECANCELED && cf_runtime_shut(f)) {

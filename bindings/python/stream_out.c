@@ -173,22 +173,6 @@ static void chan_unpark(chan *ch) {
   pthread_mutex_unlock(&ch->mu);
 }
 
-/* A new reference to the Python value of an item (conv owns its value). */
-static PyObject *convert(cstream *cs, aiob_output *out) {
-  if (!cs->conv) {
-    aiob_output_clear(out);
-    Py_RETURN_NONE;
-  }
-  PyObject *v = cs->conv(out);
-  aiob_output_clear(out);
-  if (!v && !PyErr_Occurred())
-    PyErr_Format(PyExc_SystemError,
-                 "aiobridge: the converter of %s returned NULL without "
-                 "setting an exception",
-                 cs->name ? cs->name : "a C stream");
-  return v;
-}
-
 /* The stream's end, as an exception instance (new reference): the
  * producer's exception, else StopAsyncIteration. NULL with an exception
  * set if it cannot be made. */
@@ -370,7 +354,7 @@ static void cs_deliver(cstream *cs) {
   aiob_output out;
   PyObject *v = NULL, *exc = NULL;
   if (chan_take(cs->ch, &out, true)) {
-    if (!(v = convert(cs, &out)))
+    if (!(v = aiob__py_convert(cs->conv, &out, cs->name)))
       exc = aiob__py_take_exception();
   } else if (producer_done(cs)) {
     chan_unpark(cs->ch);
@@ -483,7 +467,7 @@ static PyObject *cs_anext(PyObject *self) {
     return NULL;
   aiob_output out;
   if (chan_take(cs->ch, &out, false)) {
-    PyObject *v = convert(cs, &out);
+    PyObject *v = aiob__py_convert(cs->conv, &out, cs->name);
     return v ? ready_new(v, NULL) : NULL;
   }
   if (producer_done(cs)) { /* nothing left and nothing to come */
