@@ -10,7 +10,7 @@
 #
 # Static archives are position-independent with hidden symbols, so they link
 # into shared objects (Python extensions) without exporting anything.
-set(AIOB_CORE_SOURCES blocking.c error.c heap.c io.c mpsc.c promise.c runtime.c task.c
+set(AIOB_CORE_SOURCES blocking.c error.c heap.c hosted.c io.c mpsc.c promise.c runtime.c task.c
     timer.c)
 list(TRANSFORM AIOB_CORE_SOURCES PREPEND ${PROJECT_SOURCE_DIR}/core/)
 list(TRANSFORM AIOB_BACKEND_SOURCES PREPEND ${PROJECT_SOURCE_DIR}/)

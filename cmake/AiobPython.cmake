@@ -102,7 +102,7 @@ set_property(GLOBAL PROPERTY AIOBRIDGE_SOURCE_DIR ${PROJECT_SOURCE_DIR})
 # package). A global property, as the two above: aiob_python_add_tag may
 # run in a parent project's scope.
 set_property(GLOBAL PROPERTY AIOBRIDGE_PYTHON_BRIDGE_SOURCES
-    release.c errors.c duration.c port.c locals.c ctask.c await.c shapes.c source.c stream_out.c stream_in.c bridge.c
+    release.c errors.c duration.c port.c locals.c ctask.c local.c await.c shapes.c source.c stream_out.c stream_in.c bridge.c
     embed.c aiobridge_module.c)
 function(aiob_python_add_tag tag py)
   get_property(src GLOBAL PROPERTY AIOBRIDGE_SOURCE_DIR)

@@ -188,6 +188,12 @@ struct aiob_loop {
   struct aiob__fd_rec **fds; /* indexed by fd */
   size_t nfds;
 
+  /* A hosted loop (aiob_runtime_new_hosted) has no thread of its own:
+   * `thread` is the host thread, which runs it from its host loop's
+   * callbacks; hosted_depth counts the dispatches in progress there. */
+  bool hosted;
+  unsigned hosted_depth;
+
   /* Spin-before-block budget (loop thread only), ns. */
   uint64_t spin_budget;
 
@@ -269,6 +275,7 @@ struct aiob_runtime {
    * process and its backend state is shared with the parent, so nothing of
    * it is ever stopped, joined or closed here. */
   bool forked;
+  bool hosted; /* one hosted loop, no thread (aiob_runtime_new_hosted) */
   struct aiob_runtime *next_alive; /* every runtime alive, for fork */
   /* Lifecycle: shutdown_mu guards the fields below and every loop's
    * exited/joined/abandoned; stop_cv is signalled (CLOCK_MONOTONIC) when a
@@ -296,6 +303,23 @@ extern _Thread_local aiob_loop *aiob__current_loop;
 extern _Thread_local aiob_task *aiob__current_task;
 
 void aiob__runtime_ref(aiob_runtime *rt);
+/* Checks cfg and allocates a runtime of nloops loops, none started (each
+ * counts as exited and joined). 0 or a negative code (cfg's errors). */
+int aiob__runtime_alloc(const aiob_runtime_config *cfg, unsigned nloops,
+                        aiob_runtime **out);
+/* Adds rt to the runtimes that fork() handles. */
+void aiob__runtime_alive(aiob_runtime *rt);
+/* The loop's steps (loop thread): remote pushes to the local FIFO; up to
+ * a budget of ready tasks run; every task dropped at shutdown. */
+void aiob__loop_accept_remote(aiob_loop *loop);
+void aiob__loop_run_ready(aiob_loop *loop);
+void aiob__loop_drain_shutdown(aiob_loop *loop);
+/* Shutdown of a hosted runtime (core/hosted.c), see
+ * aiob_runtime_shutdown_timeout. */
+int aiob__hosted_shutdown(aiob_runtime *rt, aiob_shutdown_info *info);
+/* A hosted loop's backend reports from its host's callbacks: report(arg)
+ * runs with the loop entered, then what became ready runs. */
+void aiob__hosted_report(aiob_loop *loop, void (*report)(void *arg), void *arg);
 void aiob__runtime_unref(aiob_runtime *rt);
 /* A thread of rt (loop or worker) given up by a shutdown that timed out
  * (detached by the caller): it keeps rt's memory with a reference and is

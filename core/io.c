@@ -157,8 +157,7 @@ aiob_poll aiob_io_wait_poll(aiob_task *self, aiob_io_wait *w, int *result) {
   return AIOB_PENDING;
 }
 
-void aiob_backend_io_ready(void *token, unsigned revents) {
-  struct aiob__fd_rec *rec = token;
+static void io_ready(struct aiob__fd_rec *rec, unsigned revents) {
   aiob_io_wait *w = rec->head;
   while (w) {
     aiob_io_wait *next = w->fd_next;
@@ -175,6 +174,25 @@ void aiob_backend_io_ready(void *token, unsigned revents) {
     w = next;
   }
   rec_update(rec);
+}
+
+struct ready_report {
+  struct aiob__fd_rec *rec;
+  unsigned revents;
+};
+
+static void io_ready_report(void *arg) {
+  struct ready_report *r = arg;
+  io_ready(r->rec, r->revents);
+}
+
+void aiob_backend_io_ready(void *token, unsigned revents) {
+  struct aiob__fd_rec *rec = token;
+  if (rec->loop->hosted)
+    aiob__hosted_report(rec->loop, io_ready_report,
+                        &(struct ready_report){rec, revents});
+  else
+    io_ready(rec, revents);
 }
 
 /* Loop shutdown: every wait was detached with its task; release the table. */

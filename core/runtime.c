@@ -56,6 +56,8 @@ static void alive_link(aiob_runtime *rt) {
   pthread_mutex_unlock(&alive_mu);
 }
 
+void aiob__runtime_alive(aiob_runtime *rt) { alive_link(rt); }
+
 static void alive_unlink(aiob_runtime *rt) {
   pthread_mutex_lock(&alive_mu);
   for (aiob_runtime **p = &alive; *p; p = &(*p)->next_alive) {
@@ -177,14 +179,14 @@ static void local_append(aiob_loop *loop, aiob_task *t) {
 }
 
 /* Moves remote pushes to the local FIFO. */
-static void accept_remote(aiob_loop *loop) {
+void aiob__loop_accept_remote(aiob_loop *loop) {
   aiob__inbox_rearm(&loop->remote);
   aiob__mpsc_node *n;
   while ((n = aiob__mpsc_pop(&loop->remote.queue)))
     local_append(loop, AIOB__CONTAINER_OF(n, aiob_task, node));
 }
 
-static void run_ready(aiob_loop *loop) {
+void aiob__loop_run_ready(aiob_loop *loop) {
   for (int i = 0; i < BUDGET; i++) {
     aiob_task *t = local_pop(loop);
     if (!t)
@@ -194,10 +196,10 @@ static void run_ready(aiob_loop *loop) {
 }
 
 /* Drops every task the loop knows, on the loop thread. */
-static void loop_drain_shutdown(aiob_loop *loop) {
+void aiob__loop_drain_shutdown(aiob_loop *loop) {
   aiob__inbox_close(&loop->remote);
   for (;;) {
-    accept_remote(loop);
+    aiob__loop_accept_remote(loop);
     aiob_task *t;
     while ((t = local_pop(loop))) {
       aiob__task_accept(t);
@@ -261,8 +263,8 @@ static void loop_main(aiob_loop *loop) {
   bool spun = false;
   loop->spin_budget = max;
   while (!atomic_load_explicit(&loop->stop, memory_order_acquire)) {
-    accept_remote(loop);
-    run_ready(loop);
+    aiob__loop_accept_remote(loop);
+    aiob__loop_run_ready(loop);
     aiob__timers_rearm(loop);
     unsigned flags = loop->local_head ? AIOB_RUN_NOWAIT : 0;
     if (!flags && !spun && loop->spin_budget) {
@@ -321,7 +323,7 @@ static void *loop_thread(void *arg) {
   }
 
   loop_main(loop);
-  loop_drain_shutdown(loop);
+  aiob__loop_drain_shutdown(loop);
   aiob__fds_close(loop);
   if (loop->timer_armed)
     loop->backend->timer_stop(loop->bl);
@@ -504,7 +506,8 @@ static bool own_thread(const aiob_runtime *rt) {
   return aiob_runtime_current_loop(rt) >= 0 || aiob__current_pool == &rt->pool;
 }
 
-int aiob_runtime_new(aiob_runtime **out, const aiob_runtime_config *cfg) {
+int aiob__runtime_alloc(const aiob_runtime_config *cfg, unsigned nloops,
+                        aiob_runtime **out) {
   aiob_runtime_config defaults;
   if (!out)
     return AIOB_EINVAL;
@@ -521,7 +524,7 @@ int aiob_runtime_new(aiob_runtime **out, const aiob_runtime_config *cfg) {
   unsigned workers = cfg->blocking_threads ? cfg->blocking_threads
                                            : AIOB_BLOCKING_THREADS_DEFAULT;
   aiob_runtime *rt = calloc(1, sizeof *rt);
-  aiob_loop *loops = calloc(cfg->threads, sizeof *loops);
+  aiob_loop *loops = calloc(nloops, sizeof *loops);
   if (!rt || !loops || aiob__pool_init(&rt->pool, rt, workers) < 0) {
     free(rt);
     free(loops);
@@ -531,7 +534,7 @@ int aiob_runtime_new(aiob_runtime **out, const aiob_runtime_config *cfg) {
   rt->backend = backend;
   rt->options = cfg->backend_options;
   rt->spin_max_ns = (uint64_t)cfg->spin_us * 1000;
-  rt->nloops = cfg->threads;
+  rt->nloops = nloops;
   rt->loops = loops;
   pthread_mutex_init(&rt->shutdown_mu, NULL);
   aiob__cond_init_monotonic(&rt->stop_cv);
@@ -539,19 +542,29 @@ int aiob_runtime_new(aiob_runtime **out, const aiob_runtime_config *cfg) {
   aiob__cond_init_monotonic(&rt->wait_cv);
   /* Loops without a thread (yet) count as exited and joined. */
   for (unsigned i = 0; i < rt->nloops; i++) {
-    atomic_init(&loops[i].exited, 1);
-    loops[i].joined = true;
-  }
-
-  unsigned started = 0;
-  for (; started < rt->nloops; started++) {
-    aiob_loop *loop = &loops[started];
+    aiob_loop *loop = &loops[i];
     loop->rt = rt;
-    loop->index = started;
+    loop->index = i;
     loop->backend = backend;
     aiob__inbox_init(&loop->remote);
     loop->live.live_next = loop->live.live_prev = &loop->live;
     aiob__heap_init(&loop->timers);
+    atomic_init(&loop->exited, 1);
+    loop->joined = true;
+  }
+  *out = rt;
+  return 0;
+}
+
+int aiob_runtime_new(aiob_runtime **out, const aiob_runtime_config *cfg) {
+  aiob_runtime *rt;
+  int rc = aiob__runtime_alloc(cfg, cfg ? cfg->threads : 1, &rt);
+  if (rc < 0)
+    return rc;
+  aiob_loop *loops = rt->loops;
+  unsigned started = 0;
+  for (; started < rt->nloops; started++) {
+    aiob_loop *loop = &loops[started];
     loop->init_status = 1; /* pending */
     atomic_store(&loop->exited, 0);
     loop->joined = false;
@@ -593,6 +606,8 @@ int aiob_runtime_shutdown_timeout(aiob_runtime *rt, uint64_t timeout_ns,
     return AIOB_EINVAL;
   if (own_thread(rt))
     return AIOB_EDEADLK;
+  if (rt->hosted)
+    return aiob__hosted_shutdown(rt, info);
   struct timespec ts, *deadline = deadline_in(timeout_ns, &ts);
   pthread_mutex_lock(&rt->shutdown_mu);
   request_stop(rt); /* forked: nothing to stop, see fork_child */

@@ -497,8 +497,9 @@ void aiob__slot_clear(aiob__slot *s) {
 }
 
 int aiob_task_wait(aiob_task *t, uint64_t timeout_ns) {
-  if (aiob__current_loop)
-    return AIOB_EDEADLK;
+  if (aiob__current_loop ||
+      (t->loop->hosted && pthread_equal(t->loop->thread, pthread_self())))
+    return AIOB_EDEADLK; /* the task could only run on this thread */
   if (aiob_task_is_finished(t))
     return 0;
   aiob_runtime *rt = t->rt;

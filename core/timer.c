@@ -131,4 +131,14 @@ void aiob__timers_rearm(aiob_loop *loop) {
   }
 }
 
-void aiob_backend_timer_expired(aiob_loop *core) { core->timer_armed = false; }
+static void timer_expired(void *arg) {
+  aiob_loop *core = arg;
+  core->timer_armed = false;
+}
+
+void aiob_backend_timer_expired(aiob_loop *core) {
+  if (core->hosted)
+    aiob__hosted_report(core, timer_expired, core); /* fires due timers */
+  else
+    timer_expired(core);
+}

@@ -387,7 +387,7 @@ int aiob_py_bridge_new(const char *name, aiob_py_bridge **out) {
   INTERN(s_exception, "exception");
   if (!(b->kw_context = Py_BuildValue("(s)", "context")))
     goto fail;
-  if (!(b->ports = PyDict_New()))
+  if (!(b->ports = PyDict_New()) || !(b->hosts = PyDict_New()))
     goto fail;
   b->ctask_type = (PyTypeObject *)PyType_FromSpec(&aiob__py_ctask_spec);
   b->port_type = (PyTypeObject *)PyType_FromSpec(&aiob__py_port_spec);
@@ -407,6 +407,8 @@ fail:
 void aiob_py_bridge_free(aiob_py_bridge *b) {
   if (!b)
     return;
+  aiob__py_local_close_all(b); /* its tasks complete into their CTasks */
+  Py_CLEAR(b->hosts);
   aiob__py_close_all_ports(b);
   aiob__py_ctask_forget_all(b);
   aiob__py_request_forget_all(b);

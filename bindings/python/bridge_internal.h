@@ -38,6 +38,8 @@
  *   port.c      ports: the per-loop queue, its eventfd, the _Port type
  *   locals.c    task locals: (asyncio loop, contextvars context)
  *   ctask.c     the CTask type: a C task as an asyncio future
+ *   local.c     loop-local C tasks: a hosted runtime per asyncio loop,
+ *               shared with uvloop's libuv loop or on the loop's own API
  *   await.c     awaiting Python from C: requests, _Waiter, aiob_py_await
  *   shapes.c    short forms: awaitables completed by a callback (promises),
  *               blocking work on the runtime's worker threads
@@ -114,6 +116,7 @@ typedef struct pyport {
 
 struct aiob_py_bridge {
   PyObject *ports; /* dict: loop -> Port */
+  PyObject *hosts; /* dict: loop -> the hosted runtime of its local tasks */
   /* What a runtime whose shutdown timed out may never finish (GIL): the
    * CTasks whose C task runs (CF_PENDING), and the Python awaitables
    * started for C tasks (request.pyfuture set). */
@@ -176,6 +179,7 @@ typedef struct cfut {
   } u;
   aiob_py_converter conv;
   const char *name; /* the C task's name, or NULL */
+  int local;        /* a loop-local task (local.c) */
   /* Called once the C task's outcome is set, before the done callbacks
    * (GIL); a C stream's way to learn its producer ended without a Python
    * reference to itself. */
@@ -264,6 +268,11 @@ PyObject *aiob__py_ctask_new(aiob_py_bridge *b, const aiob_task_vtable *vt,
 bool aiob__py_ctask_done(PyObject *f);
 PyObject *aiob__py_convert(aiob_py_converter conv, aiob_output *out,
                            const char *name);
+
+/* local.c */
+int aiob__py_local_spawn(aiob_py_bridge *b, PyObject *loop,
+                         int (*fn)(aiob_runtime *rt, void *arg), void *arg);
+void aiob__py_local_close_all(aiob_py_bridge *b);
 
 /* stream_out.c */
 extern PyType_Spec aiob__py_cstream_spec;

@@ -253,12 +253,43 @@ PyObject *aiob__py_convert(aiob_py_converter conv, aiob_output *out,
 }
 
 /* Resolves the future of a finished C task and runs its done callbacks
- * (loop thread, GIL). A future cancelled by Python meanwhile discards the
- * outcome silently. A task dropped because its runtime was shut down
- * raises aiobridge.ShutdownError: CancelledError stays for cancellations
- * the user asked for. -1: a callback let SystemExit or KeyboardInterrupt
- * out (it is set). */
+ * (loop thread, GIL; `now` as for cf_callbacks). A future cancelled by
+ * Python meanwhile discards the outcome silently. A task dropped because
+ * its runtime was shut down raises aiobridge.ShutdownError: CancelledError
+ * stays for cancellations the user asked for. -1: a callback let
+ * SystemExit or KeyboardInterrupt out, or (`now` 0) call_soon failed (it
+ * is set). */
+static int cf_complete(aiob_py_bridge *b, cfut *f, int now);
+
 int aiob__py_ctask_complete(aiob_py_bridge *b, cfut *f) {
+  return cf_complete(b, f, 1);
+}
+
+/* on_finish of a loop-local C task: the loop's own thread, inside a
+ * dispatch of its hosted runtime, with or without the GIL (shared form).
+ * The future is resolved here and its done callbacks go to call_soon: a
+ * dispatch may run inside unrelated Python code (a spawn's first poll). */
+static void cf_finished_local(void *arg, aiob_task *task) {
+  (void)task;
+  cfut *f = arg;
+  PyGILState_STATE g = PyGILState_Ensure();
+  PyObject *type, *value, *tb;
+  PyErr_Fetch(&type, &value, &tb);
+  if (cf_complete(f->loc.port->b, f, 0) < 0) {
+    PyObject *closed = PyObject_CallMethod(f->loc.loop, "is_closed", NULL);
+    if (closed == Py_True)
+      PyErr_Clear(); /* closing with the loop: nobody can be told */
+    else
+      PyErr_WriteUnraisable((PyObject *)f);
+    Py_XDECREF(closed);
+    PyErr_Clear();
+  }
+  aiob__py_locals_destroy(&f->loc); /* the completion's reference */
+  PyErr_Restore(type, value, tb);
+  PyGILState_Release(g);
+}
+
+static int cf_complete(aiob_py_bridge *b, cfut *f, int now) {
   b->completions++;
   if (f->it.dead) /* collected: its task was cancelled and released */
     return 0;
@@ -296,7 +327,7 @@ int aiob__py_ctask_complete(aiob_py_bridge *b, cfut *f) {
   aiob_output_clear(&out);
   if (f->hook)
     f->hook(f->hook_arg);
-  int rc = cf_callbacks(f, 1);
+  int rc = cf_callbacks(f, now);
   Py_DECREF(f);
   return rc;
 }
@@ -358,6 +389,28 @@ static void cf_drop_state(cfut *f) {
  * another thread in. A future that another thread bound meanwhile is left
  * as it is (its loop tells the caller it belongs elsewhere); one cancelled
  * meanwhile gets this loop for its done callbacks. */
+struct cf_spawn {
+  cfut *f;
+  aiob_spawn_opts o;
+  int rc;
+};
+
+/* Spawns f's C task on rt and marks f pending (GIL): before the task's
+ * first poll, which for a loop-local task comes before the spawn returns
+ * to cf_start. */
+static int cf_spawn(aiob_runtime *rt, void *arg) {
+  struct cf_spawn *sp = arg;
+  cfut *f = sp->f;
+  aiob_task *task = NULL;
+  sp->rc = aiob_spawn_ex(rt, &sp->o, f->u.lazy.vt, f->u.lazy.state, &task);
+  if (sp->rc < 0)
+    return sp->rc;
+  f->u.task = task; /* the task owns `state` now */
+  CF_STATE(f) = CF_PENDING;
+  pend_link(f->loc.port->b, f);
+  return 0;
+}
+
 static int cf_start(cfut *f, py_locals *from, PyObject *loop) {
   aiob_py_bridge *b = f->u.lazy.b;
   aiob_local_key key;
@@ -397,24 +450,35 @@ static int cf_start(cfut *f, py_locals *from, PyObject *loop) {
   }
   aiob__py_locals_move(&f->loc, &got);
   aiob_local_init li = {.key = key, .value = &f->loc};
-  aiob_spawn_opts o;
-  aiob_spawn_opts_init(&o);
-  o.no_inherit = 1;
-  o.locals = &li;
-  o.nlocals = 1;
-  o.on_finish = cf_finished;
-  o.on_finish_arg = f;
-  o.name = f->name;
-  aiob_task *task = NULL;
+  struct cf_spawn sp = {.f = f};
+  aiob_spawn_opts_init(&sp.o);
+  sp.o.no_inherit = 1;
+  sp.o.locals = &li;
+  sp.o.nlocals = 1;
+  sp.o.on_finish = f->local ? cf_finished_local : cf_finished;
+  sp.o.on_finish_arg = f;
+  sp.o.name = f->name;
   atomic_fetch_add(&f->loc.refs, 2); /* the task-local + the completion */
-  int rc = aiob_spawn_ex(rt, &o, f->u.lazy.vt, f->u.lazy.state, &task);
-  aiob_runtime_release(rt);
+  int rc;
+  if (f->local) {
+    /* Spawned onto the loop's hosted runtime, and polled once at once. */
+    aiob_runtime_release(rt);
+    rc = aiob__py_local_spawn(b, f->loc.loop, cf_spawn, &sp);
+    if (rc < 0 && sp.rc == 0)
+      sp.rc = AIOB_EINVAL; /* the exception is set */
+    rc = sp.rc;
+  } else {
+    rc = cf_spawn(rt, &sp);
+    aiob_runtime_release(rt);
+  }
   if (rc < 0) {
     atomic_fetch_sub(&f->loc.refs, 2); /* the object still holds one */
     aiob__py_locals_move(&got,
                          &f->loc); /* unbound before Python code may run */
     aiob__py_locals_clear(&got);
-    if (rc == AIOB_ESHUTDOWN)
+    if (PyErr_Occurred())
+      ;
+    else if (rc == AIOB_ESHUTDOWN)
       PyErr_SetString(b->shutdown_error,
                       "aiobridge: the runtime is shutting down");
     else
@@ -422,9 +486,6 @@ static int cf_start(cfut *f, py_locals *from, PyObject *loop) {
                    aiob_strerror(rc));
     return -1;
   }
-  f->u.task = task; /* the task owns `state` now */
-  CF_STATE(f) = CF_PENDING;
-  pend_link(b, f);
   return 0;
 }
 
@@ -459,6 +520,7 @@ static cfut *cf_new(aiob_py_bridge *b, const aiob_task_vtable *vt, void *state,
   f->u.lazy.b = b;
   f->conv = conv;
   f->name = vt->name && vt->name[0] ? vt->name : NULL;
+  f->local = 0;
   f->hook = NULL;
   f->pnext = NULL;
   f->pprev = NULL;
@@ -972,6 +1034,26 @@ PyObject *aiob__py_ctask_new(aiob_py_bridge *b, const aiob_task_vtable *vt,
 PyObject *aiob_py_future_into_py(aiob_py_bridge *b, const aiob_task_vtable *vt,
                                  void *state, aiob_py_converter conv) {
   return aiob__py_ctask_new(b, vt, state, conv, NULL);
+}
+
+PyObject *aiob_py_local_future_into_py(aiob_py_bridge *b,
+                                       const aiob_task_vtable *vt, void *state,
+                                       aiob_py_converter conv) {
+  if (check_vt(b, vt) < 0)
+    return NULL;
+  PyObject *loop = aiob__py_running_loop(b);
+  if (!loop && PyErr_Occurred())
+    return NULL;
+  cfut *f = cf_new(b, vt, state, conv);
+  if (f)
+    f->local = 1;
+  if (!f || !loop) {
+    Py_XDECREF(loop); /* binds, and starts, where it is first awaited */
+    return (PyObject *)f;
+  }
+  int rc = cf_start(f, NULL, loop);
+  Py_DECREF(loop);
+  return rc < 0 ? cf_abandon(f) : (PyObject *)f;
 }
 
 PyObject *aiob_py_future_into_py_with_locals(aiob_py_bridge *b,

@@ -50,9 +50,22 @@ static aiob_poll ready_poll(aiob_task *t, void *p) {
 static const aiob_task_vtable ready_vt = {.poll = ready_poll,
                                           .name = "aiobridge_demo.ready"};
 
+/* The awaitable of a C task: on the runtime, or loop-local (`local`). */
+static PyObject *into_py(PyObject *m, int local, const aiob_task_vtable *vt,
+                         void *state, aiob_py_converter conv) {
+  aiob_py_bridge *b = state_of(m)->bridge;
+  return local ? aiob_py_local_future_into_py(b, vt, state, conv)
+               : aiob_py_future_into_py(b, vt, state, conv);
+}
+
 static PyObject *demo_ready(PyObject *m, PyObject *unused) {
   (void)unused;
-  return aiob_py_future_into_py(state_of(m)->bridge, &ready_vt, NULL, NULL);
+  return into_py(m, 0, &ready_vt, NULL, NULL);
+}
+
+static PyObject *demo_local_ready(PyObject *m, PyObject *unused) {
+  (void)unused;
+  return into_py(m, 1, &ready_vt, NULL, NULL);
 }
 
 /* ---- echo(obj): shape 1, an awaitable completed at once ---------------- */
@@ -89,7 +102,7 @@ static const aiob_task_vtable sleep_vt = {
 
 /* Starts a sleep task of `arg` milliseconds with vtable vt (sleep_vt or
  * stamp_vt). Too long to represent (inf included): sleeps forever. */
-static PyObject *spawn_sleep(PyObject *m, PyObject *arg,
+static PyObject *spawn_sleep(PyObject *m, int local, PyObject *arg,
                              const aiob_task_vtable *vt,
                              aiob_py_converter conv) {
   uint64_t ns;
@@ -99,14 +112,18 @@ static PyObject *spawn_sleep(PyObject *m, PyObject *arg,
   if (!s)
     return PyErr_NoMemory();
   s->ns = ns;
-  PyObject *r = aiob_py_future_into_py(state_of(m)->bridge, vt, s, conv);
+  PyObject *r = into_py(m, local, vt, s, conv);
   if (!r)
     free(s);
   return r;
 }
 
 static PyObject *demo_sleep_ms(PyObject *m, PyObject *arg) {
-  return spawn_sleep(m, arg, &sleep_vt, NULL);
+  return spawn_sleep(m, 0, arg, &sleep_vt, NULL);
+}
+
+static PyObject *demo_local_sleep_ms(PyObject *m, PyObject *arg) {
+  return spawn_sleep(m, 1, arg, &sleep_vt, NULL);
 }
 
 /* ---- sleep_stamp_ms(ms) ------------------------------------------------ */
@@ -130,7 +147,7 @@ static PyObject *conv_u64(aiob_output *out) {
 }
 
 static PyObject *demo_sleep_stamp_ms(PyObject *m, PyObject *arg) {
-  return spawn_sleep(m, arg, &stamp_vt, conv_u64);
+  return spawn_sleep(m, 0, arg, &stamp_vt, conv_u64);
 }
 
 /* ---- await_py(awaitable) and await_py_n(factory, n): shape 3 ----------- */
@@ -182,7 +199,7 @@ static const aiob_task_vtable await_n_vt = {.poll = await_n_poll,
                                             .name =
                                                 "aiobridge_demo.await_py_n"};
 
-static PyObject *spawn_await(PyObject *m, const aiob_task_vtable *vt,
+static PyObject *spawn_await(PyObject *m, int local, const aiob_task_vtable *vt,
                              PyObject *obj, long n, aiob_py_converter conv) {
   await_state *s = calloc(1, sizeof *s);
   if (!s)
@@ -190,7 +207,7 @@ static PyObject *spawn_await(PyObject *m, const aiob_task_vtable *vt,
   Py_INCREF(obj);
   s->obj = obj;
   s->n = n;
-  PyObject *r = aiob_py_future_into_py(state_of(m)->bridge, vt, s, conv);
+  PyObject *r = into_py(m, local, vt, s, conv);
   if (!r) {
     Py_DECREF(obj);
     free(s);
@@ -199,10 +216,14 @@ static PyObject *spawn_await(PyObject *m, const aiob_task_vtable *vt,
 }
 
 static PyObject *demo_await_py(PyObject *m, PyObject *aw) {
-  return spawn_await(m, &await_one_vt, aw, 1, conv_object);
+  return spawn_await(m, 0, &await_one_vt, aw, 1, conv_object);
 }
 
-static PyObject *demo_await_py_n(PyObject *m, PyObject *args) {
+static PyObject *demo_local_await_py(PyObject *m, PyObject *aw) {
+  return spawn_await(m, 1, &await_one_vt, aw, 1, conv_object);
+}
+
+static PyObject *await_py_n(PyObject *m, int local, PyObject *args) {
   PyObject *factory;
   long n;
   if (!PyArg_ParseTuple(args, "Ol:await_py_n", &factory, &n))
@@ -215,7 +236,15 @@ static PyObject *demo_await_py_n(PyObject *m, PyObject *args) {
     PyErr_SetString(PyExc_ValueError, "await_py_n: n must be >= 0");
     return NULL;
   }
-  return spawn_await(m, &await_n_vt, factory, n, conv_long);
+  return spawn_await(m, local, &await_n_vt, factory, n, conv_long);
+}
+
+static PyObject *demo_await_py_n(PyObject *m, PyObject *args) {
+  return await_py_n(m, 0, args);
+}
+
+static PyObject *demo_local_await_py_n(PyObject *m, PyObject *args) {
+  return await_py_n(m, 1, args);
 }
 
 /* ---- fail_errno(code), fail_status(status), fail_path(code, f1, f2) ---- */
@@ -227,7 +256,7 @@ static aiob_poll fail_poll(aiob_task *t, void *p) {
 static const aiob_task_vtable fail_vt = {.poll = fail_poll,
                                          .name = "aiobridge_demo.fail_errno"};
 
-static PyObject *demo_fail_errno(PyObject *m, PyObject *arg) {
+static PyObject *fail_errno(PyObject *m, int local, PyObject *arg) {
   long code = PyLong_AsLong(arg);
   if (code == -1 && PyErr_Occurred())
     return NULL;
@@ -235,8 +264,129 @@ static PyObject *demo_fail_errno(PyObject *m, PyObject *arg) {
     PyErr_SetString(PyExc_ValueError, "fail_errno: code must be in 1..4095");
     return NULL;
   }
-  return aiob_py_future_into_py(state_of(m)->bridge, &fail_vt,
-                                (void *)(intptr_t)code, NULL);
+  return into_py(m, local, &fail_vt, (void *)(intptr_t)code, NULL);
+}
+
+static PyObject *demo_fail_errno(PyObject *m, PyObject *arg) {
+  return fail_errno(m, 0, arg);
+}
+
+static PyObject *demo_local_fail_errno(PyObject *m, PyObject *arg) {
+  return fail_errno(m, 1, arg);
+}
+
+/* ---- Loop-local only: where(), read_ready(fd), local_info() ------------ */
+
+/* local_where(): a local task notes its thread, spawns a child on the
+ * runtime that returns its own, joins it: (local thread, runtime thread),
+ * as threading.get_ident() gives them. */
+typedef struct where_state {
+  int co;
+  aiob_task *child;
+} where_state;
+
+static aiob_poll note_thread_poll(aiob_task *t, void *p) {
+  (void)p;
+  aiob_task_return(t, (void *)(uintptr_t)pthread_self(), NULL);
+  return AIOB_READY;
+}
+static const aiob_task_vtable note_thread_vt = {
+    .poll = note_thread_poll, .name = "aiobridge_demo.note_thread"};
+
+static aiob_poll where_poll(aiob_task *t, void *p) {
+  where_state *s = p;
+  int status;
+  AIOB_BEGIN(&s->co);
+  aiob_runtime *rt;
+  int rc = aiob_runtime_default_acquire(&rt);
+  if (rc == 0) {
+    rc = aiob_spawn(rt, &note_thread_vt, NULL, &s->child);
+    aiob_runtime_release(rt);
+  }
+  if (rc < 0)
+    return aiob_task_fail(t, rc), AIOB_READY;
+  AIOB_AWAIT(&s->co, aiob_task_join(t, s->child, &status));
+  aiob_output out;
+  aiob_task_take_output(s->child, &out);
+  if (out.status < 0)
+    return aiob_task_fail(t, out.status), AIOB_READY;
+  unsigned long *pair = malloc(2 * sizeof *pair);
+  if (!pair)
+    return aiob_task_fail(t, AIOB_ENOMEM), AIOB_READY;
+  pair[0] = (unsigned long)pthread_self();
+  pair[1] = (unsigned long)(uintptr_t)out.value;
+  aiob_task_return(t, pair, free);
+  AIOB_END(&s->co);
+}
+
+static void where_drop(void *p) {
+  where_state *s = p;
+  if (s->child) {
+    aiob_task_cancel(s->child);
+    aiob_task_release(s->child);
+  }
+  free(s);
+}
+static const aiob_task_vtable where_vt = {.poll = where_poll,
+                                          .drop = where_drop,
+                                          .name = "aiobridge_demo.local_where"};
+
+static PyObject *conv_where(aiob_output *out) {
+  unsigned long *pair = out->value;
+  PyObject *r = Py_BuildValue("(kk)", pair[0], pair[1]);
+  aiob_output_clear(out);
+  return r;
+}
+
+static PyObject *demo_local_where(PyObject *m, PyObject *unused) {
+  (void)unused;
+  where_state *s = calloc(1, sizeof *s);
+  if (!s)
+    return PyErr_NoMemory();
+  PyObject *r = into_py(m, 1, &where_vt, s, conv_where);
+  if (!r)
+    free(s);
+  return r;
+}
+
+/* local_read_ready(fd): a local task waits until fd is readable. */
+typedef struct read_ready_state {
+  int armed;
+  aiob_io_wait w;
+} read_ready_state;
+
+static aiob_poll read_ready_poll(aiob_task *t, void *p) {
+  read_ready_state *s = p;
+  int res;
+  s->armed = 1;
+  if (aiob_io_wait_poll(t, &s->w, &res) == AIOB_PENDING)
+    return AIOB_PENDING;
+  if (res < 0)
+    aiob_task_fail(t, res);
+  return AIOB_READY;
+}
+static const aiob_task_vtable read_ready_vt = {
+    .poll = read_ready_poll,
+    .drop = free_state,
+    .name = "aiobridge_demo.local_read_ready"};
+
+static PyObject *demo_local_read_ready(PyObject *m, PyObject *arg) {
+  int fd = PyObject_AsFileDescriptor(arg);
+  if (fd < 0)
+    return NULL;
+  read_ready_state *s = calloc(1, sizeof *s);
+  if (!s)
+    return PyErr_NoMemory();
+  aiob_io_wait_init(&s->w, fd, AIOB_READABLE);
+  PyObject *r = into_py(m, 1, &read_ready_vt, s, NULL);
+  if (!r)
+    free(s);
+  return r;
+}
+
+static PyObject *demo_local_info(PyObject *m, PyObject *unused) {
+  (void)unused;
+  return aiob_py_local_info(state_of(m)->bridge);
 }
 
 /* aiob_task_fail(status) with any int, right or wrong: what a buggy C task
@@ -1127,6 +1277,23 @@ static PyObject *demo_backend(PyObject *m, PyObject *unused) {
 
 static PyMethodDef demo_methods[] = {
     {"ready", demo_ready, METH_NOARGS, "Awaitable: None, on the runtime."},
+    {"local_ready", demo_local_ready, METH_NOARGS,
+     "Awaitable: None, loop-local (done at once)."},
+    {"local_sleep_ms", demo_local_sleep_ms, METH_O,
+     "Awaitable: None after ms ms, loop-local."},
+    {"local_await_py", demo_local_await_py, METH_O,
+     "Awaitable: what awaiting the awaitable gives, from a loop-local task."},
+    {"local_await_py_n", demo_local_await_py_n, METH_VARARGS,
+     "Awaitable: n, after a loop-local task awaited factory() n times."},
+    {"local_fail_errno", demo_local_fail_errno, METH_O,
+     "Awaitable: a loop-local task failing with -code."},
+    {"local_where", demo_local_where, METH_NOARGS,
+     "Awaitable: (thread of a loop-local task, thread of the runtime child "
+     "it joined)."},
+    {"local_read_ready", demo_local_read_ready, METH_O,
+     "Awaitable: None once fd is readable, loop-local."},
+    {"local_info", demo_local_info, METH_NOARGS,
+     "How the running loop runs loop-local tasks (aiob_py_local_info)."},
     {"echo", demo_echo, METH_O, "Awaitable: the same object."},
     {"sleep_ms", demo_sleep_ms, METH_O, "Awaitable: None after ms ms."},
     {"sleep_stamp_ms", demo_sleep_stamp_ms, METH_O,

@@ -56,6 +56,10 @@ enum {
 typedef struct aiob_backend_options {
   /* io_uring: submission queue entries per ring (0 = backend default). */
   unsigned ring_entries;
+  /* Hosted runtimes only (aiob_runtime_new_hosted): the host's loop, for
+   * a backend that runs on it (the uv backend: a uv_loop_t * run by its
+   * owner, on which it opens its handles); NULL otherwise. */
+  void *host;
 } aiob_backend_options;
 
 typedef struct aiob_backend {
@@ -127,6 +131,20 @@ AIOB_API void aiob_backend_timer_expired(aiob_loop *core);
  * is the value given to io_start; revents uses the AIOB_READABLE /
  * AIOB_WRITABLE / AIOB_IO_ERROR bits. Loop thread only. */
 AIOB_API void aiob_backend_io_ready(void *token, unsigned revents);
+
+/* Hosted loops (aiob_runtime_new_hosted) have no thread of their own: the
+ * host thread runs them from its host loop's callbacks, and their backend
+ * is written for that host. Its `run` slot is never called. Its `wake`
+ * must make the host call aiob_backend_dispatch soon (from any thread, as
+ * usual). Timer expiry and fd readiness are reported from the host's
+ * callbacks with aiob_backend_timer_expired / aiob_backend_io_ready, which
+ * on a hosted loop also run what became ready. All other slots are called
+ * on the host thread. */
+
+/* Called by a hosted loop's backend, on the host thread, when its wake
+ * fired: runs what is ready, as aiob_runtime_hosted_dispatch. Returns what
+ * that returns. */
+AIOB_API int aiob_backend_dispatch(aiob_loop *core);
 
 /* Checks that a table can be used by this core: ABI major, size, name and
  * required slots. Returns 0 or AIOB_EINVAL. Thread-safe. */

@@ -105,6 +105,47 @@ typedef PyObject *(*aiob_py_converter)(aiob_output *out);
 PyObject *aiob_py_future_into_py(aiob_py_bridge *b, const aiob_task_vtable *vt,
                                  void *state, aiob_py_converter conv);
 
+/* ---- Loop-local C tasks ------------------------------------------------
+ *
+ * A loop-local C task is polled on the asyncio loop's own thread, with no
+ * thread hop (pyo3's local_future_into_py): for C work that is cheap and
+ * never blocks (parsers, protocol state machines, glue between native
+ * requests). Its timers and fd waits are served by that loop. Each loop
+ * runs its local tasks on a hosted runtime of its own (runtime.h), in one
+ * of two forms:
+ * - "shared": the loop is a uvloop.Loop whose libuv is the very library
+ *   (and version) this extension's uv backend uses, and the extension's
+ *   runtime uses the uv backend. Local tasks then run as libuv handles on
+ *   uvloop's own uv_loop_t (aiob_task_native gives it), polled without the
+ *   GIL; every handle is closed before the loop closes.
+ * - "asyncio": any other loop (or AIOBRIDGE_LOCAL_SHARED=0). Timers are
+ *   loop.call_at, fd waits add_reader / add_writer, and polls run in those
+ *   callbacks, with the GIL.
+ * aiob_py_local_info tells which form a loop uses, and why not "shared".
+ * The loop's close() (an instance attribute put on the loop at the first
+ * local spawn) drops the local tasks left and closes their runtime first.
+ * A local task may spawn tasks on any runtime, await them, and await
+ * Python; tasks it spawns with aiob_spawn(aiob_task_runtime(self), ...)
+ * are loop-local too. It must never block: the loop waits for its poll. */
+
+/* Like aiob_py_future_into_py, but the C task is loop-local: it runs on
+ * the running loop's thread (or, made with no running loop, on the thread
+ * of the loop that first awaits it), and its first poll runs before this
+ * returns, so a task that is done at once gives an awaitable already done
+ * (awaiting it does not yield to the loop). With the GIL. Errors as
+ * aiob_py_future_into_py, plus aiobridge.ShutdownError once the loop's
+ * local tasks were shut down (the loop was closed), and RuntimeError on a
+ * thread other than the one that ran the loop's first local task. */
+PyObject *aiob_py_local_future_into_py(aiob_py_bridge *b,
+                                       const aiob_task_vtable *vt, void *state,
+                                       aiob_py_converter conv);
+
+/* How the running loop runs local tasks, as a new dict (with the GIL):
+ * {"mode": "shared" | "asyncio" | None (no local task ran on it yet),
+ *  "reason": why not "shared" (a str), or None, "tasks_live": local tasks
+ *  not finished}. NULL with RuntimeError outside a running loop. */
+PyObject *aiob_py_local_info(aiob_py_bridge *b);
+
 /* ---- Task locals ------------------------------------------------------ */
 
 /* Task locals: the asyncio loop and the contextvars context a C task's

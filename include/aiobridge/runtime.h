@@ -69,6 +69,45 @@ AIOB_API void aiob_runtime_config_init(aiob_runtime_config *cfg);
 AIOB_API int aiob_runtime_new(aiob_runtime **out,
                               const aiob_runtime_config *cfg);
 
+/* ---- Hosted runtimes ---------------------------------------------------
+ *
+ * A hosted runtime has one loop and no thread: the thread that creates it
+ * (the host thread) runs its tasks from the callbacks of a host event loop
+ * it already runs (an asyncio loop; a libuv loop shared with its owner),
+ * with no thread hop. Its backend is written for that host (see
+ * backend.h, "Hosted loops"); cfg->backend_options.host hands the host's
+ * loop to it. Tasks run inside aiob_runtime_hosted_dispatch or
+ * aiob_runtime_hosted_call, or from the backend's callbacks: never
+ * concurrently with the host's own code, so a poll function must not
+ * block. Spawns, wakes and cancels from other threads work as on any
+ * runtime. */
+
+/* Creates a hosted runtime on the calling thread, which becomes its host
+ * thread, and initialises its loop there. cfg->threads is ignored (one
+ * loop), and so is cfg->spin_us (a host never spins). Errors as
+ * aiob_runtime_new, but nothing is started. Free it with
+ * aiob_runtime_free, after aiob_runtime_shutdown. */
+AIOB_API int aiob_runtime_new_hosted(aiob_runtime **out,
+                                     const aiob_runtime_config *cfg);
+
+/* Host thread: runs what is ready on the hosted runtime (a bounded batch of
+ * ready tasks, then due timers), then rearms its timer. Called again from
+ * inside such a run (a task's poll calling back into the host), it does
+ * nothing: the outer run goes on. Returns 1 when ready work is left (the
+ * backend was asked for another dispatch), 0 when nothing is ready,
+ * AIOB_EINVAL (NULL, or not a hosted runtime), AIOB_EPERM (not the host
+ * thread) or AIOB_ESHUTDOWN. */
+AIOB_API int aiob_runtime_hosted_dispatch(aiob_runtime *rt);
+
+/* Host thread: calls fn(arg) as if it ran on the loop (aiob_spawn onto rt
+ * from fn queues the task without waking the backend), then runs what is
+ * ready, as aiob_runtime_hosted_dispatch: a task spawned by fn gets its
+ * first poll before this returns. Inside a running dispatch, fn's tasks
+ * wait for that dispatch to reach them. Returns fn's result, or
+ * AIOB_EINVAL / AIOB_EPERM / AIOB_ESHUTDOWN (fn not called). */
+AIOB_API int aiob_runtime_hosted_call(aiob_runtime *rt, int (*fn)(void *arg),
+                                      void *arg);
+
 /* Stops the runtime: new spawns fail with AIOB_ESHUTDOWN, every task that
  * has not finished is dropped exactly once on its loop thread (joiners see
  * AIOB_ECANCELED), pending aiob_runtime_call callbacks run with
@@ -91,6 +130,12 @@ typedef struct aiob_shutdown_info {
   /* Blocking-pool workers still running (in a job's fn) by then. */
   unsigned workers_left;
 } aiob_shutdown_info;
+
+/* A hosted runtime shuts down at once on the calling thread: the host
+ * thread, or any thread once the host loop no longer calls into the
+ * runtime (it was closed). Its tasks are dropped there, its backend loop
+ * closed; the timeout of *_shutdown_timeout then only bounds the wait for
+ * its blocking workers. */
 
 /* Like aiob_runtime_shutdown, waiting at most timeout_ns (UINT64_MAX: no
  * limit) for the loop threads and the blocking pool's workers to stop. A

@@ -1,0 +1,669 @@
+/* Loop-local C tasks: C tasks polled on the asyncio loop's own thread.
+ *
+ * Each asyncio loop that runs local tasks gets a hosted runtime
+ * (core/hosted.c), created on its thread at the first local spawn and kept
+ * in the bridge's `hosts` dict under a weak reference to the loop. It runs
+ * in one of two forms:
+ *
+ * - shared: the loop is a uvloop.Loop whose libuv is the very library the
+ *   uv backend of this extension uses (same object in memory, same
+ *   version). The hosted runtime is the uv backend on uvloop's own
+ *   uv_loop_t: timers, fd waits and wakes are libuv handles, and their
+ *   callbacks poll C tasks without the GIL.
+ * - asyncio: any other loop. The hosted runtime's backend is the loop's
+ *   Python API: loop.call_at for the timer, add_reader / add_writer for
+ *   fds, call_soon for a wake on the loop's thread and an eventfd watched
+ *   with add_reader for wakes from other threads. Polls run in those
+ *   callbacks, with the GIL.
+ *
+ * A task spawned from Python gets its first poll at once
+ * (aiob_runtime_hosted_call): a task that is done at once gives an
+ * awaitable that is already done, and `await` does not yield.
+ *
+ * The runtime closes with the loop: the first local spawn puts a close
+ * hook on the loop object (an instance attribute `close`), which drops the
+ * local tasks and closes every handle before the loop's own close. uvloop
+ * takes any open handle's `data` for one of its own objects when it
+ * closes, so in shared form that hook is required: a loop that cannot take
+ * it (no instance dict) runs the asyncio form. A loop collected without
+ * close() has its runtime shut down when the bridge next looks at its
+ * hosts, or when the bridge goes. */
+#include "bridge_internal.h"
+
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+/* Defined by the uv backend when the extension links it (backends/uv):
+ * 1 when the libuv of the module at `object` (its path), reporting
+ * `version`, is the one the backend uses; else 0 with the reason in why. */
+extern int aiob__uv_shareable(const char *object, unsigned version, char *why,
+                              size_t n) __attribute__((weak));
+
+/* ---- The asyncio backend ----------------------------------------------- */
+
+/* One hosted loop on an asyncio loop. Its memory belongs to `self`, a
+ * capsule that the Python callbacks it hands to the loop are bound to, so
+ * a callback that runs after the loop closed finds `closed` set. */
+typedef struct asy {
+  aiob_loop *core;
+  PyObject *loop; /* borrowed: the runtime closes before the loop goes */
+  PyObject *self; /* the capsule (a reference while open) */
+  PyObject *dispatch_cb, *wake_cb, *timer_cb;
+  PyObject *timer; /* the armed TimerHandle, or NULL */
+  pthread_t thread;
+  int efd;    /* wakes from other threads */
+  int reader; /* efd is watched */
+  int kicked; /* a call_soon dispatch is queued (loop thread) */
+  int closed; /* loop_close ran */
+  PyObject *s_call_soon, *s_call_at, *s_time, *s_cancel, *s_add_reader,
+      *s_remove_reader, *s_add_writer, *s_remove_writer;
+} asy;
+
+typedef struct asy_io {
+  asy *a;
+  PyObject *self; /* its capsule, while watched */
+  PyObject *read_cb, *write_cb;
+  int fd;
+  unsigned events;
+  void *token;
+  int closed;
+} asy_io;
+
+static void asy_free(PyObject *cap) { free(PyCapsule_GetPointer(cap, NULL)); }
+
+static PyObject *asy_call(asy *a, PyObject *name, PyObject *x, PyObject *y) {
+  return PyObject_CallMethodObjArgs(a->loop, name, x, y, NULL);
+}
+
+/* A Python error inside a slot: it goes to the loop's handler's stand-in
+ * (unraisable) and the slot fails. */
+static int asy_failed(PyObject *where) {
+  PyErr_WriteUnraisable(where);
+  return AIOB_EIO;
+}
+
+static PyObject *asy_dispatch(PyObject *self, PyObject *unused) {
+  (void)unused;
+  asy *a = PyCapsule_GetPointer(self, NULL);
+  a->kicked = 0;
+  if (!a->closed)
+    aiob_backend_dispatch(a->core);
+  Py_RETURN_NONE;
+}
+
+static PyObject *asy_wake_ready(PyObject *self, PyObject *unused) {
+  (void)unused;
+  asy *a = PyCapsule_GetPointer(self, NULL);
+  uint64_t v;
+  while (read(a->efd, &v, sizeof v) > 0)
+    ;
+  if (!a->closed)
+    aiob_backend_dispatch(a->core);
+  Py_RETURN_NONE;
+}
+
+static PyObject *asy_timer_fired(PyObject *self, PyObject *unused) {
+  (void)unused;
+  asy *a = PyCapsule_GetPointer(self, NULL);
+  if (a->closed)
+    Py_RETURN_NONE;
+  Py_CLEAR(a->timer);
+  aiob_backend_timer_expired(a->core);
+  Py_RETURN_NONE;
+}
+
+static PyMethodDef asy_dispatch_def = {"dispatch", asy_dispatch, METH_NOARGS,
+                                       NULL};
+static PyMethodDef asy_wake_def = {"wake", asy_wake_ready, METH_NOARGS, NULL};
+static PyMethodDef asy_timer_def = {"timer", asy_timer_fired, METH_NOARGS,
+                                    NULL};
+
+static int asy_loop_init(aiob_loop *core, const aiob_backend_options *opts,
+                         void **out) {
+  asy *a = calloc(1, sizeof *a);
+  if (!a)
+    return AIOB_ENOMEM;
+  a->core = core;
+  a->loop = opts->host;
+  a->thread = pthread_self();
+  a->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (a->efd < 0) {
+    int rc = -errno;
+    free(a);
+    return rc;
+  }
+  a->self = PyCapsule_New(a, NULL, asy_free);
+  if (!a->self) {
+    close(a->efd);
+    free(a);
+    PyErr_Clear();
+    return AIOB_ENOMEM;
+  }
+  a->dispatch_cb = PyCFunction_New(&asy_dispatch_def, a->self);
+  a->wake_cb = PyCFunction_New(&asy_wake_def, a->self);
+  a->timer_cb = PyCFunction_New(&asy_timer_def, a->self);
+  a->s_call_soon = PyUnicode_InternFromString("call_soon");
+  a->s_call_at = PyUnicode_InternFromString("call_at");
+  a->s_time = PyUnicode_InternFromString("time");
+  a->s_cancel = PyUnicode_InternFromString("cancel");
+  a->s_add_reader = PyUnicode_InternFromString("add_reader");
+  a->s_remove_reader = PyUnicode_InternFromString("remove_reader");
+  a->s_add_writer = PyUnicode_InternFromString("add_writer");
+  a->s_remove_writer = PyUnicode_InternFromString("remove_writer");
+  PyObject *fd = PyLong_FromLong(a->efd);
+  PyObject *r = NULL;
+  if (a->dispatch_cb && a->wake_cb && a->timer_cb && a->s_call_soon &&
+      a->s_call_at && a->s_time && a->s_cancel && a->s_add_reader &&
+      a->s_remove_reader && a->s_add_writer && a->s_remove_writer && fd)
+    r = asy_call(a, a->s_add_reader, fd, a->wake_cb);
+  Py_XDECREF(fd);
+  if (!r) {
+    PyErr_Clear();
+    a->closed = 1;
+    close(a->efd);
+    Py_XDECREF(a->dispatch_cb);
+    Py_XDECREF(a->wake_cb);
+    Py_XDECREF(a->timer_cb);
+    Py_DECREF(a->self); /* frees a; the names are interned for good */
+    return AIOB_EIO;
+  }
+  Py_DECREF(r);
+  a->reader = 1;
+  *out = a;
+  return 0;
+}
+
+static void asy_loop_close(void *p) {
+  asy *a = p;
+  PyGILState_STATE g = PyGILState_Ensure();
+  a->closed = 1;
+  if (a->timer) {
+    PyObject *r = PyObject_CallMethodNoArgs(a->timer, a->s_cancel);
+    Py_XDECREF(r);
+    Py_CLEAR(a->timer);
+  }
+  if (a->reader) {
+    PyObject *c = PyObject_CallMethod(a->loop, "is_closed", NULL);
+    if (c == Py_False) {
+      PyObject *fd = PyLong_FromLong(a->efd);
+      PyObject *r = fd ? asy_call(a, a->s_remove_reader, fd, NULL) : NULL;
+      Py_XDECREF(r);
+      Py_XDECREF(fd);
+    }
+    Py_XDECREF(c);
+    PyErr_Clear();
+  }
+  close(a->efd);
+  Py_CLEAR(a->dispatch_cb);
+  Py_CLEAR(a->wake_cb);
+  Py_CLEAR(a->timer_cb);
+  Py_DECREF(a->self); /* a lives on while a queued callback holds it */
+  PyGILState_Release(g);
+}
+
+static int asy_run(void *p, unsigned flags) {
+  (void)p;
+  (void)flags;
+  return AIOB_ENOTSUP; /* hosted: the asyncio loop runs */
+}
+
+static int asy_wake(void *p) {
+  asy *a = p;
+  if (pthread_equal(a->thread, pthread_self()) && PyGILState_Check()) {
+    if (a->kicked || a->closed)
+      return 0;
+    PyObject *r = asy_call(a, a->s_call_soon, a->dispatch_cb, NULL);
+    if (r) {
+      a->kicked = 1;
+      Py_DECREF(r);
+      return 0;
+    }
+    PyErr_Clear(); /* a closed loop: fall back to the eventfd */
+  }
+  uint64_t one = 1;
+  if (write(a->efd, &one, sizeof one) < 0 && errno != EAGAIN)
+    return -errno;
+  return 0;
+}
+
+static int asy_timer_start(void *p, uint64_t timeout_ns) {
+  asy *a = p;
+  if (a->timer) {
+    PyObject *r = PyObject_CallMethodNoArgs(a->timer, a->s_cancel);
+    Py_XDECREF(r);
+    Py_CLEAR(a->timer);
+  }
+  PyObject *now = PyObject_CallMethodNoArgs(a->loop, a->s_time);
+  if (!now)
+    return asy_failed(a->loop);
+  double at = PyFloat_AsDouble(now) + (double)timeout_ns / 1e9;
+  Py_DECREF(now);
+  PyObject *when = PyFloat_FromDouble(at);
+  a->timer = when ? asy_call(a, a->s_call_at, when, a->timer_cb) : NULL;
+  Py_XDECREF(when);
+  return a->timer ? 0 : asy_failed(a->loop);
+}
+
+static void asy_timer_stop(void *p) {
+  asy *a = p;
+  if (a->timer) {
+    PyObject *r = PyObject_CallMethodNoArgs(a->timer, a->s_cancel);
+    if (!r)
+      PyErr_Clear();
+    Py_XDECREF(r);
+    Py_CLEAR(a->timer);
+  }
+}
+
+static void asy_io_free(PyObject *cap) {
+  free(PyCapsule_GetPointer(cap, NULL));
+}
+
+static PyObject *asy_io_fired(PyObject *self, unsigned revents) {
+  asy_io *io = PyCapsule_GetPointer(self, NULL);
+  if (!io->closed && !io->a->closed)
+    aiob_backend_io_ready(io->token, revents);
+  Py_RETURN_NONE;
+}
+
+static PyObject *asy_io_readable(PyObject *self, PyObject *unused) {
+  (void)unused;
+  return asy_io_fired(self, AIOB_READABLE);
+}
+
+static PyObject *asy_io_writable(PyObject *self, PyObject *unused) {
+  (void)unused;
+  return asy_io_fired(self, AIOB_WRITABLE);
+}
+
+static PyMethodDef asy_read_def = {"readable", asy_io_readable, METH_NOARGS,
+                                   NULL};
+static PyMethodDef asy_write_def = {"writable", asy_io_writable, METH_NOARGS,
+                                    NULL};
+
+/* Watches io's fd for `events`, from what it watches now. */
+static int asy_io_set(asy_io *io, unsigned events) {
+  asy *a = io->a;
+  PyObject *fd = PyLong_FromLong(io->fd);
+  if (!fd)
+    return asy_failed(a->loop);
+  int rc = 0;
+  struct {
+    unsigned bit;
+    PyObject *add, *remove, *cb;
+  } dirs[2] = {
+      {AIOB_READABLE, a->s_add_reader, a->s_remove_reader, io->read_cb},
+      {AIOB_WRITABLE, a->s_add_writer, a->s_remove_writer, io->write_cb},
+  };
+  for (int i = 0; i < 2 && rc == 0; i++) {
+    unsigned bit = dirs[i].bit;
+    if ((events & bit) == (io->events & bit))
+      continue;
+    PyObject *r = events & bit ? asy_call(a, dirs[i].add, fd, dirs[i].cb)
+                               : asy_call(a, dirs[i].remove, fd, NULL);
+    if (!r)
+      rc = asy_failed(a->loop);
+    else
+      io->events ^= bit;
+    Py_XDECREF(r);
+  }
+  Py_DECREF(fd);
+  return rc;
+}
+
+static int asy_io_start(void *p, int fd, unsigned events, void *token,
+                        void **out) {
+  asy *a = p;
+  asy_io *io = calloc(1, sizeof *io);
+  if (!io)
+    return AIOB_ENOMEM;
+  io->a = a;
+  io->fd = fd;
+  io->token = token;
+  io->self = PyCapsule_New(io, NULL, asy_io_free);
+  if (!io->self) {
+    free(io);
+    PyErr_Clear();
+    return AIOB_ENOMEM;
+  }
+  io->read_cb = PyCFunction_New(&asy_read_def, io->self);
+  io->write_cb = PyCFunction_New(&asy_write_def, io->self);
+  int rc = io->read_cb && io->write_cb ? asy_io_set(io, events) : AIOB_ENOMEM;
+  if (rc < 0) {
+    PyErr_Clear();
+    asy_io_set(io, 0);
+    Py_XDECREF(io->read_cb);
+    Py_XDECREF(io->write_cb);
+    Py_DECREF(io->self);
+    return rc;
+  }
+  *out = io;
+  return 0;
+}
+
+static int asy_io_modify(void *p, void *handle, unsigned events) {
+  (void)p;
+  return asy_io_set(handle, events);
+}
+
+static void asy_io_stop(void *p, void *handle) {
+  asy *a = p;
+  asy_io *io = handle;
+  io->closed = 1;
+  PyObject *c = PyObject_CallMethod(a->loop, "is_closed", NULL);
+  if (c == Py_False && asy_io_set(io, 0) < 0)
+    PyErr_Clear();
+  Py_XDECREF(c);
+  PyErr_Clear();
+  Py_CLEAR(io->read_cb);
+  Py_CLEAR(io->write_cb);
+  Py_DECREF(io->self);
+}
+
+static void *asy_native(void *p) { return ((asy *)p)->loop; }
+
+static const aiob_backend asyncio_backend = {
+    .abi_major = AIOB_BACKEND_ABI_MAJOR,
+    .size = sizeof(aiob_backend),
+    .name = "asyncio",
+    .loop_init = asy_loop_init,
+    .loop_close = asy_loop_close,
+    .run = asy_run,
+    .wake = asy_wake,
+    .timer_start = asy_timer_start,
+    .timer_stop = asy_timer_stop,
+    .io_start = asy_io_start,
+    .io_modify = asy_io_modify,
+    .io_stop = asy_io_stop,
+    .native = asy_native,
+};
+
+/* ---- Hosts: the hosted runtime of each loop ---------------------------- */
+
+typedef struct host {
+  aiob_runtime *rt;
+  pthread_t thread;
+  int shared;
+  char reason[256];   /* why the asyncio form ("" when shared) */
+  PyObject *loop_ref; /* weak */
+} host;
+
+static void host_close(host *h) {
+  if (!h->rt)
+    return;
+  aiob_runtime *rt = h->rt;
+  h->rt = NULL;
+  Py_BEGIN_ALLOW_THREADS; /* its blocking workers, if any, are waited for */
+  /* The GIL is taken back by the slots that need it (asyncio form). */
+  aiob_runtime_shutdown(rt);
+  Py_END_ALLOW_THREADS;
+  aiob_runtime_free(rt);
+}
+
+static void host_free(PyObject *cap) {
+  host *h = PyCapsule_GetPointer(cap, NULL);
+  host_close(h);
+  Py_XDECREF(h->loop_ref);
+  free(h);
+}
+
+/* Shuts down the hosts of loops that are gone or closed (GIL). */
+static void prune_hosts(aiob_py_bridge *b) {
+  PyObject *items = PyDict_Items(b->hosts);
+  for (Py_ssize_t i = 0; items && i < PyList_GET_SIZE(items); i++) {
+    PyObject *key = PyTuple_GET_ITEM(PyList_GET_ITEM(items, i), 0);
+    PyObject *loop = PyWeakref_GetObject(key);
+    PyObject *c = loop && loop != Py_None
+                      ? PyObject_CallMethod(loop, "is_closed", NULL)
+                      : NULL;
+    if (c != Py_False)
+      PyDict_DelItem(b->hosts, key); /* the capsule's end shuts it down */
+    Py_XDECREF(c);
+    PyErr_Clear();
+  }
+  Py_XDECREF(items);
+  PyErr_Clear();
+}
+
+/* loop.close as an instance attribute: the host goes first. */
+static PyObject *host_close_hook(PyObject *self, PyObject *unused) {
+  (void)unused;
+  host *h = PyCapsule_GetPointer(self, NULL);
+  PyObject *loop = PyWeakref_GetObject(h->loop_ref);
+  if (!loop || loop == Py_None)
+    Py_RETURN_NONE;
+  Py_INCREF(loop);
+  PyObject *running = PyObject_CallMethod(loop, "is_running", NULL);
+  if (running != Py_False) { /* the loop's own close raises for this */
+    Py_XDECREF(running);
+    PyErr_Clear();
+  } else {
+    Py_DECREF(running);
+    host_close(h);
+    PyObject *d = PyObject_GenericGetDict(loop, NULL);
+    if (d && PyDict_GetItemString(d, "close") &&
+        PyDict_DelItemString(d, "close") < 0)
+      PyErr_Clear();
+    Py_XDECREF(d);
+    PyErr_Clear();
+  }
+  PyObject *close = PyObject_GetAttrString((PyObject *)Py_TYPE(loop), "close");
+  PyObject *r = close ? PyObject_CallOneArg(close, loop) : NULL;
+  Py_XDECREF(close);
+  Py_DECREF(loop);
+  return r;
+}
+
+static PyMethodDef host_close_def = {"close", host_close_hook, METH_NOARGS,
+                                     "Closes the loop-local C tasks of "
+                                     "aiobridge, then the loop."};
+
+/* Installs the close hook; 0, or -1 (no exception) when the loop takes no
+ * instance attribute. */
+static int hook_close(PyObject *loop, PyObject *cap) {
+  PyObject *fn = PyCFunction_New(&host_close_def, cap);
+  if (!fn || PyObject_SetAttrString(loop, "close", fn) < 0) {
+    Py_XDECREF(fn);
+    PyErr_Clear();
+    return -1;
+  }
+  Py_DECREF(fn);
+  return 0;
+}
+
+/* uvloop's uv_loop_t if `loop` can be shared with the uv backend of this
+ * extension, else NULL with the reason in h->reason (GIL). */
+static void *shareable(aiob_py_bridge *b, PyObject *loop, host *h) {
+  const char *env = getenv("AIOBRIDGE_LOCAL_SHARED");
+  if (env && strcmp(env, "0") == 0) {
+    snprintf(h->reason, sizeof h->reason, "AIOBRIDGE_LOCAL_SHARED=0");
+    return NULL;
+  }
+  PyObject *mods = PyImport_GetModuleDict();
+  PyObject *uvl = mods ? PyDict_GetItemString(mods, "uvloop.loop") : NULL;
+  PyObject *cls = uvl ? PyObject_GetAttrString(uvl, "Loop") : NULL;
+  int is = cls ? PyObject_IsInstance(loop, cls) : 0;
+  Py_XDECREF(cls);
+  PyErr_Clear();
+  if (is != 1) {
+    snprintf(h->reason, sizeof h->reason, "the loop is not a uvloop.Loop");
+    return NULL;
+  }
+  aiob_runtime *rt = aiob__py_bridge_runtime(b);
+  if (!rt) {
+    PyErr_Clear();
+    snprintf(h->reason, sizeof h->reason, "the runtime did not start");
+    return NULL;
+  }
+  int uv = strcmp(aiob_runtime_backend_name(rt), "uv") == 0;
+  aiob_runtime_release(rt);
+  if (!uv || !aiob__uv_shareable) {
+    snprintf(h->reason, sizeof h->reason,
+             "this extension's runtime does not use the uv backend");
+    return NULL;
+  }
+  PyObject *ver = PyObject_CallMethod(uvl, "libuv_get_version", NULL);
+  PyObject *cap = PyObject_CallMethod(uvl, "libuv_get_loop_t_ptr", "O", loop);
+  PyObject *file = PyObject_GetAttrString(uvl, "__file__");
+  void *uvloop_t =
+      cap && PyCapsule_CheckExact(cap) ? PyCapsule_GetPointer(cap, NULL) : NULL;
+  const char *path = file ? PyUnicode_AsUTF8(file) : NULL;
+  unsigned long v = ver ? PyLong_AsUnsignedLong(ver) : 0;
+  PyErr_Clear();
+  if (!uvloop_t || !path || !ver) {
+    snprintf(h->reason, sizeof h->reason,
+             "uvloop does not expose its uv_loop_t and libuv version");
+    uvloop_t = NULL;
+  } else if (!aiob__uv_shareable(path, (unsigned)v, h->reason,
+                                 sizeof h->reason)) {
+    uvloop_t = NULL;
+  }
+  Py_XDECREF(ver);
+  Py_XDECREF(cap);
+  Py_XDECREF(file);
+  return uvloop_t;
+}
+
+/* The host of the running `loop`, made on first use (borrowed; GIL; on
+ * the loop's thread). NULL with an exception set. */
+static host *host_for(aiob_py_bridge *b, PyObject *loop) {
+  PyObject *ref = PyWeakref_NewRef(loop, NULL);
+  if (!ref)
+    return NULL;
+  PyObject *cap = PyDict_GetItemWithError(b->hosts, ref);
+  if (cap || PyErr_Occurred()) {
+    Py_DECREF(ref);
+    host *h = cap ? PyCapsule_GetPointer(cap, NULL) : NULL;
+    if (h && !h->rt) {
+      PyErr_SetString(b->shutdown_error,
+                      "aiobridge: the loop's local tasks were shut down");
+      return NULL;
+    }
+    if (h && !pthread_equal(h->thread, pthread_self())) {
+      PyErr_SetString(PyExc_RuntimeError,
+                      "aiobridge: loop-local C tasks of this loop run on the "
+                      "thread that first ran one");
+      return NULL;
+    }
+    return h;
+  }
+  prune_hosts(b);
+  host *h = calloc(1, sizeof *h);
+  if (!h) {
+    Py_DECREF(ref);
+    PyErr_NoMemory();
+    return NULL;
+  }
+  h->thread = pthread_self();
+  h->loop_ref = ref;
+  cap = PyCapsule_New(h, NULL, host_free);
+  if (!cap) {
+    Py_DECREF(ref);
+    free(h);
+    return NULL;
+  }
+  aiob_runtime_config cfg;
+  aiob_runtime_config_init(&cfg);
+  void *uvl = shareable(b, loop, h);
+  int hooked = hook_close(loop, cap) == 0;
+  if (uvl && hooked) {
+    cfg.backend = "uv";
+    cfg.backend_options.host = uvl;
+    h->shared = 1;
+  } else {
+    if (uvl)
+      snprintf(h->reason, sizeof h->reason,
+               "the loop takes no close hook (no instance attributes)");
+    cfg.backend_table = &asyncio_backend;
+    cfg.backend_options.host = loop;
+  }
+  int rc = aiob_runtime_new_hosted(&h->rt, &cfg);
+  if (rc < 0 && h->shared) { /* fall back to the asyncio form */
+    snprintf(h->reason, sizeof h->reason,
+             "libuv refused the shared loop's handles: %s", aiob_strerror(rc));
+    h->shared = 0;
+    cfg.backend = NULL;
+    cfg.backend_table = &asyncio_backend;
+    cfg.backend_options.host = loop;
+    rc = aiob_runtime_new_hosted(&h->rt, &cfg);
+  }
+  if (rc < 0 || PyDict_SetItem(b->hosts, ref, cap) < 0) {
+    if (rc < 0 && !PyErr_Occurred())
+      PyErr_Format(PyExc_OSError, "aiobridge: cannot run loop-local tasks: %s",
+                   aiob_strerror(rc));
+    if (hooked) {
+      PyObject *d = PyObject_GenericGetDict(loop, NULL);
+      if (d && PyDict_DelItemString(d, "close") < 0)
+        PyErr_Clear();
+      Py_XDECREF(d);
+    }
+    Py_DECREF(cap);
+    return NULL;
+  }
+  Py_DECREF(cap); /* the dict holds it */
+  return h;
+}
+
+/* ---- Spawning ----------------------------------------------------------- */
+
+struct spawn_call {
+  int (*fn)(aiob_runtime *rt, void *arg);
+  void *arg;
+  aiob_runtime *rt;
+};
+
+static int spawn_trampoline(void *arg) {
+  struct spawn_call *c = arg;
+  return c->fn(c->rt, c->arg);
+}
+
+int aiob__py_local_spawn(aiob_py_bridge *b, PyObject *loop,
+                         int (*fn)(aiob_runtime *rt, void *arg), void *arg) {
+  host *h = host_for(b, loop);
+  if (!h)
+    return -1;
+  struct spawn_call c = {fn, arg, h->rt};
+  int rc = aiob_runtime_hosted_call(h->rt, spawn_trampoline, &c);
+  if (rc < 0 && !PyErr_Occurred()) {
+    if (rc == AIOB_ESHUTDOWN)
+      PyErr_SetString(b->shutdown_error,
+                      "aiobridge: the loop's local tasks were shut down");
+    else
+      PyErr_Format(PyExc_OSError, "aiobridge: cannot spawn: %s",
+                   aiob_strerror(rc));
+  }
+  return rc < 0 ? -1 : 0;
+}
+
+void aiob__py_local_close_all(aiob_py_bridge *b) {
+  if (b->hosts)
+    PyDict_Clear(b->hosts);
+}
+
+PyObject *aiob_py_local_info(aiob_py_bridge *b) {
+  PyObject *loop = aiob__py_running_loop(b);
+  if (!loop) {
+    if (!PyErr_Occurred())
+      PyErr_SetString(PyExc_RuntimeError, "no running event loop");
+    return NULL;
+  }
+  PyObject *ref = PyWeakref_NewRef(loop, NULL);
+  Py_DECREF(loop);
+  PyObject *cap = ref ? PyDict_GetItemWithError(b->hosts, ref) : NULL;
+  Py_XDECREF(ref);
+  if (!cap && PyErr_Occurred())
+    return NULL;
+  host *h = cap ? PyCapsule_GetPointer(cap, NULL) : NULL;
+  if (!h || !h->rt)
+    return Py_BuildValue("{s:O,s:O,s:n}", "mode", Py_None, "reason", Py_None,
+                         "tasks_live", (Py_ssize_t)0);
+  aiob_runtime_stats st;
+  aiob_runtime_stats_get(h->rt, &st);
+  return Py_BuildValue("{s:s,s:s,s:K}", "mode",
+                       h->shared ? "shared" : "asyncio", "reason",
+                       h->shared ? NULL : h->reason, "tasks_live",
+                       (unsigned long long)st.tasks_live);
+}
