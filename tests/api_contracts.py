@@ -49,6 +49,8 @@ THREAD_PHRASES = [
      "armed it"),
     ("Loop thread of <x> only", "only on the loop thread that owns the "
      "object named, such as a ring"),
+    ("Host thread only", "only on the host thread of a hosted runtime: "
+     "the thread that created it, which runs its host loop"),
     ("With the GIL", "Python bridge: the caller holds the GIL"),
     ("GIL held", "Python bridge: the caller holds the GIL"),
     ("No GIL needed", "Python bridge: callable without the GIL, e.g. from "

@@ -10,11 +10,12 @@ out. --write puts the counts into the table instead of checking them.
 import re
 import sys
 
-ROWS = [  # (the function, the table row's first cell)
-    ("resolve", "1. a callback API"),
-    ("checksum", "2. blocking C work"),
-    ("double_of", "3. awaiting Python"),
-    ("sleep", "a task of your own"),
+ROWS = [  # (the section, the table row's first cell, the function counted)
+    ("resolve", "1. a callback API", "guide_resolve"),
+    ("checksum", "2. blocking C work", "guide_checksum"),
+    ("double_of", "3. awaiting Python", "guide_double_of"),
+    # guide_sleep and guide_local_sleep are one line each around nap().
+    ("sleep", "a task of your own", "nap"),
 ]
 
 
@@ -23,11 +24,11 @@ def code_lines(text):
     return sum(1 for line in text.splitlines() if line.strip())
 
 
-def counts(src, name):
+def counts(src, name, func):
     section = re.search(r"^/\* ---- %s\(.*?(?=^/\* ---- |\Z)" % re.escape(name), src, re.M | re.S)
-    fn = re.search(r"^static PyObject \*guide_%s\(.*?^\}$" % re.escape(name), src, re.M | re.S)
+    fn = re.search(r"^static PyObject \*%s\(.*?^\}$" % re.escape(func), src, re.M | re.S)
     if not section or not fn:
-        raise SystemExit(f"guide_{name} or its section not found")
+        raise SystemExit(f"{func} or the section of {name} not found")
     body = section.group(0).split("\n", 1)[1]  # without the header
     return len(fn.group(0).splitlines()), code_lines(body)
 
@@ -39,8 +40,8 @@ def main(argv):
     doc = open(argv[1], encoding="utf-8").read()
     src = open(argv[2], encoding="utf-8").read()
     bad = 0
-    for name, row in ROWS:
-        fn, everything = counts(src, name)
+    for name, row, func in ROWS:
+        fn, everything = counts(src, name, func)
         pat = re.compile(r"^(\| %s \|[^|]*\| )(\d+)( \| )(\d+)( \|)$" % re.escape(row), re.M)
         m = pat.search(doc)
         if not m:

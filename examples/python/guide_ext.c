@@ -205,7 +205,12 @@ static aiob_poll nap_poll(aiob_task *self, void *sleep) {
 static const aiob_task_vtable nap_vt = {
     .poll = nap_poll, .drop = free, .name = "aiobridge_guide.sleep"};
 
-static PyObject *guide_sleep(PyObject *module, PyObject *seconds) {
+/* Starts the nap with `spawn`: aiob_py_future_into_py runs it on the
+ * runtime, aiob_py_local_future_into_py on the asyncio loop's own thread. */
+static PyObject *nap(PyObject *module, PyObject *seconds,
+                     PyObject *(*spawn)(aiob_py_bridge *,
+                                        const aiob_task_vtable *, void *,
+                                        aiob_py_converter)) {
   uint64_t ns; /* inf: forever; NaN or negative: ValueError */
   if (aiob_py_duration_ns(seconds, 1e9, &ns) < 0)
     return NULL;
@@ -213,10 +218,20 @@ static PyObject *guide_sleep(PyObject *module, PyObject *seconds) {
   if (!s)
     return PyErr_NoMemory();
   aiob_sleep_init(s, ns); /* counted from the first poll */
-  PyObject *aw = aiob_py_future_into_py(bridge_of(module), &nap_vt, s, NULL);
+  PyObject *aw = spawn(bridge_of(module), &nap_vt, s, NULL);
   if (!aw)
     free(s);
   return aw;
+}
+
+static PyObject *guide_sleep(PyObject *module, PyObject *seconds) {
+  return nap(module, seconds, aiob_py_future_into_py);
+}
+
+/* ---- local_sleep(seconds): the same task, loop-local -------------------- */
+
+static PyObject *guide_local_sleep(PyObject *module, PyObject *seconds) {
+  return nap(module, seconds, aiob_py_local_future_into_py);
 }
 
 /* ---- The module: multi-phase init, the bridge in its state -------------- */
@@ -228,6 +243,8 @@ static PyMethodDef guide_methods[] = {
     {"double_of", guide_double_of, METH_O,
      "Awaitable: C awaits the coroutine and returns twice its result."},
     {"sleep", guide_sleep, METH_O, "Awaitable: None after a C timer."},
+    {"local_sleep", guide_local_sleep, METH_O,
+     "Awaitable: None after a C timer of the asyncio loop's own thread."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -141,9 +141,9 @@ AIOB_API void aiob_backend_io_ready(void *token, unsigned revents);
  * on a hosted loop also run what became ready. All other slots are called
  * on the host thread. */
 
-/* Called by a hosted loop's backend, on the host thread, when its wake
- * fired: runs what is ready, as aiob_runtime_hosted_dispatch. Returns what
- * that returns. */
+/* Called by a hosted loop's backend when its wake fired: runs what is
+ * ready, as aiob_runtime_hosted_dispatch. Host thread only. Returns what
+ * that returns, or AIOB_EINVAL for a loop that is not hosted. */
 AIOB_API int aiob_backend_dispatch(aiob_loop *core);
 
 /* Checks that a table can be used by this core: ABI major, size, name and

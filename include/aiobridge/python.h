@@ -116,8 +116,9 @@ PyObject *aiob_py_future_into_py(aiob_py_bridge *b, const aiob_task_vtable *vt,
  * - "shared": the loop is a uvloop.Loop whose libuv is the very library
  *   (and version) this extension's uv backend uses, and the extension's
  *   runtime uses the uv backend. Local tasks then run as libuv handles on
- *   uvloop's own uv_loop_t (aiob_task_native gives it), polled without the
- *   GIL; every handle is closed before the loop closes.
+ *   uvloop's own uv_loop_t (aiob_runtime_native of aiob_task_runtime(self)
+ *   gives it), polled without the GIL; every handle is closed before the
+ *   loop closes.
  * - "asyncio": any other loop (or AIOBRIDGE_LOCAL_SHARED=0). Timers are
  *   loop.call_at, fd waits add_reader / add_writer, and polls run in those
  *   callbacks, with the GIL.

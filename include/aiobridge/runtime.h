@@ -83,15 +83,16 @@ AIOB_API int aiob_runtime_new(aiob_runtime **out,
  * runtime. */
 
 /* Creates a hosted runtime on the calling thread, which becomes its host
- * thread, and initialises its loop there. cfg->threads is ignored (one
+ * thread, and initialises its loop there (Thread-safe: any thread may
+ * host one). cfg->threads is ignored (one
  * loop), and so is cfg->spin_us (a host never spins). Errors as
  * aiob_runtime_new, but nothing is started. Free it with
  * aiob_runtime_free, after aiob_runtime_shutdown. */
 AIOB_API int aiob_runtime_new_hosted(aiob_runtime **out,
                                      const aiob_runtime_config *cfg);
 
-/* Host thread: runs what is ready on the hosted runtime (a bounded batch of
- * ready tasks, then due timers), then rearms its timer. Called again from
+/* Host thread only: runs what is ready on the hosted runtime (a bounded batch
+ * of ready tasks, then due timers), then rearms its timer. Called again from
  * inside such a run (a task's poll calling back into the host), it does
  * nothing: the outer run goes on. Returns 1 when ready work is left (the
  * backend was asked for another dispatch), 0 when nothing is ready,
@@ -99,7 +100,7 @@ AIOB_API int aiob_runtime_new_hosted(aiob_runtime **out,
  * thread) or AIOB_ESHUTDOWN. */
 AIOB_API int aiob_runtime_hosted_dispatch(aiob_runtime *rt);
 
-/* Host thread: calls fn(arg) as if it ran on the loop (aiob_spawn onto rt
+/* Host thread only: calls fn(arg) as if it ran on the loop (aiob_spawn onto rt
  * from fn queues the task without waking the backend), then runs what is
  * ready, as aiob_runtime_hosted_dispatch: a task spawned by fn gets its
  * first poll before this returns. Inside a running dispatch, fn's tasks
