@@ -241,6 +241,7 @@ extern PyType_Spec aiob__py_port_spec;
 void aiob__py_port_ref(port *p);
 void aiob__py_port_unref(port *p);
 bool aiob__py_port_push(port *p, item *it);
+PyObject *aiob__py_weakref_get(PyObject *ref);
 pyport *aiob__py_port_for(aiob_py_bridge *b, PyObject *loop, int on_thread);
 void aiob__py_close_all_ports(aiob_py_bridge *b);
 void aiob__py_ports_fail_shut(aiob_py_bridge *b);

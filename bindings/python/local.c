@@ -181,7 +181,7 @@ static void asy_loop_close(void *p) {
   PyGILState_STATE g = PyGILState_Ensure();
   a->closed = 1;
   if (a->timer) {
-    PyObject *r = PyObject_CallMethodNoArgs(a->timer, a->s_cancel);
+    PyObject *r = PyObject_CallMethodObjArgs(a->timer, a->s_cancel, NULL);
     Py_XDECREF(r);
     Py_CLEAR(a->timer);
   }
@@ -232,11 +232,11 @@ static int asy_wake(void *p) {
 static int asy_timer_start(void *p, uint64_t timeout_ns) {
   asy *a = p;
   if (a->timer) {
-    PyObject *r = PyObject_CallMethodNoArgs(a->timer, a->s_cancel);
+    PyObject *r = PyObject_CallMethodObjArgs(a->timer, a->s_cancel, NULL);
     Py_XDECREF(r);
     Py_CLEAR(a->timer);
   }
-  PyObject *now = PyObject_CallMethodNoArgs(a->loop, a->s_time);
+  PyObject *now = PyObject_CallMethodObjArgs(a->loop, a->s_time, NULL);
   if (!now)
     return asy_failed(a->loop);
   double at = PyFloat_AsDouble(now) + (double)timeout_ns / 1e9;
@@ -250,7 +250,7 @@ static int asy_timer_start(void *p, uint64_t timeout_ns) {
 static void asy_timer_stop(void *p) {
   asy *a = p;
   if (a->timer) {
-    PyObject *r = PyObject_CallMethodNoArgs(a->timer, a->s_cancel);
+    PyObject *r = PyObject_CallMethodObjArgs(a->timer, a->s_cancel, NULL);
     if (!r)
       PyErr_Clear();
     Py_XDECREF(r);
@@ -396,10 +396,9 @@ static void host_close(host *h) {
     return;
   aiob_runtime *rt = h->rt;
   h->rt = NULL;
-  Py_BEGIN_ALLOW_THREADS; /* its blocking workers, if any, are waited for */
-  /* The GIL is taken back by the slots that need it (asyncio form). */
+  /* With the GIL: the asyncio form's slots call the loop. A blocking job
+   * of a local task is waited for, so its fn must not need the GIL. */
   aiob_runtime_shutdown(rt);
-  Py_END_ALLOW_THREADS;
   aiob_runtime_free(rt);
 }
 
@@ -415,13 +414,12 @@ static void prune_hosts(aiob_py_bridge *b) {
   PyObject *items = PyDict_Items(b->hosts);
   for (Py_ssize_t i = 0; items && i < PyList_GET_SIZE(items); i++) {
     PyObject *key = PyTuple_GET_ITEM(PyList_GET_ITEM(items, i), 0);
-    PyObject *loop = PyWeakref_GetObject(key);
-    PyObject *c = loop && loop != Py_None
-                      ? PyObject_CallMethod(loop, "is_closed", NULL)
-                      : NULL;
+    PyObject *loop = aiob__py_weakref_get(key);
+    PyObject *c = loop ? PyObject_CallMethod(loop, "is_closed", NULL) : NULL;
     if (c != Py_False)
       PyDict_DelItem(b->hosts, key); /* the capsule's end shuts it down */
     Py_XDECREF(c);
+    Py_XDECREF(loop);
     PyErr_Clear();
   }
   Py_XDECREF(items);
@@ -432,10 +430,9 @@ static void prune_hosts(aiob_py_bridge *b) {
 static PyObject *host_close_hook(PyObject *self, PyObject *unused) {
   (void)unused;
   host *h = PyCapsule_GetPointer(self, NULL);
-  PyObject *loop = PyWeakref_GetObject(h->loop_ref);
-  if (!loop || loop == Py_None)
+  PyObject *loop = aiob__py_weakref_get(h->loop_ref);
+  if (!loop)
     Py_RETURN_NONE;
-  Py_INCREF(loop);
   PyObject *running = PyObject_CallMethod(loop, "is_running", NULL);
   if (running != Py_False) { /* the loop's own close raises for this */
     Py_XDECREF(running);

@@ -59,7 +59,7 @@ bool aiob__py_port_push(port *p, item *it) {
 }
 
 /* A new reference to the weakref's referent, or NULL if it is gone. */
-static PyObject *weakref_get(PyObject *ref) {
+PyObject *aiob__py_weakref_get(PyObject *ref) {
 #if PY_VERSION_HEX >= 0x030D0000
   PyObject *obj = NULL;
   if (PyWeakref_GetRef(ref, &obj) < 0)
@@ -80,7 +80,7 @@ static PyObject *weakref_get(PyObject *ref) {
  * set otherwise. */
 static PyObject *pyport_call(pyport *pp, PyObject *name, PyObject *arg1,
                              PyObject *arg2) {
-  PyObject *loop = weakref_get(pp->loop_ref);
+  PyObject *loop = aiob__py_weakref_get(pp->loop_ref);
   if (!loop) {
     if (!PyErr_Occurred())
       PyErr_SetString(PyExc_RuntimeError, "aiobridge: the loop is gone");
