@@ -310,7 +310,8 @@ static int cf_complete(aiob_py_bridge *b, cfut *f, int now) {
     } else {
       cf_set_current_exception(f);
     }
-  } else if (out.status == AIOB_ECANCELED && cf_runtime_shut(f)) {
+  } else if (out.status == AIOB_ECANCELED && !f->local && cf_runtime_shut(f)) {
+    /* (A loop-local task is dropped when its loop closes: a cancel.) */
     cf_set_shutdown_error(f, "aiobridge: the runtime was shut down");
   } else if (out.status == AIOB_ECANCELED) {
     CF_STATE(f) = CF_CANCELLED;
