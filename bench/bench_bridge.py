@@ -38,6 +38,20 @@ Bridge (aiobridge_demo)
                       share of samples blocked on a futex (how a GIL wait
                       looks) times the busy time is the time blocked.
 
+Every throughput row is followed by its CPU per op: the process CPU time
+(user + system of every thread: the Python thread, the runtime's loop
+threads, helper threads) of the timed repetitions over their operations.
+The bridge section also reports the CPU the process uses while idle after
+its work, and loop-local C tasks (local_ready(), local_await_py_n(),
+local_sleep_ms(); n/a with the reason when the demo module lacks them).
+
+Contention (--sections contention): sequential ready(), await_py_n, a
+gather and local_ready() with CPU per op, beside no load, 1 and 2 busy
+processes and one process with 2x CPUs busy threads, each with the spin on
+(library default) and off (AIOBRIDGE_SPIN_US=0), measured alternately
+beside the same load. Busy processes are killed at the end of their row
+and exit by themselves after HOG_LIMIT_S or once the benchmark is gone.
+
 Ops/s figures are medians over several repetitions (each repetition is sized
 to take a fixed time, after a warm-up); latencies are percentiles over all
 samples.
@@ -58,11 +72,14 @@ is estimated in its place.
 
 Usage: PYTHONPATH=<dir with aiobridge_demo> python3 bench/bench_bridge.py
        [--quick] [--loops asyncio,uvloop] [--backends uv,event,uring]
-       [--spin-us 0,50] [--json PATH]
+       [--spin-us 0,50] [--sections main,contention]
+       [--contention-loops asyncio] [--contention-loads none,1proc,2proc,over]
+       [--json PATH]
 """
 
 import argparse
 import asyncio
+import atexit
 import datetime
 import gc
 import json
@@ -89,6 +106,13 @@ FULL = {
     "gil_k": 100,          # timers of 1..K ms
     "gil_busy_ms": 150,    # busy spin, longer than the last timer
     "gil_rounds": 5,       # idle and busy rounds, alternated
+    "idle_s": 0.5,         # idle window after the work (CPU while idle)
+    # Contention rows (one worker per load, spin setting and round):
+    "c_reps": 3,           # repetitions of each figure (median)
+    "c_rep_s": 0.15,       # seconds per repetition
+    "c_gather_n": 10000,   # awaitables in the gather row
+    "c_rounds": 2,         # spin on/off pairs per load, order alternated
+    "c_idle_s": 0.3,
 }
 
 QUICK = {
@@ -102,6 +126,12 @@ QUICK = {
     "gil_k": 100,
     "gil_busy_ms": 150,
     "gil_rounds": 1,
+    "idle_s": 0.2,
+    "c_reps": 1,
+    "c_rep_s": 0.05,
+    "c_gather_n": 2000,
+    "c_rounds": 1,
+    "c_idle_s": 0.2,
 }
 
 # Timers later than the idle control's worst case by more than this count as
@@ -152,10 +182,18 @@ def vm_hwm_bytes():
 # ---------------------------------------------------------------------------
 # Measurement helpers (run inside a worker, on the loop thread)
 
+def cpu_ns():
+    """CPU time of this whole process (user + system, every thread: the
+    Python thread, the runtime's loop threads, helper threads), in ns."""
+    return time.process_time_ns()
+
+
 async def throughput(run_n, reps, rep_s):
     """Ops/s of `await run_n(n)` over reps repetitions: (median, slowest,
-    fastest). n is sized so that one call takes about rep_s seconds (found
-    by a warm-up that quadruples n until a call takes 20 ms)."""
+    fastest, CPU us per op). n is sized so that one call takes about rep_s
+    seconds (found by a warm-up that quadruples n until a call takes 20
+    ms). CPU per op is the process CPU time of the timed repetitions
+    divided by their operations."""
     n = 64
     while True:
         t0 = time.perf_counter_ns()
@@ -166,12 +204,15 @@ async def throughput(run_n, reps, rep_s):
         n *= 4
     n = max(1, int(n * rep_s * 1e9 / max(dt, 1)))
     rates = []
+    cpu = 0
     for _ in range(reps):
+        c0 = cpu_ns()
         t0 = time.perf_counter_ns()
         await run_n(n)
         dt = time.perf_counter_ns() - t0
+        cpu += cpu_ns() - c0
         rates.append(n * 1e9 / dt)
-    return median(rates), min(rates), max(rates)
+    return median(rates), min(rates), max(rates), cpu / 1e3 / (n * reps)
 
 
 async def latency_us(op, samples):
@@ -238,16 +279,20 @@ async def gather_ready(demo, n):
 
 
 async def gather_rate(gather_n, n, reps):
-    """Median ops/s of gather_n(n), after a warm-up gather."""
+    """(median ops/s, CPU us per op) of gather_n(n), after a warm-up
+    gather; CPU as in throughput()."""
     await gather_n(min(n, 1000))
     rates = []
+    cpu = 0
     for _ in range(reps):
         gc.collect()
+        c0 = cpu_ns()
         t0 = time.perf_counter_ns()
         await gather_n(n)
         dt = time.perf_counter_ns() - t0
+        cpu += cpu_ns() - c0
         rates.append(n * 1e9 / dt)
-    return median(rates)
+    return median(rates), cpu / 1e3 / (n * reps)
 
 
 async def measure(res, names, coro):
@@ -259,6 +304,9 @@ async def measure(res, names, coro):
             out = (out,)
         for name, v in zip(names, out):
             res[name] = v
+    except Absent as e:
+        for name in names:
+            res[name] = na(e)
     except Exception as e:  # an honest n/a, never a made-up figure
         for name in names:
             res[name] = na("%s: %s" % (type(e).__name__, e))
@@ -326,38 +374,43 @@ async def section_baseline(p):
             for _ in range(n):
                 await loop.run_in_executor(None, trivial)
 
-        await measure(res, ["sleep0_ops", "sleep0_ops_min", "sleep0_ops_max"],
+        await measure(res, ["sleep0_ops", "sleep0_ops_min", "sleep0_ops_max",
+                            "sleep0_cpu_us"],
                       throughput(sleep0_n, p["reps"], p["rep_s"]))
-        await measure(res, ["inloop_ops", "inloop_ops_min", "inloop_ops_max"],
+        await measure(res, ["inloop_ops", "inloop_ops_min", "inloop_ops_max",
+                            "inloop_cpu_us"],
                       throughput(inloop_n, p["reps"], p["rep_s"]))
         await measure(res, ["threadsafe_ops", "threadsafe_ops_min",
-                            "threadsafe_ops_max"],
+                            "threadsafe_ops_max", "threadsafe_cpu_us"],
                       throughput(threadsafe_n, p["reps"], p["rep_s"]))
         await measure(res, ["threadsafe_p50_us", "threadsafe_p99_us"],
                       latency_us(threadsafe_one, p["lat_samples"]))
         await measure(res, ["executor_ops", "executor_ops_min",
-                            "executor_ops_max"],
+                            "executor_ops_max", "executor_cpu_us"],
                       throughput(executor_n, p["reps"], p["rep_s"]))
         for n, reps in zip(p["gather_ns"], p["gather_reps"]):
-            await measure(res, ["gather_threadsafe_%d" % n], gather_rate(
-                lambda k: gather_threadsafe(helper, k), n, reps))
-            await measure(res, ["gather_inloop_%d" % n],
+            await measure(res, ["gather_threadsafe_%d" % n,
+                                "gather_threadsafe_%d_cpu_us" % n],
+                          gather_rate(lambda k: gather_threadsafe(helper, k),
+                                      n, reps))
+            await measure(res, ["gather_inloop_%d" % n,
+                                "gather_inloop_%d_cpu_us" % n],
                           gather_rate(gather_inloop, n, reps))
     finally:
         helper.stop()
     return res
 
 
-async def sleep_compare(demo, samples, block):
-    """p50 wall time (us) of sleep_ms(1) and asyncio.sleep(0.001), sampled
-    in alternating blocks (the first of each pair alternates too)."""
+async def sleep_compare(demo_sleep_ms, samples, block):
+    """p50 wall time (us) of demo_sleep_ms(1) and asyncio.sleep(0.001),
+    sampled in alternating blocks (the first of each pair alternates too)."""
     bridge, stock = [], []
 
     async def one_block(which, out):
         for _ in range(block):
             t0 = time.perf_counter_ns()
             if which == "bridge":
-                await demo.sleep_ms(1)
+                await demo_sleep_ms(1)
             else:
                 await asyncio.sleep(0.001)
             out.append(time.perf_counter_ns() - t0)
@@ -375,6 +428,20 @@ async def sleep_compare(demo, samples, block):
     b = percentile(bridge, 50) / 1e3
     s = percentile(stock, 50) / 1e3
     return b, s, b / s
+
+
+async def idle_cpu(idle_s):
+    """CPU time (ms) the whole process uses while its asyncio loop sleeps
+    idle_s after the work before it, and that as a share of the idle
+    wall time (%). An idle runtime must cost none: its loop threads block
+    (the spin stops after one miss)."""
+    await asyncio.sleep(0.05)  # the runtime's last spin ends
+    c0 = cpu_ns()
+    t0 = time.perf_counter_ns()
+    await asyncio.sleep(idle_s)
+    dt = time.perf_counter_ns() - t0
+    cpu = cpu_ns() - c0
+    return cpu / 1e6, 100.0 * cpu / dt
 
 
 def runtime_tids():
@@ -490,37 +557,278 @@ async def section_bridge(p):
     async def ready_one():
         await demo.ready()
 
-    def factory():
-        return asyncio.sleep(0)
+    async def sleep0_n(n):
+        for _ in range(n):
+            await asyncio.sleep(0)
 
-    async def await_py_n(n):
-        got = await demo.await_py_n(factory, n)
-        if got != n:
-            raise RuntimeError("await_py_n returned %r, not %d" % (got, n))
-
-    await measure(res, ["ready_ops", "ready_ops_min", "ready_ops_max"],
+    await measure(res, ["ready_ops", "ready_ops_min", "ready_ops_max",
+                        "ready_cpu_us"],
                   throughput(ready_n, p["reps"], p["rep_s"]))
     await measure(res, ["ready_p50_us", "ready_p99_us"],
                   latency_us(ready_one, p["lat_samples"]))
     for n, reps in zip(p["gather_ns"], p["gather_reps"]):
-        await measure(res, ["gather_ready_%d" % n],
+        await measure(res, ["gather_ready_%d" % n,
+                            "gather_ready_%d_cpu_us" % n],
                       gather_rate(lambda k: gather_ready(demo, k), n, reps))
     await measure(res, ["await_py_n_ops", "await_py_n_ops_min",
-                        "await_py_n_ops_max"],
-                  throughput(await_py_n, p["reps"], p["rep_s"]))
+                        "await_py_n_ops_max", "await_py_n_cpu_us"],
+                  throughput(await_py_n_runner(demo, "await_py_n"),
+                             p["reps"], p["rep_s"]))
     await measure(res, ["sleep_ms1_p50_us", "asyncio_sleep1_p50_us",
                         "sleep_ratio"],
-                  sleep_compare(demo, p["sleep_samples"], p["sleep_block"]))
+                  sleep_compare(demo.sleep_ms, p["sleep_samples"],
+                                p["sleep_block"]))
+    # Loop-local C tasks (no runtime thread), against asyncio itself in the
+    # same process.
+    await measure(res, ["sleep0_ops", "sleep0_ops_min", "sleep0_ops_max",
+                        "sleep0_cpu_us"],
+                  throughput(sleep0_n, p["reps"], p["rep_s"]))
+    await measure(res, ["local_ready_ops", "local_ready_ops_min",
+                        "local_ready_ops_max", "local_ready_cpu_us"],
+                  throughput_local(demo, "local_ready", p))
+    res["local_ready_ratio"] = ratio(res["local_ready_ops"],
+                                     res["sleep0_ops"])
+    await measure(res, ["local_await_py_n_ops", "local_await_py_n_ops_min",
+                        "local_await_py_n_ops_max",
+                        "local_await_py_n_cpu_us"],
+                  throughput_local(demo, "local_await_py_n", p))
+    await measure(res, ["local_sleep_ms1_p50_us",
+                        "local_asyncio_sleep1_p50_us", "local_sleep_ratio"],
+                  sleep_local(demo, p))
     await measure(res, ["gil_idle_p50_us", "gil_idle_max_us",
                         "gil_busy_p50_us", "gil_busy_max_us",
                         "gil_blocked_ms", "gil_late_timers",
                         "gil_busy_round_max_us"],
                   gil_test(demo, p))
+    await measure(res, ["idle_cpu_ms", "idle_cpu_pct"],
+                  idle_cpu(p["idle_s"]))
     try:
         st = demo.stats()
         res["_stats"] = st
     except Exception as e:
         res["_stats"] = na(e)
+    return res
+
+
+def sleep0_factory():
+    return asyncio.sleep(0)
+
+
+def await_py_n_runner(demo, name):
+    """run_n for throughput(): `await demo.<name>(lambda: sleep(0), n)`,
+    which must return n."""
+    fn = getattr(demo, name)
+
+    async def run(n):
+        got = await fn(sleep0_factory, n)
+        if got != n:
+            raise RuntimeError("%s returned %r, not %d" % (name, got, n))
+    return run
+
+
+LOCAL_ABSENT = ("aiobridge_demo has no %s() (loop-local C tasks are not in "
+                "this build)")
+
+
+class Absent(Exception):
+    """A demo function this build does not have: the figure is n/a."""
+
+
+def need(demo, name):
+    if not hasattr(demo, name):
+        raise Absent(LOCAL_ABSENT % name)
+    return getattr(demo, name)
+
+
+async def throughput_local(demo, name, p):
+    """Throughput of a loop-local C task: local_ready() awaited one after
+    the other, or local_await_py_n(lambda: sleep(0), n)."""
+    fn = need(demo, name)
+    if name == "local_ready":
+        async def run(n):
+            for _ in range(n):
+                await fn()
+    else:
+        run = await_py_n_runner(demo, name)
+    return await throughput(run, p["reps"], p["rep_s"])
+
+
+async def sleep_local(demo, p):
+    return await sleep_compare(need(demo, "local_sleep_ms"),
+                               p["sleep_samples"], p["sleep_block"])
+
+
+# ---------------------------------------------------------------------------
+# Contention: the bridge beside busy foreign processes
+#
+# Each load is started by the parent before the row's workers and killed
+# after them; every hog also exits on its own at a hard deadline, or as
+# soon as the benchmark (its parent) is gone, so none outlives the run.
+# Hogs stay in the benchmark's session (and so in its scheduler autogroup):
+# their threads compete with the runtime and Python threads one for one.
+
+HOG_SRC = r"""
+import hashlib, os, sys, threading, time
+mode, n, limit, ppid = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), \
+    int(sys.argv[4])
+end = time.monotonic() + limit
+def alive():
+    return time.monotonic() < end and os.getppid() == ppid
+if mode == "loop":  # one runnable thread: a pure Python busy loop
+    i = 0
+    while True:
+        i += 1
+        if not i & 0xffff and not alive():
+            os._exit(0)
+else:  # n runnable threads: sha256 of 16 MiB runs without the GIL
+    buf = b"x" * (16 << 20)
+    def work():
+        while True:
+            hashlib.sha256(buf).digest()
+    for _ in range(n):
+        threading.Thread(target=work, daemon=True).start()
+    while alive():
+        time.sleep(0.02)
+    os._exit(0)
+"""
+
+# Hard bound on a hog's life (s); the parent kills it sooner, at the end of
+# its row.
+HOG_LIMIT_S = 300
+CONTENTION_WORKER_TIMEOUT_S = 180
+
+
+def ncpu():
+    return os.cpu_count() or 1
+
+
+def load_kinds():
+    """Contention loads: key -> (label, [(mode, threads) per hog process])."""
+    n = ncpu()
+    return {
+        "none": ("no load", []),
+        "1proc": ("1 busy process", [("loop", 1)]),
+        "2proc": ("2 busy processes", [("loop", 1), ("loop", 1)]),
+        "over": ("%d busy threads (2x CPUs)" % (2 * n),
+                 [("threads", 2 * n)]),
+    }
+
+
+class Load:
+    """Busy foreign processes for one contention row."""
+
+    def __init__(self, spec):
+        self.spec = spec
+        self.procs = []
+        self.t0 = None
+        self.cpu0 = 0
+
+    def __enter__(self):
+        for mode, n in self.spec:
+            self.procs.append(subprocess.Popen(
+                [sys.executable, "-c", HOG_SRC, mode, str(n),
+                 str(HOG_LIMIT_S), str(os.getpid())],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL))
+        _live_hogs.extend(self.procs)
+        time.sleep(0.2 if self.procs else 0)  # hogs up and running
+        self.t0 = time.monotonic()
+        self.cpu0 = self._cpu()
+        return self
+
+    def _cpu(self):
+        """CPU seconds the hogs used so far (utime + stime)."""
+        tick = os.sysconf("SC_CLK_TCK")
+        total = 0.0
+        for pr in self.procs:
+            try:
+                with open("/proc/%d/stat" % pr.pid) as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / tick
+            except (OSError, IndexError, ValueError):
+                pass
+        return total
+
+    def cores(self):
+        """CPUs the hogs kept busy on average since they started."""
+        dt = time.monotonic() - self.t0
+        return (self._cpu() - self.cpu0) / dt if dt > 0 else 0.0
+
+    def __exit__(self, *exc):
+        for pr in self.procs:
+            if pr.poll() is None:
+                pr.kill()
+        for pr in self.procs:
+            pr.wait()
+            if pr in _live_hogs:
+                _live_hogs.remove(pr)
+        return False
+
+
+_live_hogs = []
+
+
+def _kill_hogs():
+    for pr in list(_live_hogs):
+        try:
+            pr.kill()
+            pr.wait()
+        except Exception:
+            pass
+
+
+atexit.register(_kill_hogs)
+
+
+async def section_contention(p):
+    """Sequential ready(), await_py_n, a gather (and the loop-local rows when
+    the demo has them) with CPU per op, beside whatever load the parent
+    started; then the CPU the process uses while idle."""
+    res = {}
+    try:
+        import aiobridge_demo as demo
+        res["_backend"] = demo.backend()
+    except Exception as e:
+        return {"_error": "%s: %s" % (type(e).__name__, e)}
+    reps, rep_s = p["c_reps"], p["c_rep_s"]
+    n = p["c_gather_n"]
+
+    async def ready_n(k):
+        for _ in range(k):
+            await demo.ready()
+
+    async def sleep0_n(k):
+        for _ in range(k):
+            await asyncio.sleep(0)
+
+    try:
+        st0 = demo.stats()
+    except Exception:
+        st0 = None
+    await measure(res, ["sleep0_ops", "sleep0_ops_min", "sleep0_ops_max",
+                        "sleep0_cpu_us"], throughput(sleep0_n, reps, rep_s))
+    await measure(res, ["ready_ops", "ready_ops_min", "ready_ops_max",
+                        "ready_cpu_us"], throughput(ready_n, reps, rep_s))
+    await measure(res, ["await_py_n_ops", "await_py_n_ops_min",
+                        "await_py_n_ops_max", "await_py_n_cpu_us"],
+                  throughput(await_py_n_runner(demo, "await_py_n"), reps,
+                             rep_s))
+    await measure(res, ["gather_ready_ops", "gather_ready_cpu_us"],
+                  gather_rate(lambda k: gather_ready(demo, k), n, reps))
+    lp = dict(p, reps=reps, rep_s=rep_s)
+    await measure(res, ["local_ready_ops", "local_ready_ops_min",
+                        "local_ready_ops_max", "local_ready_cpu_us"],
+                  throughput_local(demo, "local_ready", lp))
+    try:
+        st1 = demo.stats()
+        if st0 is not None:
+            res["_spin"] = {k: st1[k] - st0[k]
+                            for k in ("spins", "spin_hits", "spin_ns",
+                                      "loop_wakes", "polls")
+                            if k in st0 and k in st1}
+    except Exception as e:
+        res["_spin"] = na(e)
+    await measure(res, ["idle_cpu_ms", "idle_cpu_pct"],
+                  idle_cpu(p["c_idle_s"]))
     return res
 
 
@@ -564,6 +872,8 @@ def worker_main(args):
             res = run_on_loop(args.loop, lambda: section_baseline(p))
         elif args.worker == "bridge":
             res = run_on_loop(args.loop, lambda: section_bridge(p))
+        elif args.worker == "contention":
+            res = run_on_loop(args.loop, lambda: section_contention(p))
         elif args.worker == "rss":
             res = run_on_loop(args.loop,
                               lambda: section_rss(args.rss_kind, args.n))
@@ -584,21 +894,26 @@ def progress(msg):
     sys.stderr.flush()
 
 
-def run_worker(section, loop, extra_args, env_over, quick):
+def run_worker(section, loop, extra_args, env_over, quick,
+               timeout=WORKER_TIMEOUT_S):
     """Runs a worker section in a child process; its result dict, or
-    {"_error": reason}."""
+    {"_error": reason}. env_over: variables to set (None: to unset)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", section,
            "--loop", loop] + extra_args
     if quick:
         cmd.append("--quick")
     env = dict(os.environ)
-    env.update(env_over)
+    for k, v in env_over.items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
     try:
         cp = subprocess.run(cmd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, universal_newlines=True,
-                            timeout=WORKER_TIMEOUT_S)
+                            timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"_error": "worker timed out after %d s" % WORKER_TIMEOUT_S}
+        return {"_error": "worker timed out after %d s" % timeout}
     for line in cp.stdout.splitlines():
         if line.startswith(RESULT_TAG):
             return json.loads(line[len(RESULT_TAG):])
@@ -646,7 +961,7 @@ class Config:
 def collect(args, p, loops, configs):
     """Runs every section; returns the raw figures."""
     data = {"baseline": {}, "bridge": {}, "rss": {}}
-    for loop in loops:
+    for loop in loops if "main" in args.sections else []:
         progress("%s: baselines" % loop)
         data["baseline"][loop] = run_worker("baseline", loop, [], {},
                                             args.quick)
@@ -667,7 +982,79 @@ def collect(args, p, loops, configs):
                     run_worker("rss", loop,
                                ["--rss-kind", "ready", "--n", str(n)],
                                cfg.env(), args.quick)
+    if "contention" in args.sections:
+        data["contention"] = collect_contention(args, p, configs)
     return data
+
+
+# The two spin settings of the contention rows: the library default (the
+# variable unset) and off.
+SPINS = (("on", None), ("off", "0"))
+
+
+def contention_plan(args, configs):
+    """(loops, backends, loads) of the contention rows."""
+    loops = [x.strip() for x in args.contention_loops.split(",")
+             if x.strip()]
+    backends = []
+    for cfg in configs:
+        if cfg.backend not in backends:
+            backends.append(cfg.backend)
+    if args.quick:
+        backends = backends[:1]
+    loads = [x.strip() for x in args.contention_loads.split(",")
+             if x.strip()]
+    return loops, backends, loads
+
+
+def contention_key(loop, backend, load, spin):
+    return "%s/%s/%s/%s" % (loop, backend or "default", load, spin)
+
+
+def collect_contention(args, p, configs):
+    """Runs the contention workers: per load, the hogs are started once,
+    then spin on and off are measured c_rounds times each (the order
+    alternating between rounds and loads), then the hogs are killed."""
+    out = {"rounds": {}, "load_cores": {}, "ncpu": ncpu(),
+           "loadavg_start": loadavg1()}
+    loops, backends, loads = contention_plan(args, configs)
+    kinds = load_kinds()
+    flip = 0
+    for loop in loops:
+        for backend in backends:
+            for load in loads:
+                label, spec = kinds[load]
+                with Load(spec) as hogs:
+                    for rnd in range(p["c_rounds"]):
+                        order = list(SPINS) if flip % 2 == 0 else \
+                            list(reversed(SPINS))
+                        flip += 1
+                        for spin, value in order:
+                            env = {"AIOBRIDGE_SPIN_US": value}
+                            if backend is not None:
+                                env["AIOBRIDGE_BACKEND"] = backend
+                            key = contention_key(loop, backend, load, spin)
+                            progress("%s: contention, %s, %s, spin %s "
+                                     "(round %d)" % (loop, backend or
+                                                     "default", label, spin,
+                                                     rnd + 1))
+                            out["rounds"].setdefault(key, []).append(
+                                run_worker("contention", loop, [], env,
+                                           args.quick,
+                                           CONTENTION_WORKER_TIMEOUT_S))
+                    out["load_cores"][contention_key(
+                        loop, backend, load, "")] = hogs.cores()
+    out["loadavg_end"] = loadavg1()
+    return out
+
+
+def loadavg1():
+    """The 1-minute load average, or None."""
+    try:
+        with open("/proc/loadavg") as f:
+            return float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def fig(res, name):
@@ -699,6 +1086,8 @@ def fmt(v, kind):
         return "{:,.0f}".format(v)
     if kind == "us":
         return "%.1f" % v
+    if kind == "us2":
+        return "%.2f" % v
     if kind == "ms":
         return "%.2f" % v
     if kind == "B":
@@ -720,17 +1109,25 @@ def ratio(a, b):
     return a / b
 
 
+CPU_LABEL = "  CPU per op"
+CPU_UNIT = "us CPU"
+
+
 def build_rows(data, p, loops, configs):
     """Rows of (label, unit, kind, [value per column]); columns are
-    (loop, config) pairs."""
+    (loop, config) pairs. Every throughput row is followed by the CPU time
+    the whole process (Python thread and runtime threads together) spent
+    per operation in it."""
     cols = [(loop, cfg) for loop in loops for cfg in configs]
     n_small, n_big = p["gather_ns"]
     rows = []
 
-    def base_row(label, unit, kind, name):
+    def base_row(label, unit, kind, name, cpu=None):
         rows.append((label, unit, kind,
                      [fig(data["baseline"].get(loop), name)
                       for loop, cfg in cols]))
+        if cpu:
+            base_row(CPU_LABEL, CPU_UNIT, "us2", cpu)
 
     def base_rss_row(label, kind_, n):
         rows.append((label, "B", "B",
@@ -740,43 +1137,51 @@ def build_rows(data, p, loops, configs):
     def bridge_res(loop, cfg):
         return data["bridge"].get("%s/%s" % (loop, cfg.key()))
 
-    def bridge_row(label, unit, kind, name):
+    def bridge_row(label, unit, kind, name, cpu=None):
         rows.append((label, unit, kind,
                      [fig(bridge_res(loop, cfg), name)
                       for loop, cfg in cols]))
+        if cpu:
+            bridge_row(CPU_LABEL, CPU_UNIT, "us2", cpu)
 
     rows.append(("Baselines, pure asyncio", None, None, None))
-    base_row("sleep(0) sequential", "ops/s", "ops", "sleep0_ops")
-    base_row("in-loop future sequential", "ops/s", "ops", "inloop_ops")
-    base_row("threadsafe (py thread) seq.", "ops/s", "ops", "threadsafe_ops")
+    base_row("sleep(0) sequential", "ops/s", "ops", "sleep0_ops",
+             "sleep0_cpu_us")
+    base_row("in-loop future sequential", "ops/s", "ops", "inloop_ops",
+             "inloop_cpu_us")
+    base_row("threadsafe (py thread) seq.", "ops/s", "ops", "threadsafe_ops",
+             "threadsafe_cpu_us")
     base_row("threadsafe round trip p50", "us", "us", "threadsafe_p50_us")
     base_row("threadsafe round trip p99", "us", "us", "threadsafe_p99_us")
-    base_row("run_in_executor sequential", "ops/s", "ops", "executor_ops")
+    base_row("run_in_executor sequential", "ops/s", "ops", "executor_ops",
+             "executor_cpu_us")
     for n in (n_small, n_big):
         base_row("gather %d threadsafe" % n, "ops/s", "ops",
-                 "gather_threadsafe_%d" % n)
+                 "gather_threadsafe_%d" % n, "gather_threadsafe_%d_cpu_us" % n)
     for n in (n_small, n_big):
         base_row("gather %d in-loop future" % n, "ops/s", "ops",
-                 "gather_inloop_%d" % n)
+                 "gather_inloop_%d" % n, "gather_inloop_%d_cpu_us" % n)
     for n in (n_small, n_big):
         base_rss_row("RSS/awaitable %d threadsafe" % n, "threadsafe", n)
     for n in (n_small, n_big):
         base_rss_row("RSS/awaitable %d in-loop" % n, "inloop", n)
 
     rows.append(("Bridge, aiobridge_demo", None, None, None))
-    bridge_row("ready() sequential", "ops/s", "ops", "ready_ops")
+    bridge_row("ready() sequential", "ops/s", "ops", "ready_ops",
+               "ready_cpu_us")
     bridge_row("ready() seq. slowest rep", "ops/s", "ops", "ready_ops_min")
     bridge_row("ready() seq. fastest rep", "ops/s", "ops", "ready_ops_max")
     bridge_row("ready() round trip p50", "us", "us", "ready_p50_us")
     bridge_row("ready() round trip p99", "us", "us", "ready_p99_us")
     for n in (n_small, n_big):
         bridge_row("gather %d ready()" % n, "ops/s", "ops",
-                   "gather_ready_%d" % n)
+                   "gather_ready_%d" % n, "gather_ready_%d_cpu_us" % n)
     for n in (n_small, n_big):
         rows.append(("RSS/awaitable %d ready()" % n, "B", "B",
                      [rss_fig(data, "%s/ready/%d/%s" % (loop, n, cfg.key()))
                       for loop, cfg in cols]))
-    bridge_row("await_py_n(sleep(0))", "awaits/s", "ops", "await_py_n_ops")
+    bridge_row("await_py_n(sleep(0))", "awaits/s", "ops", "await_py_n_ops",
+               "await_py_n_cpu_us")
     bridge_row("sleep_ms(1) p50", "us", "us", "sleep_ms1_p50_us")
     bridge_row("asyncio.sleep(0.001) p50", "us", "us",
                "asyncio_sleep1_p50_us")
@@ -788,6 +1193,20 @@ def build_rows(data, p, loops, configs):
     bridge_row("timers late > idle max+1ms", "of %d" % (
         p["gil_k"] * p["gil_rounds"]), "n", "gil_late_timers")
     bridge_row("blocked on futex (GIL) while busy", "ms", "ms", "gil_blocked_ms")
+    bridge_row("CPU while idle %.1f s after work" % p["idle_s"], "ms", "ms",
+               "idle_cpu_ms")
+
+    rows.append(("Loop-local C tasks (no runtime thread)", None, None, None))
+    bridge_row("sleep(0) sequential, same process", "ops/s", "ops",
+               "sleep0_ops", "sleep0_cpu_us")
+    bridge_row("local_ready() sequential", "ops/s", "ops", "local_ready_ops",
+               "local_ready_cpu_us")
+    bridge_row("local_ready() / sleep(0)", "x", "x", "local_ready_ratio")
+    bridge_row("local_await_py_n(sleep(0))", "awaits/s", "ops",
+               "local_await_py_n_ops", "local_await_py_n_cpu_us")
+    bridge_row("local_sleep_ms(1) p50", "us", "us", "local_sleep_ms1_p50_us")
+    bridge_row("local_sleep_ms(1) / asyncio.sleep", "x", "x",
+               "local_sleep_ratio")
     return cols, rows
 
 
@@ -867,6 +1286,156 @@ def targets(data, p, loop, cfg):
     return out
 
 
+# A contention row counts as made worse by the spin when spin-on's median is
+# below spin-off's by more than this share (the run-to-run noise of
+# sequential rows on a loaded 2-vCPU VM).
+SPIN_NOISE = 0.10
+# An idle process may use at most this share of an idle window's wall time.
+IDLE_CPU_PCT_MAX = 1.0
+
+CONTENTION_ROWS = (
+    # (label, figure, spin-sensitive: gets a verdict)
+    ("sleep(0), pure asyncio", "sleep0", False),
+    ("ready() sequential", "ready", True),
+    ("await_py_n(sleep(0))", "await_py_n", True),
+    ("gather %d ready()", "gather_ready", True),
+    ("local_ready() sequential", "local_ready", True),
+)
+
+
+def contention_summary(rounds, name):
+    """(ops, cpu_us, slowest, fastest) of one figure over a key's rounds:
+    ops = median of the rounds' medians, CPU = their mean; or n/a."""
+    vals, cpus, lows, highs = [], [], [], []
+    why = na("not run")
+    for r in rounds or []:
+        v = fig(r, name + "_ops")
+        if is_na(v):
+            why = v
+            continue
+        vals.append(v)
+        c = fig(r, name + "_cpu_us")
+        if not is_na(c):
+            cpus.append(c)
+        lo, hi = fig(r, name + "_ops_min"), fig(r, name + "_ops_max")
+        lows.append(v if is_na(lo) else lo)
+        highs.append(v if is_na(hi) else hi)
+    if not vals:
+        return why, why, why, why
+    return (median(vals), sum(cpus) / len(cpus) if cpus else na("no CPU"),
+            min(lows), max(highs))
+
+
+def contention_verdicts(data, p, args, configs):
+    """[(loop, backend, load, row label, on, on_cpu, off, off_cpu, ratio,
+    verdict)] and the idle figures, for every contention row."""
+    c = data.get("contention") or {}
+    rounds = c.get("rounds", {})
+    loops, backends, loads = contention_plan(args, configs)
+    kinds = load_kinds()
+    out = []
+    for loop in loops:
+        for backend in backends:
+            for load in loads:
+                k_on = contention_key(loop, backend, load, "on")
+                k_off = contention_key(loop, backend, load, "off")
+                for label, name, judged in CONTENTION_ROWS:
+                    if "%d" in label:
+                        label = label % p["c_gather_n"]
+                    on = contention_summary(rounds.get(k_on), name)
+                    off = contention_summary(rounds.get(k_off), name)
+                    r = ratio(on[0], off[0])
+                    if not judged:
+                        verdict = "reference"
+                    elif is_na(r):
+                        verdict = "n/a"
+                    else:
+                        verdict = "not worse" if r >= 1 - SPIN_NOISE else \
+                            "WORSE"
+                    out.append((loop, backend, load, label, on, off, r,
+                                verdict))
+                idle = []
+                for k in (k_on, k_off):
+                    rs = [fig(x, "idle_cpu_pct") for x in rounds.get(k, [])]
+                    rs = [x for x in rs if not is_na(x)]
+                    idle.append(max(rs) if rs else na("not measured"))
+                verdict = "n/a" if any(is_na(x) for x in idle) else (
+                    "met" if max(idle) <= IDLE_CPU_PCT_MAX else "NOT met")
+                out.append((loop, backend, load, "idle CPU, max of rounds",
+                            (idle[0],), (idle[1],), None, verdict))
+    return out
+
+
+def print_contention(data, p, args, configs, reported_default):
+    c = data.get("contention") or {}
+    rows = contention_verdicts(data, p, args, configs)
+    if not rows:
+        return None
+    kinds = load_kinds()
+    cores = c.get("load_cores", {})
+    print("Contention: spin on (library default) against off "
+          "(AIOBRIDGE_SPIN_US=0), both measured beside the same running "
+          "load;")
+    print("ops/s = median of %d round(s) x %d rep(s) of %.2f s; CPU = "
+          "process CPU time (Python + runtime threads) per op, in us;"
+          % (p["c_rounds"], p["c_reps"], p["c_rep_s"]))
+    print("verdict: spin-on below spin-off by more than %d%% is WORSE; idle "
+          "CPU over %.1f s must stay <= %.1f%% of it"
+          % (SPIN_NOISE * 100, p["c_idle_s"], IDLE_CPU_PCT_MAX))
+    la0, la1 = c.get("loadavg_start"), c.get("loadavg_end")
+    if la0 is not None and la1 is not None:
+        print("machine: %d CPUs; 1-minute load average %.2f before the "
+              "contention rows, %.2f after (their own load included; other "
+              "work on the machine skews every row)"
+              % (c.get("ncpu", 0), la0, la1))
+    if args.quick:
+        print("--quick: one short repetition per figure; under load its "
+              "verdicts are noise, run without --quick to judge")
+    worse = []
+    last = None
+    w = 34
+    for (loop, backend, load, label, on, off, r, verdict) in rows:
+        head = (loop, backend)
+        if head != last:
+            last = head
+            print()
+            print("%s, backend %s" % (loop, backend or reported_default
+                                      or "default"))
+            print("%-36s %-*s %11s %8s %11s %8s %7s  %s" % (
+                "load (CPUs the load used)", w, "row", "on ops/s", "CPU/op",
+                "off ops/s", "CPU/op", "on/off", "verdict"))
+            print("-" * 130)
+        lk = contention_key(loop, backend, load, "")
+        loadname = "%s (%.2f)" % (kinds[load][0], cores.get(lk, 0.0))
+        if label.startswith("sleep(0)"):
+            shown_load = loadname
+        else:
+            shown_load = ""
+        if r is None:  # the idle row
+            print("%-36s %-*s %11s %8s %11s %8s %7s  %s" % (
+                shown_load, w, label, fmt(on[0], "us2") + "%", "",
+                fmt(off[0], "us2") + "%", "", "", verdict))
+        else:
+            print("%-36s %-*s %11s %8s %11s %8s %7s  %s" % (
+                shown_load, w, label, fmt(on[0], "ops"), fmt(on[1], "us2"),
+                fmt(off[0], "ops"), fmt(off[1], "us2"), fmt(r, "x"),
+                verdict))
+        if verdict in ("WORSE", "NOT met"):
+            worse.append("%s/%s/%s: %s %s" % (loop, backend or "default",
+                                              load, label, verdict))
+    print()
+    if worse:
+        print("The spin made these rows worse than spin-off, or the idle "
+              "runtime used CPU:")
+        for x in worse:
+            print("  " + x)
+    else:
+        print("The spin made no contention row worse than spin-off (beyond "
+              "%d%% noise), and the idle process stayed within %.1f%% CPU."
+              % (SPIN_NOISE * 100, IDLE_CPU_PCT_MAX))
+    return worse
+
+
 def main():
     ap = argparse.ArgumentParser(
         description="aiobridge asyncio bridge benchmark (see the module "
@@ -881,6 +1450,16 @@ def main():
     ap.add_argument("--spin-us", default=None,
                     help="comma-separated AIOBRIDGE_SPIN_US values to run "
                     "the bridge with; default: leave it as is")
+    ap.add_argument("--contention-loops", default="asyncio",
+                    help="comma-separated loop kinds to run the contention "
+                    "rows on (empty: none); default asyncio")
+    ap.add_argument("--contention-loads", default="none,1proc,2proc,over",
+                    help="comma-separated contention loads: none, 1proc, "
+                    "2proc (busy processes), over (one process with 2x CPUs "
+                    "busy threads)")
+    ap.add_argument("--sections", default="main,contention",
+                    help="comma-separated: main (baselines, bridge, RSS, "
+                    "targets), contention (the contention rows)")
     ap.add_argument("--json", default=None, metavar="PATH",
                     help="also write the raw figures to PATH as JSON")
     # Internal: a measurement section in a child process.
@@ -914,6 +1493,28 @@ def main():
         print("\n".join(skipped))
         print("no loop kind to measure")
         return 1
+
+    args.sections = [x.strip() for x in args.sections.split(",")
+                     if x.strip()]
+    for sec in args.sections:
+        if sec not in ("main", "contention"):
+            ap.error("unknown section %r (main, contention)" % sec)
+    for load in [x.strip() for x in args.contention_loads.split(",")
+                 if x.strip()]:
+        if load not in load_kinds():
+            ap.error("unknown contention load %r (none, 1proc, 2proc, over)"
+                     % load)
+    cloops = []
+    for loop in [x.strip() for x in args.contention_loops.split(",")
+                 if x.strip()]:
+        if loop not in ("asyncio", "uvloop"):
+            ap.error("unknown loop kind %r" % loop)
+        if loop == "uvloop" and not uvloop_status()[0]:
+            skipped.append("contention rows on uvloop skipped: cannot import "
+                           "uvloop")
+            continue
+        cloops.append(loop)
+    args.contention_loops = ",".join(cloops)
 
     backends = [None]
     if args.backends:
@@ -977,17 +1578,22 @@ def main():
     for s in skipped:
         print(s)
     print()
-    cols, rows = build_rows(data, p, loops, configs)
-    print_table(cols, rows, reported)
-    print()
-    tloop = "asyncio" if "asyncio" in loops else loops[0]
-    for cfg in configs:
-        print("Targets on %s, %s:" % (
-            "stock asyncio" if tloop == "asyncio" else tloop + " (asyncio "
-            "not measured)", cfg.label(reported.get((tloop, cfg.key())))))
-        for line in targets(data, p, tloop, cfg):
-            print(line)
-    print()
+    if "main" in args.sections:
+        cols, rows = build_rows(data, p, loops, configs)
+        print_table(cols, rows, reported)
+        print()
+        tloop = "asyncio" if "asyncio" in loops else loops[0]
+        for cfg in configs:
+            print("Targets on %s, %s:" % (
+                "stock asyncio" if tloop == "asyncio" else tloop +
+                " (asyncio not measured)",
+                cfg.label(reported.get((tloop, cfg.key())))))
+            for line in targets(data, p, tloop, cfg):
+                print(line)
+        print()
+    worse = print_contention(data, p, args, configs, backend_desc)
+    if worse is not None:
+        print()
     print("elapsed: %.1f s" % elapsed)
 
     if args.json:

@@ -194,8 +194,12 @@ struct aiob_loop {
   bool hosted;
   unsigned hosted_depth;
 
-  /* Spin-before-block budget (loop thread only), ns. */
+  /* Spin-before-block budget (loop thread only), ns, and its back-off
+   * under contention (core/runtime.c): no spin before backoff_until; the
+   * last back-off lasted backoff_period; hits minus wasted spins. */
   uint64_t spin_budget;
+  uint64_t backoff_until, backoff_period;
+  int backoff_credit;
 
   /* Counters (single writer per counter except spawned). */
   _Atomic uint64_t n_spawned, n_completed, n_cancelled, n_polls, n_wakes;

@@ -225,16 +225,59 @@ static inline void cpu_relax(void) {
 #endif
 }
 
-/* Spins until a remote push arrives (true) or the budget, the next timer or
- * a stop request ends it (false). While spinning the inbox stays signalled,
- * so pushers skip the backend wake; a push the spin misses finds it
- * re-armed by the next accept_remote and wakes the loop (see aiob__inbox). */
+/* Contention back-off. A spin pays only while the thread that will push
+ * has a CPU of its own; when every CPU is taken (busy processes, more
+ * runnable threads than CPUs), the spinning thread may hold the CPU that
+ * thread waits for, and the push comes only once the spin gives up. Two
+ * signs of it, each a wasted spin:
+ *   - the spin was descheduled: two consecutive clock reads inside it lie
+ *     more than PREEMPT_GAP_NS apart;
+ *   - a spin missed, and the blocking wait after it was ended by a push
+ *     within one budget: the push was about to come, but not while the
+ *     spin ran.
+ * A hit saves a wake-up (tens of us on a VM); a wasted spin costs its whole
+ * budget, on the CPU another thread needed. So hits earn one credit
+ * (up to CREDIT_MAX), a wasted spin costs CREDIT_WASTE, and below zero the
+ * loop stops spinning for BACKOFF_MIN_NS, doubled (up to BACKOFF_MAX_NS)
+ * when the next back-off follows within the last one's length after it
+ * ended: lasting contention keeps the spin off, where it only made the
+ * round trips slower, while a load under which it still hits nearly
+ * always (the pushing thread keeps its CPU) keeps it on. No timer ends a
+ * back-off: the next push after it restores the budget, so an idle loop
+ * still blocks. Loop thread only (the state is the loop's backoff_*). */
+#define PREEMPT_GAP_NS (50 * AIOB_USEC)
+#define CREDIT_MAX 256
+#define CREDIT_WASTE 32
+#define BACKOFF_MIN_NS (1 * AIOB_MSEC)
+#define BACKOFF_MAX_NS (128 * AIOB_MSEC)
+
+/* A spin was wasted (see above): maybe stop spinning for a while. */
+static void spin_wasted(aiob_loop *loop, uint64_t now) {
+  if ((loop->backoff_credit -= CREDIT_WASTE) >= 0)
+    return;
+  uint64_t p = loop->backoff_period;
+  if (p && (now < loop->backoff_until || now - loop->backoff_until <= p))
+    p = p * 2 > BACKOFF_MAX_NS ? BACKOFF_MAX_NS : p * 2;
+  else
+    p = BACKOFF_MIN_NS;
+  loop->backoff_period = p;
+  loop->backoff_until = now + p;
+  loop->backoff_credit = CREDIT_WASTE; /* one wasted spin free after it */
+  loop->spin_budget = 0;
+}
+
+/* Spins until a remote push arrives (true) or the budget, the next timer,
+ * a stop request or a preemption (see the back-off) ends it (false).
+ * While spinning the inbox stays signalled, so pushers skip the backend
+ * wake; a push the spin misses finds it re-armed by the next accept_remote
+ * and wakes the loop (see aiob__inbox). */
 static bool spin(aiob_loop *loop) {
   uint64_t start = aiob_now_ns(), end = start + loop->spin_budget;
   aiob_sleep *top = aiob__heap_top(&loop->timers);
   if (top && top->deadline < end)
     end = top->deadline;
   bool hit = atomic_exchange(&loop->remote.signalled, 1) != 0;
+  bool preempted = false;
   uint64_t now = start;
   while (!hit && now < end &&
          !atomic_load_explicit(&loop->stop, memory_order_relaxed)) {
@@ -243,7 +286,12 @@ static bool spin(aiob_loop *loop) {
       break;
     }
     cpu_relax();
+    uint64_t prev = now;
     now = aiob_now_ns();
+    if (now - prev > PREEMPT_GAP_NS) {
+      preempted = true;
+      break;
+    }
   }
   if (!hit && !aiob__mpsc_empty(&loop->remote.queue))
     hit = true;
@@ -251,9 +299,14 @@ static bool spin(aiob_loop *loop) {
   atomic_fetch_add_explicit(&loop->n_spins, 1, memory_order_relaxed);
   atomic_fetch_add_explicit(&loop->n_spin_ns, now - start,
                             memory_order_relaxed);
-  if (hit)
+  if (hit) {
     atomic_fetch_add_explicit(&loop->n_spin_hits, 1, memory_order_relaxed);
-  else if ((loop->spin_budget /= 2) < 1000)
+    if (loop->backoff_credit < CREDIT_MAX)
+      loop->backoff_credit++;
+  }
+  if (preempted)
+    spin_wasted(loop, now);
+  else if (!hit && (loop->spin_budget /= 2) < 1000)
     loop->spin_budget = 0; /* pushes come rarely: stop spinning */
   return hit;
 }
@@ -262,6 +315,7 @@ static void loop_main(aiob_loop *loop) {
   uint64_t max = loop->rt->spin_max_ns;
   bool spun = false;
   loop->spin_budget = max;
+  loop->backoff_credit = CREDIT_WASTE;
   while (!atomic_load_explicit(&loop->stop, memory_order_acquire)) {
     aiob__loop_accept_remote(loop);
     aiob__loop_run_ready(loop);
@@ -272,15 +326,24 @@ static void loop_main(aiob_loop *loop) {
       spun = !spin(loop);
       continue;
     }
+    bool missed = spun;
     spun = false;
     uint64_t before = max && !flags ? aiob_now_ns() : 0;
     if (loop->backend->run(loop->bl, flags) < 0)
       break;
-    /* A blocking wait that a push ended sooner than a full spin would have
-     * been caught by spinning: restore the budget. */
-    if (before && !aiob__mpsc_empty(&loop->remote.queue) &&
-        aiob_now_ns() - before <= max)
-      loop->spin_budget = max;
+    /* A blocking wait that a push ended sooner than a full spin: right
+     * after a missed spin, the spin held the push back (a wasted spin);
+     * otherwise a spin would have caught it (restore the budget, unless
+     * backing off). */
+    if (before && !aiob__mpsc_empty(&loop->remote.queue)) {
+      uint64_t now = aiob_now_ns();
+      if (now - before <= max) {
+        if (missed)
+          spin_wasted(loop, now);
+        else if (now >= loop->backoff_until)
+          loop->spin_budget = max;
+      }
+    }
     if (aiob__heap_top(&loop->timers))
       aiob__timers_process(loop, aiob_now_ns());
   }

@@ -71,7 +71,7 @@ for v in "${variants[@]}"; do
     single-*)
       b=${v#single-}
       flags=(-DCMAKE_BUILD_TYPE=RelWithDebInfo "-DAIOB_BACKENDS=$b" -DAIOB_BUILD_BENCH=OFF -DAIOB_BUILD_EXAMPLES=OFF -DAIOB_PYTHON=OFF)
-      only=(-R "^(linkage|conformance\\.$b|fork\\.$b|lifecycle\\.$b|blocking\\.$b|default_backend\\..*)\$") ;;
+      only=(-R "^(linkage|conformance\\.$b|fork\\.$b|lifecycle\\.$b|blocking\\.$b|idle_cpu\\.$b|hosted\\.$b|default_backend\\..*)\$") ;;
     *) echo "unknown variant: $v (plain, asan, tsan, single-uv, single-event, single-uring, consumers)" >&2; exit 2 ;;
   esac
   dir="$ROOT/build-test-$v"

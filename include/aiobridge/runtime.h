@@ -32,8 +32,14 @@ typedef struct aiob_runtime_config {
    * the next push avoids it. The budget is adaptive per loop: halved by
    * every spin that catches nothing, restored when a blocking wait ended
    * by a push sooner than the budget, so an idle or fd-driven loop stops
-   * spinning. Timers are never delayed by a spin; fd readiness can be seen
-   * up to one budget late. 0 = never spin; at most AIOB_SPIN_US_MAX. */
+   * spinning (an idle loop blocks: it costs no CPU). Under contention
+   * (every CPU busy) a spin can hold the CPU the pushing thread waits for:
+   * a spin that was preempted, or that missed a push which then came
+   * within one budget of blocking, counts as wasted, and when wasted spins
+   * outweigh hits the loop stops spinning for 1 ms, doubling up to 128 ms
+   * while that lasts. Timers are never delayed by a spin; fd readiness can
+   * be seen up to one budget late. 0 = never spin; at most
+   * AIOB_SPIN_US_MAX. */
   unsigned spin_us;
   /* Bound on the worker threads of the runtime's blocking pool, which run
    * aiob_blocking jobs (see task.h, "Blocking work"). Workers start when
