@@ -49,8 +49,12 @@ extern int aiob__uv_shareable(const char *object, unsigned version, char *why,
  * a callback that runs after the loop closed finds `closed` set. */
 typedef struct asy {
   aiob_loop *core;
-  PyObject *loop; /* borrowed: the runtime closes before the loop goes */
-  PyObject *self; /* the capsule (a reference while open) */
+  /* Borrowed: valid while loop_ref is alive, which it is whenever a
+   * callback of the loop or a dispatch runs; a loop dropped without
+   * close() may be gone by the time the runtime closes (asy_alive). */
+  PyObject *loop;
+  PyObject *loop_ref; /* weak */
+  PyObject *self;     /* the capsule (a reference while open) */
   PyObject *dispatch_cb, *wake_cb, *timer_cb;
   PyObject *timer; /* the armed TimerHandle, or NULL */
   pthread_t thread;
@@ -72,7 +76,27 @@ typedef struct asy_io {
   int closed;
 } asy_io;
 
-static void asy_free(PyObject *cap) { free(PyCapsule_GetPointer(cap, NULL)); }
+static void asy_free(PyObject *cap) {
+  asy *a = PyCapsule_GetPointer(cap, NULL);
+  Py_XDECREF(a->loop_ref);
+  free(a);
+}
+
+/* The loop is still alive and not closed (GIL): its methods may be
+ * called. */
+static int asy_alive(asy *a) {
+  PyObject *loop = aiob__py_weakref_get(a->loop_ref);
+  if (!loop) {
+    PyErr_Clear();
+    return 0;
+  }
+  PyObject *c = PyObject_CallMethod(loop, "is_closed", NULL);
+  Py_DECREF(loop);
+  int alive = c == Py_False;
+  Py_XDECREF(c);
+  PyErr_Clear();
+  return alive;
+}
 
 static PyObject *asy_call(asy *a, PyObject *name, PyObject *x, PyObject *y) {
   return PyObject_CallMethodObjArgs(a->loop, name, x, y, NULL);
@@ -128,16 +152,24 @@ static int asy_loop_init(aiob_loop *core, const aiob_backend_options *opts,
     return AIOB_ENOMEM;
   a->core = core;
   a->loop = opts->host;
+  a->loop_ref = PyWeakref_NewRef(a->loop, NULL);
+  if (!a->loop_ref) {
+    PyErr_Clear();
+    free(a);
+    return AIOB_EINVAL;
+  }
   a->thread = pthread_self();
   a->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (a->efd < 0) {
     int rc = -errno;
+    Py_DECREF(a->loop_ref);
     free(a);
     return rc;
   }
   a->self = PyCapsule_New(a, NULL, asy_free);
   if (!a->self) {
     close(a->efd);
+    Py_DECREF(a->loop_ref);
     free(a);
     PyErr_Clear();
     return AIOB_ENOMEM;
@@ -180,22 +212,18 @@ static void asy_loop_close(void *p) {
   asy *a = p;
   PyGILState_STATE g = PyGILState_Ensure();
   a->closed = 1;
-  if (a->timer) {
+  if (a->timer) { /* (a TimerHandle keeps its loop alive) */
     PyObject *r = PyObject_CallMethodObjArgs(a->timer, a->s_cancel, NULL);
     Py_XDECREF(r);
     Py_CLEAR(a->timer);
   }
-  if (a->reader) {
-    PyObject *c = PyObject_CallMethod(a->loop, "is_closed", NULL);
-    if (c == Py_False) {
-      PyObject *fd = PyLong_FromLong(a->efd);
-      PyObject *r = fd ? asy_call(a, a->s_remove_reader, fd, NULL) : NULL;
-      Py_XDECREF(r);
-      Py_XDECREF(fd);
-    }
-    Py_XDECREF(c);
-    PyErr_Clear();
+  if (a->reader && asy_alive(a)) {
+    PyObject *fd = PyLong_FromLong(a->efd);
+    PyObject *r = fd ? asy_call(a, a->s_remove_reader, fd, NULL) : NULL;
+    Py_XDECREF(r);
+    Py_XDECREF(fd);
   }
+  PyErr_Clear();
   close(a->efd);
   Py_CLEAR(a->dispatch_cb);
   Py_CLEAR(a->wake_cb);
@@ -353,11 +381,8 @@ static void asy_io_stop(void *p, void *handle) {
   asy *a = p;
   asy_io *io = handle;
   io->closed = 1;
-  PyObject *c = PyObject_CallMethod(a->loop, "is_closed", NULL);
-  if (c == Py_False && asy_io_set(io, 0) < 0)
+  if (asy_alive(a) && asy_io_set(io, 0) < 0)
     PyErr_Clear();
-  Py_XDECREF(c);
-  PyErr_Clear();
   Py_CLEAR(io->read_cb);
   Py_CLEAR(io->write_cb);
   Py_DECREF(io->self);
@@ -387,8 +412,7 @@ typedef struct host {
   aiob_runtime *rt;
   pthread_t thread;
   int shared;
-  char reason[256];   /* why the asyncio form ("" when shared) */
-  PyObject *loop_ref; /* weak */
+  char reason[256]; /* why the asyncio form ("" when shared) */
 } host;
 
 static void host_close(host *h) {
@@ -397,15 +421,19 @@ static void host_close(host *h) {
   aiob_runtime *rt = h->rt;
   h->rt = NULL;
   /* With the GIL: the asyncio form's slots call the loop. A blocking job
-   * of a local task is waited for, so its fn must not need the GIL. */
+   * of a local task is waited for, so its fn must not need the GIL. An
+   * exception already set (the caller's) is kept aside meanwhile. */
+  PyObject *type, *value, *tb;
+  PyErr_Fetch(&type, &value, &tb);
   aiob_runtime_shutdown(rt);
   aiob_runtime_free(rt);
+  PyErr_Clear();
+  PyErr_Restore(type, value, tb);
 }
 
 static void host_free(PyObject *cap) {
   host *h = PyCapsule_GetPointer(cap, NULL);
   host_close(h);
-  Py_XDECREF(h->loop_ref);
   free(h);
 }
 
@@ -416,8 +444,11 @@ static void prune_hosts(aiob_py_bridge *b) {
     PyObject *key = PyTuple_GET_ITEM(PyList_GET_ITEM(items, i), 0);
     PyObject *loop = aiob__py_weakref_get(key);
     PyObject *c = loop ? PyObject_CallMethod(loop, "is_closed", NULL) : NULL;
-    if (c != Py_False)
-      PyDict_DelItem(b->hosts, key); /* the capsule's end shuts it down */
+    if (c != Py_False) {
+      PyObject *cap = PyTuple_GET_ITEM(PyList_GET_ITEM(items, i), 1);
+      host_close(PyCapsule_GetPointer(cap, NULL));
+      PyDict_DelItem(b->hosts, key);
+    }
     Py_XDECREF(c);
     Py_XDECREF(loop);
     PyErr_Clear();
@@ -426,13 +457,14 @@ static void prune_hosts(aiob_py_bridge *b) {
   PyErr_Clear();
 }
 
-/* loop.close as an instance attribute: the host goes first. */
+/* loop.close as an instance attribute, bound to (host capsule, loop): the
+ * host goes first. It holds the loop: a cycle through the loop's __dict__
+ * that the collector breaks, and the loop's __del__ finds it whole. */
 static PyObject *host_close_hook(PyObject *self, PyObject *unused) {
   (void)unused;
-  host *h = PyCapsule_GetPointer(self, NULL);
-  PyObject *loop = aiob__py_weakref_get(h->loop_ref);
-  if (!loop)
-    Py_RETURN_NONE;
+  host *h = PyCapsule_GetPointer(PyTuple_GET_ITEM(self, 0), NULL);
+  PyObject *loop = PyTuple_GET_ITEM(self, 1);
+  Py_INCREF(loop);
   PyObject *running = PyObject_CallMethod(loop, "is_running", NULL);
   if (running != Py_False) { /* the loop's own close raises for this */
     Py_XDECREF(running);
@@ -461,7 +493,9 @@ static PyMethodDef host_close_def = {"close", host_close_hook, METH_NOARGS,
 /* Installs the close hook; 0, or -1 (no exception) when the loop takes no
  * instance attribute. */
 static int hook_close(PyObject *loop, PyObject *cap) {
-  PyObject *fn = PyCFunction_New(&host_close_def, cap);
+  PyObject *self = PyTuple_Pack(2, cap, loop);
+  PyObject *fn = self ? PyCFunction_New(&host_close_def, self) : NULL;
+  Py_XDECREF(self);
   if (!fn || PyObject_SetAttrString(loop, "close", fn) < 0) {
     Py_XDECREF(fn);
     PyErr_Clear();
@@ -555,7 +589,6 @@ static host *host_for(aiob_py_bridge *b, PyObject *loop) {
     return NULL;
   }
   h->thread = pthread_self();
-  h->loop_ref = ref;
   cap = PyCapsule_New(h, NULL, host_free);
   if (!cap) {
     Py_DECREF(ref);
@@ -598,9 +631,11 @@ static host *host_for(aiob_py_bridge *b, PyObject *loop) {
       Py_XDECREF(d);
     }
     Py_DECREF(cap);
+    Py_DECREF(ref);
     return NULL;
   }
   Py_DECREF(cap); /* the dict holds it */
+  Py_DECREF(ref);
   return h;
 }
 
@@ -636,8 +671,19 @@ int aiob__py_local_spawn(aiob_py_bridge *b, PyObject *loop,
 }
 
 void aiob__py_local_close_all(aiob_py_bridge *b) {
-  if (b->hosts)
-    PyDict_Clear(b->hosts);
+  if (!b->hosts)
+    return;
+  /* A loop's close hook may keep a host's capsule: close them here. The
+   * bridge may go with an exception set (a failed init): it stays. */
+  PyObject *type, *value, *tb;
+  PyErr_Fetch(&type, &value, &tb);
+  PyObject *caps = PyDict_Values(b->hosts);
+  for (Py_ssize_t i = 0; caps && i < PyList_GET_SIZE(caps); i++)
+    host_close(PyCapsule_GetPointer(PyList_GET_ITEM(caps, i), NULL));
+  Py_XDECREF(caps);
+  PyDict_Clear(b->hosts);
+  PyErr_Clear(); /* (out of memory for the list: nothing else to do) */
+  PyErr_Restore(type, value, tb);
 }
 
 PyObject *aiob_py_local_info(aiob_py_bridge *b) {
