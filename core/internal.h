@@ -12,6 +12,15 @@
 #define AIOB__CONTAINER_OF(ptr, type, member)                                  \
   ((type *)((char *)(ptr)-offsetof(type, member)))
 
+/* A spinning thread's pause between two reads of shared memory. */
+static inline void aiob__cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  __asm__ __volatile__("yield");
+#endif
+}
+
 /* ---- Intrusive MPSC queue (Vyukov): many producers, one consumer -------- */
 
 typedef struct aiob__mpsc_node {

@@ -217,14 +217,6 @@ void aiob__loop_drain_shutdown(aiob_loop *loop) {
     abort(); /* a push after `closed` would be a core bug */
 }
 
-static inline void cpu_relax(void) {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#elif defined(__aarch64__)
-  __asm__ __volatile__("yield");
-#endif
-}
-
 /* Contention back-off. A spin pays only while the thread that will push
  * has a CPU of its own; when every CPU is taken (busy processes, more
  * runnable threads than CPUs), the spinning thread may hold the CPU that
@@ -285,7 +277,7 @@ static bool spin(aiob_loop *loop) {
       hit = true;
       break;
     }
-    cpu_relax();
+    aiob__cpu_relax();
     uint64_t prev = now;
     now = aiob_now_ns();
     if (now - prev > PREEMPT_GAP_NS) {

@@ -128,23 +128,25 @@ static void deliver_result(request *r, aiob_promise *pr, PyObject *res) {
   aiob_promise_complete(pr, 0, res, release_cb);
 }
 
-static void finish_request(aiob_py_bridge *b, request *r, PyObject *fut) {
+/* Completes the request's promise from its finished future. false if the
+ * C side was no longer waiting. */
+static bool finish_request(aiob_py_bridge *b, request *r, PyObject *fut) {
   aiob_promise *pr = r->promise;
   r->promise = NULL;
   if (!pr)
-    return;
+    return false;
   PyObject *c = PyObject_CallMethodObjArgs(fut, b->s_cancelled, NULL);
   if (!c || c == Py_True) {
     PyErr_Clear();
     Py_XDECREF(c);
     aiob_promise_complete(pr, AIOB_ECANCELED, NULL, NULL);
-    return;
+    return true;
   }
   Py_DECREF(c);
   PyObject *exc = PyObject_CallMethodObjArgs(fut, b->s_exception, NULL);
   if (exc && exc != Py_None) {
     promise_raise(pr, exc);
-    return;
+    return true;
   }
   Py_XDECREF(exc);
   PyErr_Clear();
@@ -152,9 +154,10 @@ static void finish_request(aiob_py_bridge *b, request *r, PyObject *fut) {
   if (!res) {
     PyErr_Clear();
     aiob_promise_complete(pr, AIOB_EIO, NULL, NULL);
-    return;
+    return true;
   }
   deliver_result(r, pr, res);
+  return true;
 }
 
 static PyObject *waiter_call(PyObject *self, PyObject *args, PyObject *kw) {
@@ -164,12 +167,20 @@ static PyObject *waiter_call(PyObject *self, PyObject *args, PyObject *kw) {
   if (!PyArg_UnpackTuple(args, "waiter", 1, 1, &fut))
     return NULL;
   request *r = w->req;
+  int rc = 0;
   if (r) {
     w->req = NULL;
-    finish_request(w->b, r, fut);
+    /* Run by the port's loop (a task it made): the C task, now woken,
+     * likely sends its next item straight away; wait for it here. */
+    int spin = finish_request(w->b, r, fut) && r->on_loop &&
+               !atomic_load(&r->cancelled);
     request_clear_future(r);
+    if (spin)
+      rc = aiob__py_port_spin(r->locals->port, r->rt);
     aiob__py_request_unref(r);
   }
+  if (rc < 0)
+    return NULL;
   Py_RETURN_NONE;
 }
 
@@ -241,6 +252,7 @@ int aiob__py_request_start(aiob_py_bridge *b, request *r) {
   Py_XINCREF(obj);
   Py_INCREF(ctx);
   PyObject *aw = obj, *fut = NULL;
+  int on_loop = 0;
   if (PyContext_Enter(ctx) == 0) {
     if (r->fn) {
       aw = r->fn(r->fn_arg);
@@ -257,12 +269,29 @@ int aiob__py_request_start(aiob_py_bridge *b, request *r) {
       aiob__py_request_unref(r);
       return 0;
     }
-    if (aw && !(fut = PyObject_CallFunctionObjArgs(b->ensure_future, aw, NULL)))
+    if (aw && PyCoro_CheckExact(aw)) {
+      /* What ensure_future does with a coroutine, without its Python
+       * layers (this loop runs: it is the port's). */
+      if (!(fut =
+                PyObject_CallMethod(r->locals->loop, "create_task", "O", aw)) &&
+          PyErr_ExceptionMatches(PyExc_RuntimeError)) {
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        PyObject *c = PyObject_CallMethod(aw, "close", NULL);
+        Py_XDECREF(c);
+        PyErr_Clear();
+        PyErr_Restore(type, value, tb);
+      }
+    } else if (aw && !(fut = PyObject_CallFunctionObjArgs(b->ensure_future, aw,
+                                                          NULL))) {
       say_not_awaitable(aw);
-    else if (!aw && !PyErr_Occurred())
+    } else if (!aw && !PyErr_Occurred())
       PyErr_SetString(PyExc_SystemError,
                       "aiobridge: the awaitable function returned NULL "
                       "without setting an exception");
+    /* Not a future passed in (which may be another loop's): a task of
+     * this loop. */
+    on_loop = fut && fut != aw;
     PyContext_Exit(ctx);
   }
   Py_XDECREF(aw);
@@ -296,6 +325,7 @@ int aiob__py_request_start(aiob_py_bridge *b, request *r) {
   w->b = b;
   w->req = r; /* the Python side's reference */
   r->pyfuture = fut;
+  r->on_loop = on_loop;
   awaiting_link(b, r);
   PyObject *ok =
       PyObject_CallMethodObjArgs(fut, b->s_add_done_callback, w, NULL);

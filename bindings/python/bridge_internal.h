@@ -99,6 +99,12 @@ typedef struct port {
   /* Set by a shutdown that timed out: the next drain fails what is pending
    * on runtimes that were shut (aiob__py_ports_fail_shut). */
   _Atomic int fail_shut;
+  /* The loop thread's wait for a C task's next item after it completed
+   * the task's await (aiob__py_port_spin; GIL): the adaptive budget in ns,
+   * when the last await completed, a drain in progress, and "never spin"
+   * (one CPU). */
+  uint64_t spin_budget, done_at;
+  int draining, no_spin;
 } port;
 
 /* The ports dict maps a loop's weak reference to its pyport, so a loop that
@@ -206,6 +212,8 @@ typedef struct request {
   PyObject *pyfuture;             /* the running Python future (GIL) */
   aiob_runtime *rt;               /* the C task's runtime (referenced) */
   struct request *pnext, **pprev; /* in b->awaiting while pyfuture (GIL) */
+  /* pyfuture is a task that the port's loop made for it (GIL) */
+  int on_loop;
 } request;
 
 /* ---- Functions shared between the sources ------------------------------
@@ -241,6 +249,7 @@ extern PyType_Spec aiob__py_port_spec;
 void aiob__py_port_ref(port *p);
 void aiob__py_port_unref(port *p);
 bool aiob__py_port_push(port *p, item *it);
+int aiob__py_port_spin(port *p, aiob_runtime *rt);
 PyObject *aiob__py_weakref_get(PyObject *ref);
 pyport *aiob__py_port_for(aiob_py_bridge *b, PyObject *loop, int on_thread);
 void aiob__py_close_all_ports(aiob_py_bridge *b);

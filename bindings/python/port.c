@@ -9,11 +9,18 @@
  * selector and the bridge's ports dict hold. */
 #include "bridge_internal.h"
 
+#include <sched.h>
 #include <stdlib.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
 
 #define DRAIN_CHUNK 4096
+
+/* The longest the loop thread waits for a C task's next item after it
+ * completed the task's await (aiob__py_port_spin), if the runtime spins
+ * at least that long itself: a runtime thread that is spinning answers
+ * in a microsecond or two, one that blocks takes a thread wake-up. */
+#define SPIN_MAX_NS (20 * AIOB_USEC)
 
 /* Made before a fork() that made this process: the parent's (see
  * release.c). */
@@ -33,6 +40,13 @@ static port *port_new(void) {
   atomic_init(&p->refs, 1);
   aiob__inbox_init(&p->in);
   p->gen = atomic_load(&aiob__py_fork_gen);
+  /* With one CPU the loop thread's spin would only keep the runtime thread
+   * from answering. */
+  cpu_set_t cpus;
+  if (sched_getaffinity(0, sizeof cpus, &cpus) == 0 && CPU_COUNT(&cpus) > 1)
+    p->spin_budget = SPIN_MAX_NS;
+  else
+    p->no_spin = 1;
   return p;
 }
 
@@ -118,6 +132,21 @@ static int dispatch(aiob_py_bridge *b, item *it) {
   return rc;
 }
 
+/* Dispatches up to DRAIN_CHUNK items (loop thread, GIL). Sets *done to
+ * their number; -1 as dispatch. */
+static int drain_items(port *p, int *done) {
+  int rc = 0;
+  aiob__mpsc_node *node;
+  p->draining = 1;
+  while (rc == 0 && *done < DRAIN_CHUNK &&
+         (node = aiob__mpsc_pop(&p->in.queue))) {
+    rc = dispatch(p->b, AIOB__CONTAINER_OF(node, item, node));
+    (*done)++;
+  }
+  p->draining = 0;
+  return rc;
+}
+
 /* Drains up to DRAIN_CHUNK items; reschedules itself if more remain, or if
  * a done callback lets SystemExit / KeyboardInterrupt out (which then
  * leaves the loop, as from any handle). */
@@ -129,17 +158,18 @@ static PyObject *pyport_drain(PyObject *self, PyObject *unused) {
   if (aiob__inbox_closed(&p->in) || port_inherited(p))
     Py_RETURN_NONE;
   uint64_t v;
-  if (read(p->efd, &v, sizeof v) > 0)
+  if (read(p->efd, &v, sizeof v) > 0) {
     pp->b->py_wakes++; /* not a re-scheduled drain */
+    /* Woken soon after an await completed: a spin of twice that long
+     * would have caught it. */
+    uint64_t late = p->done_at ? aiob_now_ns() - p->done_at : SPIN_MAX_NS;
+    if (late < SPIN_MAX_NS / 2 && p->spin_budget < 2 * late)
+      p->spin_budget = 2 * late;
+    p->done_at = 0;
+  }
   aiob__inbox_rearm(&p->in);
   Py_INCREF(self);
-  int done = 0, rc = 0;
-  aiob__mpsc_node *node;
-  while (rc == 0 && done < DRAIN_CHUNK &&
-         (node = aiob__mpsc_pop(&p->in.queue))) {
-    rc = dispatch(pp->b, AIOB__CONTAINER_OF(node, item, node));
-    done++;
-  }
+  int done = 0, rc = drain_items(p, &done);
   /* After the completions that did arrive: what a runtime abandoned by a
    * shutdown will never finish. */
   if (rc == 0 && atomic_exchange(&p->fail_shut, 0)) {
@@ -163,6 +193,57 @@ static PyObject *pyport_drain(PyObject *self, PyObject *unused) {
   if (rc < 0)
     return NULL;
   Py_RETURN_NONE;
+}
+
+/* After a waiter completed the await of a C task on runtime rt, from a
+ * plain callback of port p's loop (its thread, GIL, no drain running): the
+ * task usually sends its next item within a microsecond or two, and taking
+ * it here saves the loop a blocking select() ended by an eventfd write
+ * (a thread wake-up) and an iteration. So this spins, with the inbox
+ * marked signalled so that pushers skip the eventfd, until an item arrives
+ * or an adaptive budget runs out (at most SPIN_MAX_NS and the runtime's
+ * own spin; halved by each miss, raised to twice the delay of an item
+ * that woke the loop soon after an await completed), and drains what
+ * came. -1: SystemExit or KeyboardInterrupt is set (as from the drain). */
+int aiob__py_port_spin(port *p, aiob_runtime *rt) {
+  /* A hosted runtime's tasks may run on this very thread. */
+  if (p->draining || p->no_spin || rt->hosted || aiob__inbox_closed(&p->in) ||
+      port_inherited(p))
+    return 0;
+  uint64_t start = aiob_now_ns(), budget = p->spin_budget,
+           max = (uint64_t)aiob_runtime_spin_us(rt) * AIOB_USEC;
+  p->done_at = start;
+  if (budget > max)
+    budget = max;
+  /* Already signalled: a drain is owed, the loop comes back at once. */
+  if (!budget || atomic_exchange(&p->in.signalled, 1))
+    return 0;
+  bool hit = false;
+  for (uint64_t now = start; now - start < budget; now = aiob_now_ns()) {
+    if ((hit = !aiob__mpsc_empty(&p->in.queue)))
+      break;
+    aiob__cpu_relax();
+  }
+  int rc = 0, done = 0;
+  if (hit) {
+    p->done_at = 0;
+    rc = drain_items(p, &done);
+  } else if ((p->spin_budget = budget / 2) < AIOB_USEC) {
+    p->spin_budget = 0; /* the C side does not answer that fast */
+  }
+  /* Re-armed: a push from now on wakes the loop; one that came meanwhile
+   * and was left (a chunk's worth, or after SystemExit) is owed a wake. */
+  aiob__inbox_rearm(&p->in);
+  atomic_thread_fence(memory_order_seq_cst);
+  if (!aiob__mpsc_empty(&p->in.queue) && !atomic_exchange(&p->in.signalled, 1))
+    port_signal(p);
+  if (done) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    aiob__py_release_orphans();
+    PyErr_Restore(type, value, tb);
+  }
+  return rc;
 }
 
 /* Closes the port: no more pushes; pending items are released (GIL). The
