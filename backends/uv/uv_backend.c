@@ -106,6 +106,12 @@ static int uvb_loop_init(aiob_loop *core, const aiob_backend_options *opts,
     if (rc < 0)
       uv_close((uv_handle_t *)&b->wake_poll, NULL);
   }
+  if (rc == 0 && b->hosted) {
+    /* The owner decides how long its loop runs: these never keep it
+     * alive (a close that bypassed the runtime's own cannot hang). */
+    uv_unref((uv_handle_t *)&b->wake_poll);
+    uv_unref((uv_handle_t *)&b->timer_poll);
+  }
   if (rc < 0 && b->hosted) {
     /* The owner runs the close callback of a handle opened here; the
      * memory of a failed init is then left to it (once, never freed). */
@@ -234,6 +240,8 @@ static int uvb_io_start(void *p, int fd, unsigned events, void *token,
     uv_close((uv_handle_t *)&io->poll, free_io);
     return rc;
   }
+  if (b->hosted)
+    uv_unref((uv_handle_t *)&io->poll);
   *out = io;
   return 0;
 }

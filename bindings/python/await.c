@@ -160,6 +160,18 @@ static bool finish_request(aiob_py_bridge *b, request *r, PyObject *fut) {
   return true;
 }
 
+struct finish_call {
+  aiob_py_bridge *b;
+  request *r;
+  PyObject *fut;
+};
+
+static int finish_fn(void *arg) {
+  struct finish_call *c = arg;
+  finish_request(c->b, c->r, c->fut);
+  return 0;
+}
+
 static PyObject *waiter_call(PyObject *self, PyObject *args, PyObject *kw) {
   (void)kw;
   waiter *w = (waiter *)self;
@@ -168,7 +180,14 @@ static PyObject *waiter_call(PyObject *self, PyObject *args, PyObject *kw) {
     return NULL;
   request *r = w->req;
   int rc = 0;
-  if (r) {
+  if (r && r->rt->hosted && r->on_loop) {
+    /* A loop-local C task: run it now, on this thread. */
+    w->req = NULL;
+    struct finish_call c = {w->b, r, fut};
+    rc = aiob__py_port_run_local(r->locals->port, r->rt, finish_fn, &c);
+    request_clear_future(r);
+    aiob__py_request_unref(r);
+  } else if (r) {
     w->req = NULL;
     /* Run by the port's loop (a task it made): the C task, now woken,
      * likely sends its next item straight away; wait for it here. */

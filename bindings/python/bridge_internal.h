@@ -250,6 +250,8 @@ void aiob__py_port_ref(port *p);
 void aiob__py_port_unref(port *p);
 bool aiob__py_port_push(port *p, item *it);
 int aiob__py_port_spin(port *p, aiob_runtime *rt);
+int aiob__py_port_run_local(port *p, aiob_runtime *rt, int (*fn)(void *),
+                            void *arg);
 PyObject *aiob__py_weakref_get(PyObject *ref);
 pyport *aiob__py_port_for(aiob_py_bridge *b, PyObject *loop, int on_thread);
 void aiob__py_close_all_ports(aiob_py_bridge *b);
@@ -283,6 +285,8 @@ PyObject *aiob__py_convert(aiob_py_converter conv, aiob_output *out,
 int aiob__py_local_spawn(aiob_py_bridge *b, PyObject *loop,
                          int (*fn)(aiob_runtime *rt, void *arg), void *arg);
 void aiob__py_local_close_all(aiob_py_bridge *b);
+int aiob__py_local_stash(void);
+int aiob__py_local_unstash(void);
 
 /* stream_out.c */
 extern PyType_Spec aiob__py_cstream_spec;

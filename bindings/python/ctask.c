@@ -272,17 +272,28 @@ int aiob__py_ctask_complete(aiob_py_bridge *b, cfut *f) {
 static void cf_finished_local(void *arg, aiob_task *task) {
   (void)task;
   cfut *f = arg;
+  int in_python = PyGILState_Check(); /* a Python callback or call runs us */
   PyGILState_STATE g = PyGILState_Ensure();
   PyObject *type, *value, *tb;
   PyErr_Fetch(&type, &value, &tb);
   if (cf_complete(f->loc.port->b, f, 0) < 0) {
-    PyObject *closed = PyObject_CallMethod(f->loc.loop, "is_closed", NULL);
-    if (closed == Py_True)
-      PyErr_Clear(); /* closing with the loop: nobody can be told */
-    else
-      PyErr_WriteUnraisable((PyObject *)f);
-    Py_XDECREF(closed);
-    PyErr_Clear();
+    if (in_python && aiob__py_local_stash()) {
+      /* KeyboardInterrupt, SystemExit: raised by that callback or call. */
+    } else if (PyErr_ExceptionMatches(PyExc_KeyboardInterrupt)) {
+      PyErr_Clear(); /* (a libuv callback: Python raises it anew) */
+      PyErr_SetInterrupt();
+    } else {
+      PyObject *exc = aiob__py_take_exception();
+      PyObject *closed = PyObject_CallMethod(f->loc.loop, "is_closed", NULL);
+      if (closed != Py_True && exc) { /* closed: nobody can be told */
+        PyErr_Clear();
+        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+        PyErr_WriteUnraisable((PyObject *)f);
+      }
+      Py_XDECREF(closed);
+      Py_XDECREF(exc);
+      PyErr_Clear();
+    }
   }
   aiob__py_locals_destroy(&f->loc); /* the completion's reference */
   PyErr_Restore(type, value, tb);
@@ -504,6 +515,8 @@ static PyObject *cf_loop(cfut *f) {
   }
   int rc = cf_start(f, NULL, loop);
   Py_DECREF(loop);
+  if (rc == 0 && f->local && aiob__py_local_unstash() < 0)
+    return NULL; /* an interrupt during the task's first poll */
   return rc < 0 ? NULL : f->loc.loop;
 }
 
@@ -1054,7 +1067,20 @@ PyObject *aiob_py_local_future_into_py(aiob_py_bridge *b,
   }
   int rc = cf_start(f, NULL, loop);
   Py_DECREF(loop);
-  return rc < 0 ? cf_abandon(f) : (PyObject *)f;
+  if (rc < 0)
+    return cf_abandon(f);
+  /* An interrupt during the task's first poll: the task owns `state` now,
+   * so the awaitable is returned (NULL would tell the caller to free
+   * it) and Ctrl-C is raised anew, as its signal would be. */
+  if (aiob__py_local_unstash() < 0) {
+    if (PyErr_ExceptionMatches(PyExc_KeyboardInterrupt)) {
+      PyErr_Clear();
+      PyErr_SetInterrupt();
+    } else {
+      PyErr_WriteUnraisable((PyObject *)f);
+    }
+  }
+  return (PyObject *)f;
 }
 
 PyObject *aiob_py_future_into_py_with_locals(aiob_py_bridge *b,

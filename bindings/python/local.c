@@ -42,6 +42,40 @@
 extern int aiob__uv_shareable(const char *object, unsigned version, char *why,
                               size_t n) __attribute__((weak));
 
+/* ---- Interrupts raised where nobody can catch them ---------------------
+ *
+ * KeyboardInterrupt or SystemExit may come out of Python called by the
+ * core's work (a slot calling the loop, a done callback scheduled at a
+ * task's end), where only C code is on the stack. They are kept here, on
+ * the thread, and raised by the Python callback or call that ran that
+ * work, as asyncio lets them out of a handle. */
+
+static _Thread_local PyObject *stash_type, *stash_value, *stash_tb;
+
+/* Takes the current exception if it is KeyboardInterrupt or SystemExit:
+ * 1 (kept for aiob__py_local_unstash; a second one is dropped), else 0
+ * (left set). GIL. */
+int aiob__py_local_stash(void) {
+  if (!PyErr_ExceptionMatches(PyExc_KeyboardInterrupt) &&
+      !PyErr_ExceptionMatches(PyExc_SystemExit))
+    return 0;
+  if (stash_type) {
+    PyErr_Clear();
+    return 1;
+  }
+  PyErr_Fetch(&stash_type, &stash_value, &stash_tb);
+  return 1;
+}
+
+/* Raises what aiob__py_local_stash kept: -1 with it set, else 0. GIL. */
+int aiob__py_local_unstash(void) {
+  if (!stash_type)
+    return 0;
+  PyErr_Restore(stash_type, stash_value, stash_tb);
+  stash_type = stash_value = stash_tb = NULL;
+  return -1;
+}
+
 /* ---- The asyncio backend ----------------------------------------------- */
 
 /* One hosted loop on an asyncio loop. Its memory belongs to `self`, a
@@ -102,11 +136,40 @@ static PyObject *asy_call(asy *a, PyObject *name, PyObject *x, PyObject *y) {
   return PyObject_CallMethodObjArgs(a->loop, name, x, y, NULL);
 }
 
-/* A Python error inside a slot: it goes to the loop's handler's stand-in
- * (unraisable) and the slot fails. */
+/* A Python error inside a slot, as the slot's code: an OSError's errno
+ * (a bad fd: EBADF, EPERM), ValueError (an fd the loop refuses) EBADF,
+ * KeyboardInterrupt and SystemExit EINTR (kept to be raised, see above);
+ * anything else is reported as unraisable, EIO. */
 static int asy_failed(PyObject *where) {
+  if (aiob__py_local_stash())
+    return AIOB_EINTR;
+  int rc = AIOB_EIO;
+  if (PyErr_ExceptionMatches(PyExc_OSError)) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    PyObject *no = value ? PyObject_GetAttrString(value, "errno") : NULL;
+    long e = no && PyLong_Check(no) ? PyLong_AsLong(no) : 0;
+    Py_XDECREF(no);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+    PyErr_Clear();
+    return e > 0 && e < 4096 ? (int)-e : AIOB_EIO;
+  }
+  if (PyErr_ExceptionMatches(PyExc_ValueError)) {
+    PyErr_Clear();
+    return AIOB_EBADF;
+  }
   PyErr_WriteUnraisable(where);
-  return AIOB_EIO;
+  return rc;
+}
+
+/* Clears the current exception (the slot goes on), keeping an
+ * interrupt. */
+static void asy_clear(void) {
+  if (!aiob__py_local_stash())
+    PyErr_Clear();
 }
 
 static PyObject *asy_dispatch(PyObject *self, PyObject *unused) {
@@ -115,6 +178,8 @@ static PyObject *asy_dispatch(PyObject *self, PyObject *unused) {
   a->kicked = 0;
   if (!a->closed)
     aiob_backend_dispatch(a->core);
+  if (aiob__py_local_unstash() < 0)
+    return NULL;
   Py_RETURN_NONE;
 }
 
@@ -126,6 +191,8 @@ static PyObject *asy_wake_ready(PyObject *self, PyObject *unused) {
     ;
   if (!a->closed)
     aiob_backend_dispatch(a->core);
+  if (aiob__py_local_unstash() < 0)
+    return NULL;
   Py_RETURN_NONE;
 }
 
@@ -136,6 +203,8 @@ static PyObject *asy_timer_fired(PyObject *self, PyObject *unused) {
     Py_RETURN_NONE;
   Py_CLEAR(a->timer);
   aiob_backend_timer_expired(a->core);
+  if (aiob__py_local_unstash() < 0)
+    return NULL;
   Py_RETURN_NONE;
 }
 
@@ -192,15 +261,15 @@ static int asy_loop_init(aiob_loop *core, const aiob_backend_options *opts,
       a->s_remove_reader && a->s_add_writer && a->s_remove_writer && fd)
     r = asy_call(a, a->s_add_reader, fd, a->wake_cb);
   Py_XDECREF(fd);
+  int rc = r ? 0 : asy_failed(a->loop);
   if (!r) {
-    PyErr_Clear();
     a->closed = 1;
     close(a->efd);
     Py_XDECREF(a->dispatch_cb);
     Py_XDECREF(a->wake_cb);
     Py_XDECREF(a->timer_cb);
     Py_DECREF(a->self); /* frees a; the names are interned for good */
-    return AIOB_EIO;
+    return rc;
   }
   Py_DECREF(r);
   a->reader = 1;
@@ -243,13 +312,19 @@ static int asy_wake(void *p) {
   if (pthread_equal(a->thread, pthread_self()) && PyGILState_Check()) {
     if (a->kicked || a->closed)
       return 0;
+    /* Wakes come from anywhere, a dealloc while an exception unwinds
+     * included: that exception is kept aside around the call. */
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
     PyObject *r = asy_call(a, a->s_call_soon, a->dispatch_cb, NULL);
-    if (r) {
+    if (r)
       a->kicked = 1;
-      Py_DECREF(r);
+    else
+      asy_clear(); /* a closed loop: the eventfd below */
+    Py_XDECREF(r);
+    PyErr_Restore(type, value, tb);
+    if (a->kicked)
       return 0;
-    }
-    PyErr_Clear(); /* a closed loop: fall back to the eventfd */
   }
   uint64_t one = 1;
   if (write(a->efd, &one, sizeof one) < 0 && errno != EAGAIN)
@@ -261,6 +336,8 @@ static int asy_timer_start(void *p, uint64_t timeout_ns) {
   asy *a = p;
   if (a->timer) {
     PyObject *r = PyObject_CallMethodObjArgs(a->timer, a->s_cancel, NULL);
+    if (!r)
+      asy_clear();
     Py_XDECREF(r);
     Py_CLEAR(a->timer);
   }
@@ -280,7 +357,7 @@ static void asy_timer_stop(void *p) {
   if (a->timer) {
     PyObject *r = PyObject_CallMethodObjArgs(a->timer, a->s_cancel, NULL);
     if (!r)
-      PyErr_Clear();
+      asy_clear();
     Py_XDECREF(r);
     Py_CLEAR(a->timer);
   }
@@ -294,6 +371,8 @@ static PyObject *asy_io_fired(PyObject *self, unsigned revents) {
   asy_io *io = PyCapsule_GetPointer(self, NULL);
   if (!io->closed && !io->a->closed)
     aiob_backend_io_ready(io->token, revents);
+  if (aiob__py_local_unstash() < 0)
+    return NULL;
   Py_RETURN_NONE;
 }
 
@@ -361,8 +440,8 @@ static int asy_io_start(void *p, int fd, unsigned events, void *token,
   io->write_cb = PyCFunction_New(&asy_write_def, io->self);
   int rc = io->read_cb && io->write_cb ? asy_io_set(io, events) : AIOB_ENOMEM;
   if (rc < 0) {
-    PyErr_Clear();
     asy_io_set(io, 0);
+    asy_clear();
     Py_XDECREF(io->read_cb);
     Py_XDECREF(io->write_cb);
     Py_DECREF(io->self);
@@ -621,7 +700,7 @@ static host *host_for(aiob_py_bridge *b, PyObject *loop) {
     rc = aiob_runtime_new_hosted(&h->rt, &cfg);
   }
   if (rc < 0 || PyDict_SetItem(b->hosts, ref, cap) < 0) {
-    if (rc < 0 && !PyErr_Occurred())
+    if (rc < 0 && !PyErr_Occurred() && aiob__py_local_unstash() == 0)
       PyErr_Format(PyExc_OSError, "aiobridge: cannot run loop-local tasks: %s",
                    aiob_strerror(rc));
     if (hooked) {
@@ -659,7 +738,7 @@ int aiob__py_local_spawn(aiob_py_bridge *b, PyObject *loop,
     return -1;
   struct spawn_call c = {fn, arg, h->rt};
   int rc = aiob_runtime_hosted_call(h->rt, spawn_trampoline, &c);
-  if (rc < 0 && !PyErr_Occurred()) {
+  if (rc < 0 && !PyErr_Occurred() && aiob__py_local_unstash() == 0) {
     if (rc == AIOB_ESHUTDOWN)
       PyErr_SetString(b->shutdown_error,
                       "aiobridge: the loop's local tasks were shut down");

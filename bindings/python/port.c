@@ -246,6 +246,41 @@ int aiob__py_port_spin(port *p, aiob_runtime *rt) {
   return rc;
 }
 
+/* For a loop-local C task, whose hosted runtime rt runs on this thread:
+ * runs fn(arg) (which completes the task's await) inside a dispatch of rt
+ * (aiob_runtime_hosted_call), from a plain callback of port p's loop
+ * (GIL), so the task runs at once and the next item it sends is handled
+ * here, with the inbox marked signalled meanwhile so that it wakes
+ * nothing. fn runs alone when rt cannot be run here. -1: SystemExit or
+ * KeyboardInterrupt is set. */
+int aiob__py_port_run_local(port *p, aiob_runtime *rt, int (*fn)(void *),
+                            void *arg) {
+  bool owed = p->draining || aiob__inbox_closed(&p->in) || port_inherited(p) ||
+              atomic_exchange(&p->in.signalled, 1);
+  int rc = aiob_runtime_hosted_call(rt, fn, arg);
+  if (rc == AIOB_EPERM || rc == AIOB_EINVAL || rc == AIOB_ESHUTDOWN)
+    fn(arg);
+  int done = 0;
+  rc = 0;
+  if (!owed) {
+    if (!aiob__mpsc_empty(&p->in.queue))
+      rc = drain_items(p, &done);
+    aiob__inbox_rearm(&p->in);
+    atomic_thread_fence(memory_order_seq_cst);
+    if (!aiob__mpsc_empty(&p->in.queue) &&
+        !atomic_exchange(&p->in.signalled, 1))
+      port_signal(p);
+  }
+  PyObject *type, *value, *tb;
+  PyErr_Fetch(&type, &value, &tb);
+  if (done)
+    aiob__py_release_orphans();
+  PyErr_Restore(type, value, tb);
+  if (rc == 0 && aiob__py_local_unstash() < 0)
+    rc = -1;
+  return rc;
+}
+
 /* Closes the port: no more pushes; pending items are released (GIL). The
  * eventfd stays registered with its loop, whose drain then finds nothing:
  * only the loop's own thread may unregister it (loop methods are not

@@ -108,8 +108,18 @@ void aiob__py_fork_init(void) { pthread_once(&fork_once, fork_register); }
 void aiob__py_with_gil(void (*fn)(void *), void *arg) {
   /* Runtime threads never hold it (and PyGILState_Check answers 1 on any
    * thread once its check is off, e.g. with sub-interpreters). */
-  if (!aiob__current_loop && may_run_python() && PyGILState_Check()) {
+  aiob_loop *cur = aiob__current_loop;
+  if (!cur && may_run_python() && PyGILState_Check()) {
     fn(arg);
+    return;
+  }
+  /* A hosted loop runs on its asyncio loop's own thread, a Python thread,
+   * which may take the GIL (its polls run without it in the shared form):
+   * deferred, a release could wait for a drain of a loop that is closing. */
+  if (cur && cur->hosted && may_run_python()) {
+    PyGILState_STATE g = PyGILState_Ensure();
+    fn(arg);
+    PyGILState_Release(g);
     return;
   }
   pthread_mutex_lock(&orphan_mu);

@@ -774,6 +774,145 @@ class TestThreads(unittest.TestCase):
             loop.close()
 
 
+class TestHostileRegressions(unittest.TestCase):
+    """What hostile testing broke once."""
+
+    def new_loop(self, cls=None):
+        if cls is not None:
+            return cls()
+        if LOOP == "uvloop":
+            import uvloop
+            return uvloop.new_event_loop()
+        return asyncio.new_event_loop()
+
+    def test_cancel_then_close_leaks_no_loop(self):
+        """A local task cancelled just before its loop closes, with no loop
+        iteration between: the closed loop is collected (a release once
+        waited for a drain of the closed loop)."""
+        import weakref
+
+        async def cancel_then_return():
+            t = demo.local_sleep_ms(10**6)
+            await asyncio.sleep(0.001)
+            t.cancel()
+
+        refs = []
+        for _ in range(10):
+            loop = self.new_loop()
+            loop.run_until_complete(cancel_then_return())
+            loop.close()
+            refs.append(weakref.ref(loop))
+            del loop
+        gc.collect()
+        self.assertEqual(sum(r() is not None for r in refs), 0)
+
+    def test_keyboard_interrupt_in_call_at_propagates(self):
+        """Ctrl-C landing in the loop's call_at while a local timer is armed
+        (asyncio form) leaves run_until_complete, and nothing is freed
+        twice: the task was spawned, its awaitable stays valid."""
+
+        class L(asyncio.SelectorEventLoop):
+            arm = False
+
+            def call_at(self, when, cb, *a, **k):
+                if self.arm and getattr(cb, "__name__", "") == "timer":
+                    self.arm = False
+                    raise KeyboardInterrupt
+                return super().call_at(when, cb, *a, **k)
+
+        loop = L()
+        self.addCleanup(loop.close)
+        keep = []
+
+        async def main():
+            await demo.local_sleep_ms(1)
+            loop.arm = True
+            keep.append(demo.local_sleep_ms(10))
+            await asyncio.wait_for(keep[0], 60)
+
+        with self.assertRaises(KeyboardInterrupt):
+            loop.run_until_complete(main())
+        self.assertEqual(loop.run_until_complete(demo.local_ready()), None)
+
+    def test_keyboard_interrupt_in_done_callback_scheduling(self):
+        """Ctrl-C landing in call_soon while a finished local task schedules
+        its done callbacks: it leaves run_until_complete (asyncio form)."""
+
+        class L(asyncio.SelectorEventLoop):
+            arm = False
+
+            def call_soon(self, cb, *a, **k):
+                if self.arm and getattr(cb, "__name__", "") == "on_done":
+                    self.arm = False
+                    raise KeyboardInterrupt
+                return super().call_soon(cb, *a, **k)
+
+        loop = L()
+        self.addCleanup(loop.close)
+
+        def on_done(f):
+            pass
+
+        async def main():
+            await demo.local_ready()
+            t = demo.local_sleep_ms(5)
+            t.add_done_callback(on_done)
+            loop.arm = True
+            await asyncio.sleep(60)
+
+        with self.assertRaises(KeyboardInterrupt):
+            loop.run_until_complete(main())
+
+    def test_fd_errors_are_oserrors(self):
+        """fd waits the loop refuses fail with the errno's OSError, quietly,
+        in both forms: a regular file, a closed fd."""
+        fr = os.open(__file__, os.O_RDONLY)
+        self.addCleanup(os.close, fr)
+
+        def closed_fd():
+            r, w = os.pipe()  # made now: no fd of the loop takes the number
+            os.close(r)
+            os.close(w)
+            return r
+
+        async def main():
+            await demo.local_ready()  # the loop's fds for local tasks
+            out = []
+            for make in (lambda: fr, closed_fd):
+                try:
+                    await asyncio.wait_for(demo.local_read_ready(make()), 60)
+                    out.append(None)
+                except OSError as e:
+                    out.append(e.errno)
+            return out
+
+        loop = self.new_loop()
+        self.addCleanup(lambda: loop.close())  # the close of now: the hook
+        got = loop.run_until_complete(main())
+        self.assertEqual(got, [errno.EPERM, errno.EBADF])
+
+    @unittest.skipUnless(LOOP == "uvloop", "uvloop's own close")
+    def test_uvloop_close_bypassing_the_hook_never_hangs(self):
+        """uvloop's own close, called past the hook (type(loop).close), on a
+        loop that ran a local task: it returns (an error at worst), never
+        hangs on the local tasks' handles."""
+        p = run_child(
+            """
+            import uvloop
+            loop = uvloop.new_event_loop()
+            loop.run_until_complete(demo.local_sleep_ms(1))
+            try:
+                type(loop).close(loop)
+                out = "closed"
+            except OSError as e:
+                out = "error %d" % e.errno
+            print(json.dumps({"out": out, "mode": None}))
+            """
+        )
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertIn(last_json(p)["out"], ("closed", "error %d" % errno.EBUSY))
+
+
 @unittest.skipUnless(hasattr(sys, "gettotalrefcount"), "needs a debug interpreter (python3-dbg)")
 class TestLocalReferenceLeaks(unittest.TestCase):
     def test_local_tasks_do_not_leak(self):
