@@ -570,7 +570,7 @@ int aiob__runtime_alloc(const aiob_runtime_config *cfg, unsigned nloops,
     aiob_runtime_config_init(&defaults);
     cfg = &defaults;
   }
-  const aiob_backend *backend;
+  const aiob_backend *backend = NULL;
   int rc = config_check(cfg, &backend);
   if (rc < 0)
     return rc;
