@@ -179,12 +179,7 @@ int aiob__hosted_shutdown(aiob_runtime *rt, aiob_shutdown_info *info) {
     aiob_task *st;
     enter(loop, &sl, &st);
     loop->thread = pthread_self();
-    aiob__loop_drain_shutdown(loop);
-    aiob__fds_close(loop);
-    if (loop->timer_armed)
-      loop->backend->timer_stop(loop->bl);
-    loop->timer_armed = false;
-    loop->backend->loop_close(loop->bl);
+    aiob__loop_close(loop);
     leave(loop, sl, st);
   }
   pthread_mutex_lock(&rt->shutdown_mu);

@@ -327,6 +327,9 @@ void aiob__runtime_alive(aiob_runtime *rt);
 void aiob__loop_accept_remote(aiob_loop *loop);
 void aiob__loop_run_ready(aiob_loop *loop);
 void aiob__loop_drain_shutdown(aiob_loop *loop);
+/* The end of a loop (its thread, or its host): drains, closes fds, timer
+ * and backend loop. */
+void aiob__loop_close(aiob_loop *loop);
 /* Shutdown of a hosted runtime (core/hosted.c), see
  * aiob_runtime_shutdown_timeout. */
 int aiob__hosted_shutdown(aiob_runtime *rt, aiob_shutdown_info *info);

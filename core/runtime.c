@@ -195,6 +195,17 @@ void aiob__loop_run_ready(aiob_loop *loop) {
   }
 }
 
+/* Drops every task the loop knows, releases its fd watches and timer and
+ * closes the backend loop, on the loop thread. */
+void aiob__loop_close(aiob_loop *loop) {
+  aiob__loop_drain_shutdown(loop);
+  aiob__fds_close(loop);
+  if (loop->timer_armed)
+    loop->backend->timer_stop(loop->bl);
+  loop->timer_armed = false;
+  loop->backend->loop_close(loop->bl);
+}
+
 /* Drops every task the loop knows, on the loop thread. */
 void aiob__loop_drain_shutdown(aiob_loop *loop) {
   aiob__inbox_close(&loop->remote);
@@ -378,15 +389,10 @@ static void *loop_thread(void *arg) {
   }
 
   loop_main(loop);
-  aiob__loop_drain_shutdown(loop);
-  aiob__fds_close(loop);
-  if (loop->timer_armed)
-    loop->backend->timer_stop(loop->bl);
-  loop->timer_armed = false;
   /* May wait for native requests still in flight (libuv runs its loop
    * until every request completed): a shutdown with a deadline stops
    * waiting for this thread, see aiob_runtime_shutdown_timeout. */
-  loop->backend->loop_close(loop->bl);
+  aiob__loop_close(loop);
   loop_exited(loop);
   return NULL;
 }

@@ -15,11 +15,18 @@
 static uv_loop_t g_host;
 static aiob_runtime *g_rt;
 static pthread_t g_host_thread;
+/* The host's own work, which keeps its loop running (as uvloop's own
+ * handles do): the runtime's handles never keep a host's loop alive. */
+static uv_timer_t g_keepalive;
+
+static void never_fires(uv_timer_t *t) { (void)t; }
 
 static int setup(void **state) {
   (void)state;
   reset_checks();
   assert_int_equal(uv_loop_init(&g_host), 0);
+  uv_timer_init(&g_host, &g_keepalive);
+  uv_timer_start(&g_keepalive, never_fires, 3600 * 1000, 0);
   aiob_runtime_config cfg;
   aiob_runtime_config_init(&cfg);
   cfg.backend = "uv";
@@ -35,6 +42,7 @@ static int teardown(void **state) {
   (void)state;
   assert_rc(aiob_runtime_shutdown(g_rt), 0);
   aiob_runtime_free(g_rt);
+  uv_close((uv_handle_t *)&g_keepalive, NULL);
   uv_run(&g_host, UV_RUN_DEFAULT); /* the close callbacks */
   assert_int_equal(uv_loop_alive(&g_host), 0);
   assert_int_equal(uv_loop_close(&g_host), 0);
@@ -301,6 +309,30 @@ static void test_long_batch_never_starves_host(void **state) {
   free(ts);
 }
 
+/* The runtime's handles never keep the host's loop alive, a pending sleep
+ * and fd wait included: the host decides how long its loop runs (a close
+ * of uvloop's that bypassed the runtime's own cannot hang on them). */
+static void test_handles_never_keep_the_host_alive(void **state) {
+  (void)state;
+  int fds[2];
+  assert_int_equal(pipe(fds), 0);
+  tk sk = {.sleep_ns = UINT64_MAX}, rk = {.fd = fds[0]};
+  aiob_task *st = spawn_now(&sleep_vt, &sk);
+  aiob_task *rt = spawn_now(&read_vt, &rk);
+  uv_timer_stop(&g_keepalive);
+  assert_int_equal(uv_loop_alive(&g_host), 0);
+  assert_int_equal(uv_run(&g_host, UV_RUN_DEFAULT), 0); /* returns at once */
+  aiob_task_cancel(st);
+  aiob_task_cancel(rt);
+  assert_rc(aiob_runtime_hosted_dispatch(g_rt), 0);
+  assert_status(st, AIOB_ECANCELED);
+  assert_status(rt, AIOB_ECANCELED);
+  aiob_task_release(st);
+  aiob_task_release(rt);
+  close(fds[0]);
+  close(fds[1]);
+}
+
 struct other_thread_arg {
   int dispatch_rc, call_rc;
 };
@@ -384,6 +416,8 @@ int main(void) {
                                       teardown),
       cmocka_unit_test_setup_teardown(test_long_batch_never_starves_host, setup,
                                       teardown),
+      cmocka_unit_test_setup_teardown(test_handles_never_keep_the_host_alive,
+                                      setup, teardown),
       cmocka_unit_test_setup_teardown(test_errors, setup, teardown),
       cmocka_unit_test_setup_teardown(test_shutdown_closes_everything, setup,
                                       teardown),

@@ -1023,10 +1023,11 @@ static PyObject *cf_abandon(cfut *f) {
   return NULL;
 }
 
-/* aiob_py_future_into_py with a name for the task (NULL: the vtable's). */
-PyObject *aiob__py_ctask_new(aiob_py_bridge *b, const aiob_task_vtable *vt,
-                             void *state, aiob_py_converter conv,
-                             const char *name) {
+/* A new CTask for vt/state, started at once inside a running loop (else
+ * where it is first awaited), on the runtime or loop-local. */
+static PyObject *ctask_new(aiob_py_bridge *b, const aiob_task_vtable *vt,
+                           void *state, aiob_py_converter conv,
+                           const char *name, int local) {
   if (check_vt(b, vt) < 0)
     return NULL;
   PyObject *loop = aiob__py_running_loop(b);
@@ -1035,6 +1036,8 @@ PyObject *aiob__py_ctask_new(aiob_py_bridge *b, const aiob_task_vtable *vt,
   cfut *f = cf_new(b, vt, state, conv);
   if (f && name && name[0])
     f->name = name;
+  if (f)
+    f->local = local;
   if (!f || !loop) {
     /* No running loop: binds to the loop that first awaits it. */
     Py_XDECREF(loop);
@@ -1042,37 +1045,12 @@ PyObject *aiob__py_ctask_new(aiob_py_bridge *b, const aiob_task_vtable *vt,
   }
   int rc = cf_start(f, NULL, loop); /* inside a loop: start now */
   Py_DECREF(loop);
-  return rc < 0 ? cf_abandon(f) : (PyObject *)f;
-}
-
-PyObject *aiob_py_future_into_py(aiob_py_bridge *b, const aiob_task_vtable *vt,
-                                 void *state, aiob_py_converter conv) {
-  return aiob__py_ctask_new(b, vt, state, conv, NULL);
-}
-
-PyObject *aiob_py_local_future_into_py(aiob_py_bridge *b,
-                                       const aiob_task_vtable *vt, void *state,
-                                       aiob_py_converter conv) {
-  if (check_vt(b, vt) < 0)
-    return NULL;
-  PyObject *loop = aiob__py_running_loop(b);
-  if (!loop && PyErr_Occurred())
-    return NULL;
-  cfut *f = cf_new(b, vt, state, conv);
-  if (f)
-    f->local = 1;
-  if (!f || !loop) {
-    Py_XDECREF(loop); /* binds, and starts, where it is first awaited */
-    return (PyObject *)f;
-  }
-  int rc = cf_start(f, NULL, loop);
-  Py_DECREF(loop);
   if (rc < 0)
     return cf_abandon(f);
-  /* An interrupt during the task's first poll: the task owns `state` now,
-   * so the awaitable is returned (NULL would tell the caller to free
+  /* An interrupt during a local task's first poll: the task owns `state`
+   * now, so the awaitable is returned (NULL would tell the caller to free
    * it) and Ctrl-C is raised anew, as its signal would be. */
-  if (aiob__py_local_unstash() < 0) {
+  if (local && aiob__py_local_unstash() < 0) {
     if (PyErr_ExceptionMatches(PyExc_KeyboardInterrupt)) {
       PyErr_Clear();
       PyErr_SetInterrupt();
@@ -1081,6 +1059,24 @@ PyObject *aiob_py_local_future_into_py(aiob_py_bridge *b,
     }
   }
   return (PyObject *)f;
+}
+
+/* aiob_py_future_into_py with a name for the task (NULL: the vtable's). */
+PyObject *aiob__py_ctask_new(aiob_py_bridge *b, const aiob_task_vtable *vt,
+                             void *state, aiob_py_converter conv,
+                             const char *name) {
+  return ctask_new(b, vt, state, conv, name, 0);
+}
+
+PyObject *aiob_py_future_into_py(aiob_py_bridge *b, const aiob_task_vtable *vt,
+                                 void *state, aiob_py_converter conv) {
+  return ctask_new(b, vt, state, conv, NULL, 0);
+}
+
+PyObject *aiob_py_local_future_into_py(aiob_py_bridge *b,
+                                       const aiob_task_vtable *vt, void *state,
+                                       aiob_py_converter conv) {
+  return ctask_new(b, vt, state, conv, NULL, 1);
 }
 
 PyObject *aiob_py_future_into_py_with_locals(aiob_py_bridge *b,

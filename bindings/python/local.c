@@ -172,15 +172,21 @@ static void asy_clear(void) {
     PyErr_Clear();
 }
 
-static PyObject *asy_dispatch(PyObject *self, PyObject *unused) {
-  (void)unused;
-  asy *a = PyCapsule_GetPointer(self, NULL);
-  a->kicked = 0;
+/* Runs what is ready, from a callback of the loop: None, or NULL with an
+ * interrupt raised meanwhile. */
+static PyObject *asy_dispatch_now(asy *a) {
   if (!a->closed)
     aiob_backend_dispatch(a->core);
   if (aiob__py_local_unstash() < 0)
     return NULL;
   Py_RETURN_NONE;
+}
+
+static PyObject *asy_dispatch(PyObject *self, PyObject *unused) {
+  (void)unused;
+  asy *a = PyCapsule_GetPointer(self, NULL);
+  a->kicked = 0;
+  return asy_dispatch_now(a);
 }
 
 static PyObject *asy_wake_ready(PyObject *self, PyObject *unused) {
@@ -189,11 +195,7 @@ static PyObject *asy_wake_ready(PyObject *self, PyObject *unused) {
   uint64_t v;
   while (read(a->efd, &v, sizeof v) > 0)
     ;
-  if (!a->closed)
-    aiob_backend_dispatch(a->core);
-  if (aiob__py_local_unstash() < 0)
-    return NULL;
-  Py_RETURN_NONE;
+  return asy_dispatch_now(a);
 }
 
 static PyObject *asy_timer_fired(PyObject *self, PyObject *unused) {

@@ -86,7 +86,8 @@ AIOB_API int aiob_runtime_new(aiob_runtime **out,
  * aiob_runtime_hosted_call, or from the backend's callbacks: never
  * concurrently with the host's own code, so a poll function must not
  * block. Spawns, wakes and cancels from other threads work as on any
- * runtime. */
+ * runtime. The backend's handles never keep the host's loop alive (the
+ * uv backend unrefs them): the host decides how long its loop runs. */
 
 /* Creates a hosted runtime on the calling thread, which becomes its host
  * thread, and initialises its loop there (Thread-safe: any thread may
