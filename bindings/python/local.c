@@ -172,6 +172,17 @@ static void asy_clear(void) {
     PyErr_Clear();
 }
 
+static void asy_timer_stop(void *p) {
+  asy *a = p;
+  if (a->timer) {
+    PyObject *r = PyObject_CallMethodObjArgs(a->timer, a->s_cancel, NULL);
+    if (!r)
+      asy_clear();
+    Py_XDECREF(r);
+    Py_CLEAR(a->timer);
+  }
+}
+
 /* Runs what is ready, from a callback of the loop: None, or NULL with an
  * interrupt raised meanwhile. */
 static PyObject *asy_dispatch_now(asy *a) {
@@ -283,11 +294,7 @@ static void asy_loop_close(void *p) {
   asy *a = p;
   PyGILState_STATE g = PyGILState_Ensure();
   a->closed = 1;
-  if (a->timer) { /* (a TimerHandle keeps its loop alive) */
-    PyObject *r = PyObject_CallMethodObjArgs(a->timer, a->s_cancel, NULL);
-    Py_XDECREF(r);
-    Py_CLEAR(a->timer);
-  }
+  asy_timer_stop(a); /* (a TimerHandle keeps its loop alive) */
   if (a->reader && asy_alive(a)) {
     PyObject *fd = PyLong_FromLong(a->efd);
     PyObject *r = fd ? asy_call(a, a->s_remove_reader, fd, NULL) : NULL;
@@ -336,13 +343,7 @@ static int asy_wake(void *p) {
 
 static int asy_timer_start(void *p, uint64_t timeout_ns) {
   asy *a = p;
-  if (a->timer) {
-    PyObject *r = PyObject_CallMethodObjArgs(a->timer, a->s_cancel, NULL);
-    if (!r)
-      asy_clear();
-    Py_XDECREF(r);
-    Py_CLEAR(a->timer);
-  }
+  asy_timer_stop(a);
   PyObject *now = PyObject_CallMethodObjArgs(a->loop, a->s_time, NULL);
   if (!now)
     return asy_failed(a->loop);
@@ -352,17 +353,6 @@ static int asy_timer_start(void *p, uint64_t timeout_ns) {
   a->timer = when ? asy_call(a, a->s_call_at, when, a->timer_cb) : NULL;
   Py_XDECREF(when);
   return a->timer ? 0 : asy_failed(a->loop);
-}
-
-static void asy_timer_stop(void *p) {
-  asy *a = p;
-  if (a->timer) {
-    PyObject *r = PyObject_CallMethodObjArgs(a->timer, a->s_cancel, NULL);
-    if (!r)
-      asy_clear();
-    Py_XDECREF(r);
-    Py_CLEAR(a->timer);
-  }
 }
 
 static void asy_io_free(PyObject *cap) {
