@@ -546,8 +546,13 @@ static PyObject *m_value(PyObject *m, PyObject *arg) {
                                 conv_long);
 }
 
-static PyObject *m_sleep_us(PyObject *m, PyObject *arg) {
-  (void)m;
+/* aiob_py_future_into_py or aiob_py_local_future_into_py. */
+typedef PyObject *(*spawn_fn)(aiob_py_bridge *b, const aiob_task_vtable *vt,
+                              void *state, aiob_py_converter conv);
+
+/* A nap of `arg` microseconds with vtable vt, started by spawn. */
+static PyObject *start_nap(PyObject *arg, const aiob_task_vtable *vt,
+                           spawn_fn spawn) {
   uint64_t ns;
   if (aiob_py_duration_ns(arg, 1e3, &ns) < 0)
     return NULL;
@@ -555,10 +560,15 @@ static PyObject *m_sleep_us(PyObject *m, PyObject *arg) {
   if (!n)
     return PyErr_NoMemory();
   n->ns = ns;
-  PyObject *f = aiob_py_future_into_py(g_bridge, &nap_vt, n, NULL);
+  PyObject *f = spawn(g_bridge, vt, n, NULL);
   if (!f)
     free(n);
   return f;
+}
+
+static PyObject *m_sleep_us(PyObject *m, PyObject *arg) {
+  (void)m;
+  return start_nap(arg, &nap_vt, aiob_py_future_into_py);
 }
 
 /* local_nap(us), local_await(obj): loop-local twins of sleep_us and an
@@ -581,36 +591,22 @@ static const aiob_task_vtable local_await_vt = {.poll = await_one_poll,
 
 static PyObject *m_local_nap(PyObject *m, PyObject *arg) {
   (void)m;
-  uint64_t ns;
-  if (aiob_py_duration_ns(arg, 1e3, &ns) < 0)
-    return NULL;
-  nap *n = calloc(1, sizeof *n);
-  if (!n)
-    return PyErr_NoMemory();
-  n->ns = ns;
-  PyObject *f = aiob_py_local_future_into_py(g_bridge, &local_nap_vt, n, NULL);
+  PyObject *f = start_nap(arg, &local_nap_vt, aiob_py_local_future_into_py);
   if (f)
     atomic_fetch_add(&g_local_made, 1);
-  else
-    free(n);
   return f;
 }
 
+static PyObject *start_await(const aiob_task_vtable *vt, PyObject *obj,
+                             aiob_py_locals *call_locals, spawn_fn spawn,
+                             aiob_py_converter conv);
+
 static PyObject *m_local_await(PyObject *m, PyObject *obj) {
   (void)m;
-  await_state *s = calloc(1, sizeof *s);
-  if (!s)
-    return PyErr_NoMemory();
-  Py_INCREF(obj);
-  s->obj = obj;
-  PyObject *f =
-      aiob_py_local_future_into_py(g_bridge, &local_await_vt, s, conv_object);
-  if (f) {
+  PyObject *f = start_await(&local_await_vt, obj, NULL,
+                            aiob_py_local_future_into_py, conv_object);
+  if (f)
     atomic_fetch_add(&g_local_made, 1);
-  } else {
-    Py_DECREF(obj);
-    free(s);
-  }
   return f;
 }
 
@@ -718,9 +714,10 @@ static PyObject *m_parent_child(PyObject *m, PyObject *aw) {
 }
 
 /* Starts a C task over a new await_state (obj and locals are moved in);
- * with `locals` set it goes through aiob_py_future_into_py_with_locals. */
+ * with `locals` set it goes through aiob_py_future_into_py_with_locals,
+ * else through spawn. */
 static PyObject *start_await(const aiob_task_vtable *vt, PyObject *obj,
-                             aiob_py_locals *call_locals,
+                             aiob_py_locals *call_locals, spawn_fn spawn,
                              aiob_py_converter conv) {
   await_state *s = calloc(1, sizeof *s);
   if (!s)
@@ -729,7 +726,7 @@ static PyObject *start_await(const aiob_task_vtable *vt, PyObject *obj,
   s->obj = obj;
   PyObject *r = call_locals ? aiob_py_future_into_py_with_locals(
                                   g_bridge, call_locals, vt, s, conv)
-                            : aiob_py_future_into_py(g_bridge, vt, s, conv);
+                            : spawn(g_bridge, vt, s, conv);
   if (!r) {
     Py_DECREF(obj);
     free(s);
@@ -741,7 +738,8 @@ static PyObject *start_await(const aiob_task_vtable *vt, PyObject *obj,
  * C long it got (or the exception). */
 static PyObject *m_await_conv(PyObject *m, PyObject *aw) {
   (void)m;
-  return start_await(&await_record_vt, aw, NULL, conv_long);
+  return start_await(&await_record_vt, aw, NULL, aiob_py_future_into_py,
+                     conv_long);
 }
 
 /* spawn_with_locals(loop, n): a value task for `loop`, from any thread. */
@@ -784,7 +782,8 @@ static PyObject *m_await_in(PyObject *m, PyObject *args) {
       aiob_py_locals_new(g_bridge, loop, ctx == Py_None ? NULL : ctx);
   if (!l)
     return NULL;
-  PyObject *r = start_await(&await_one_vt, aw, l, conv_object);
+  PyObject *r =
+      start_await(&await_one_vt, aw, l, aiob_py_future_into_py, conv_object);
   aiob_py_locals_release(l); /* not consumed */
   return r;
 }
