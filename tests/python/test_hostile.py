@@ -9,13 +9,13 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
 import sys
 import textwrap
 import time
 import unittest
 
 import aiobridge_demo as demo
+import children
 from test_bridge import wait_until
 
 LOOP = os.environ.get("AIOB_TEST_LOOP", "asyncio")
@@ -43,27 +43,12 @@ def exit_code(status):
 
 
 def run_child(body, timeout=60, python_args=()):
-    """Runs `body` in a fresh interpreter, in its own session so that a hang
-    kills it and anything it forked; a hang fails the calling test."""
-    cmd = [sys.executable, "-X", "faulthandler", *python_args, "-c",
-           CHILD_PRELUDE + textwrap.dedent(body)]
-    with subprocess.Popen(cmd, env=dict(os.environ), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True,
-                          start_new_session=True) as p:
-        try:
-            out, err = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            out, err = p.communicate()
-            raise AssertionError(
-                "child hung for %ss\nstdout:\n%s\nstderr:\n%s" % (timeout, out, err))
-    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+    """Runs `body` after CHILD_PRELUDE in a child interpreter (children.run)."""
+    return children.run(CHILD_PRELUDE + textwrap.dedent(body), timeout=timeout,
+                        python_args=python_args)
 
 
-def last_json(p):
-    """The JSON summary a child printed last, or None."""
-    lines = p.stdout.strip().splitlines()
-    return json.loads(lines[-1]) if lines else None
+last_json = children.last_json
 
 
 class ChildCase(unittest.TestCase):

@@ -15,8 +15,6 @@ import gc
 import json
 import os
 import random
-import signal
-import subprocess
 import sys
 import textwrap
 import threading
@@ -25,6 +23,7 @@ import traceback
 import unittest
 
 import aiobridge_demo as demo
+import children
 
 LOOP = os.environ.get("AIOB_TEST_LOOP", "asyncio")
 if LOOP == "uvloop":
@@ -489,27 +488,13 @@ atexit.register(lambda: LOGGED and sys.stderr.write("logged: %r\\n" % LOGGED))
 
 
 def run_child(body, env=None, timeout=60, setup=""):
-    """Runs `setup` then `body` (each dedented) in a fresh interpreter in its
-    own session, so that a hang kills it; a hang fails the calling test."""
-    cmd = [sys.executable, "-X", "faulthandler", "-c",
-           CHILD_PRELUDE + textwrap.dedent(setup) + textwrap.dedent(body)]
-    full_env = dict(os.environ)
-    full_env.update(env or {})
-    with subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, start_new_session=True) as p:
-        try:
-            out, err = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            out, err = p.communicate()
-            raise AssertionError(
-                "child hung for %ss\nstdout:\n%s\nstderr:\n%s" % (timeout, out, err))
-    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+    """Runs CHILD_PRELUDE, `setup` then `body` (each dedented) in a child
+    interpreter (children.run)."""
+    return children.run(CHILD_PRELUDE + textwrap.dedent(setup) + textwrap.dedent(body),
+                        env=env, timeout=timeout)
 
 
-def last_json(p):
-    lines = p.stdout.strip().splitlines()
-    return json.loads(lines[-1]) if lines else None
+last_json = children.last_json
 
 
 # Starts local tasks that never finish on the running loop: long sleeps, fd
