@@ -257,7 +257,10 @@ static PyObject *reg_shutdown(PyObject *cap, PyObject *args) {
  * touch Python (runtime threads never do, and from here on deferred
  * releases run on this thread only: release.c), and if they still run
  * when the process calls exit(), it ends without C destructors (see
- * release.c). */
+ * release.c). Last, the hook waits (bounded) until the loops still
+ * running have taken the wakes their ports were sent before they closed:
+ * taken after finalization, a wake would enter Python then
+ * (aiob__py_ports_settle). */
 static PyObject *reg_atexit(PyObject *cap, PyObject *unused) {
   (void)unused;
   bridge_reg *r = reg_of(cap);
@@ -272,6 +275,8 @@ static PyObject *reg_atexit(PyObject *cap, PyObject *unused) {
   aiob_runtime_default_shutdown_timeout(AIOB__PY_EXIT_TIMEOUT_NS, NULL);
   Py_END_ALLOW_THREADS;
   aiob__py_release_orphans();
+  if (r->b)
+    aiob__py_ports_settle(r->b, AIOB__PY_EXIT_TIMEOUT_NS);
   Py_RETURN_NONE;
 }
 

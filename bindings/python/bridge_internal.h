@@ -225,6 +225,10 @@ void aiob__py_fork_init(void);
 void aiob__py_with_gil(void (*fn)(void *), void *arg);
 void aiob__py_release_orphans(void);
 void aiob__py_exit_begin(void);
+/* May a thread without the GIL take it (PyGILState_Ensure) now? Not once
+ * the interpreter is finalizing: it would stop the thread then, or crash
+ * once the thread states are freed. */
+bool aiob__py_may_take_gil(void);
 
 /* embed.c */
 int aiob__py_main_start(const aiob_main_config *cfg, aiob_py_bridge **b,
@@ -256,6 +260,7 @@ PyObject *aiob__py_weakref_get(PyObject *ref);
 pyport *aiob__py_port_for(aiob_py_bridge *b, PyObject *loop, int on_thread);
 void aiob__py_close_all_ports(aiob_py_bridge *b);
 void aiob__py_ports_fail_shut(aiob_py_bridge *b);
+void aiob__py_ports_settle(aiob_py_bridge *b, uint64_t timeout_ns);
 
 /* locals.c */
 void aiob__py_locals_clear(py_locals *l);

@@ -272,6 +272,11 @@ int aiob__py_ctask_complete(aiob_py_bridge *b, cfut *f) {
 static void cf_finished_local(void *arg, aiob_task *task) {
   (void)task;
   cfut *f = arg;
+  /* While the interpreter finalizes (e.g. a libuv callback on a daemon
+   * thread's loop), the future is left as the interpreter leaves its own.
+   * (PyGILState_Check cannot be trusted then.) */
+  if (!aiob__py_may_take_gil())
+    return;
   int in_python = PyGILState_Check(); /* a Python callback or call runs us */
   PyGILState_STATE g = PyGILState_Ensure();
   PyObject *type, *value, *tb;

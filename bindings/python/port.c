@@ -9,9 +9,11 @@
  * selector and the bridge's ports dict hold. */
 #include "bridge_internal.h"
 
+#include <poll.h>
 #include <sched.h>
 #include <stdlib.h>
 #include <sys/eventfd.h>
+#include <time.h>
 #include <unistd.h>
 
 #define DRAIN_CHUNK 4096
@@ -154,11 +156,15 @@ static PyObject *pyport_drain(PyObject *self, PyObject *unused) {
   (void)unused;
   pyport *pp = (pyport *)self;
   port *p = pp->port;
-  /* Closed: the bridge may be gone. Inherited: the parent's eventfd. */
-  if (aiob__inbox_closed(&p->in) || port_inherited(p))
+  /* Inherited: the parent's eventfd. Closed: the bridge may be gone, and
+   * only the wake is taken (left unread, it would keep the loop waking). */
+  if (port_inherited(p))
     Py_RETURN_NONE;
   uint64_t v;
-  if (read(p->efd, &v, sizeof v) > 0) {
+  bool woken = read(p->efd, &v, sizeof v) > 0;
+  if (aiob__inbox_closed(&p->in))
+    Py_RETURN_NONE;
+  if (woken) {
     pp->b->py_wakes++; /* not a re-scheduled drain */
     /* Woken soon after an await completed: a spin of twice that long
      * would have caught it. */
@@ -465,6 +471,70 @@ void aiob__py_ports_fail_shut(aiob_py_bridge *b) {
     atomic_store(&p->fail_shut, 1);
     aiob__inbox_wake(&p->in, port_signal, p); /* no-op once closed */
   }
+}
+
+/* At interpreter exit, once the ports are closed (GIL; released while it
+ * waits): a loop running on another thread (a daemon thread's) may not
+ * have taken the last wake its port was sent yet, if that thread was not
+ * scheduled since. Taken after the interpreter has finalized, it would
+ * enter Python from the loop's own code: uvloop's fd callbacks take the
+ * GIL with PyGILState_Ensure, which crashes once finalization has freed
+ * the thread states. So this waits, at most timeout_ns, until every such
+ * port's eventfd is read (the loop thread's drain reads it with the GIL,
+ * while its thread state is still valid), then reads those left itself.
+ * Closed ports get no wake again (aiob__inbox_close). */
+void aiob__py_ports_settle(aiob_py_bridge *b, uint64_t timeout_ns) {
+  PyObject *type, *value, *tb;
+  PyErr_Fetch(&type, &value, &tb);
+  PyObject *ports = b->ports ? PyDict_Values(b->ports) : NULL;
+  Py_ssize_t n = ports ? PyList_GET_SIZE(ports) : 0;
+  struct pollfd *fds = n ? calloc((size_t)n, sizeof *fds) : NULL;
+  port **held = n ? calloc((size_t)n, sizeof *held) : NULL;
+  nfds_t nfds = 0;
+  PyObject *mine =
+      fds && held ? PyObject_CallNoArgs(b->get_running_loop) : NULL;
+  for (Py_ssize_t i = 0; mine && i < n; i++) {
+    pyport *pp = (pyport *)PyList_GET_ITEM(ports, i);
+    if (!pp->port || !pp->reader || port_inherited(pp->port))
+      continue;
+    PyObject *loop = aiob__py_weakref_get(pp->loop_ref);
+    PyObject *running = loop && loop != mine
+                            ? PyObject_CallMethod(loop, "is_running", NULL)
+                            : NULL;
+    if (running == Py_True) {
+      aiob__py_port_ref(pp->port);
+      held[nfds] = pp->port;
+      fds[nfds++] = (struct pollfd){.fd = pp->port->efd, .events = POLLIN};
+    }
+    Py_XDECREF(running);
+    Py_XDECREF(loop);
+    PyErr_Clear();
+  }
+  Py_XDECREF(mine);
+  Py_XDECREF(ports);
+  PyErr_Clear();
+  PyErr_Restore(type, value, tb);
+  if (!nfds)
+    goto out;
+  Py_BEGIN_ALLOW_THREADS;
+  uint64_t deadline = aiob_now_ns() + timeout_ns;
+  while (poll(fds, nfds, 0) > 0) {
+    if (aiob_now_ns() >= deadline) {
+      for (nfds_t i = 0; i < nfds; i++) {
+        uint64_t v;
+        ssize_t r = fds[i].revents & POLLIN ? read(fds[i].fd, &v, sizeof v) : 0;
+        (void)r; /* EAGAIN: its loop took it meanwhile */
+      }
+      break;
+    }
+    nanosleep(&(struct timespec){.tv_nsec = 100 * 1000}, NULL);
+  }
+  Py_END_ALLOW_THREADS;
+  for (nfds_t i = 0; i < nfds; i++)
+    aiob__py_port_unref(held[i]);
+out:
+  free(fds);
+  free(held);
 }
 
 /* Closes every port of the bridge (GIL): at interpreter exit, and when

@@ -84,6 +84,14 @@ static bool may_run_python(void) {
          (pthread_equal(pthread_self(), exit_thread) && Py_IsInitialized());
 }
 
+bool aiob__py_may_take_gil(void) {
+#if PY_VERSION_HEX >= 0x030D0000
+  return !Py_IsFinalizing();
+#else
+  return !_Py_IsFinalizing();
+#endif
+}
+
 #ifdef __GLIBC__
 static void exit_without_destructors_if_stuck(int status, void *arg) {
   (void)arg;

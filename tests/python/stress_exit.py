@@ -3,6 +3,7 @@ C-awaited Python coroutines and then exit normally, some with tasks still in
 flight, some with a loop thread that cannot stop (a stuck native request).
 
     python stress_exit.py [--processes 300] [--jobs N] [--timeout 60]
+                          [--scenarios thread,done,...]
 
 Run with the extension's build directory on PYTHONPATH; AIOB_TEST_LOOP=uvloop
 runs the children on uvloop, AIOBRIDGE_BACKEND picks the runtime's backend.
@@ -12,7 +13,7 @@ child that hangs is killed and reported). Exit times per scenario are
 printed for information, never asserted. Exit status: 0 when every child
 behaved, 1 otherwise.
 
-Scenarios (child i runs SCENARIOS[i % len(SCENARIOS)]):
+Scenarios (child i runs the i-th of them, in turn):
   done       every C task and C await finished; asyncio.run returns
   in_flight  C sleeps and C awaits of Python coroutines still in flight
   sys_exit   the same, leaving by sys.exit(0) inside the running loop
@@ -25,6 +26,9 @@ Scenarios (child i runs SCENARIOS[i % len(SCENARIOS)]):
   stuck_status  the same, leaving by sys.exit(4)
   thread     a daemon thread's loop awaits C tasks while the main thread
              leaves
+  thread_local  the same with loop-local C tasks (the shared form on
+             uvloop: their timers are libuv handles on the thread's loop),
+             some due while the interpreter finalizes
 """
 import argparse
 import os
@@ -38,7 +42,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 SCENARIOS = ["done", "in_flight", "sys_exit", "status", "stuck",
-             "stuck_status", "thread"]
+             "stuck_status", "thread", "thread_local"]
 
 CHILD = textwrap.dedent(
     """
@@ -46,7 +50,7 @@ CHILD = textwrap.dedent(
     if os.environ.get("AIOB_TEST_LOOP") == "uvloop":
         import uvloop
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    import aiobridge_demo as demo
+    import aiobridge, aiobridge_demo as demo
 
     scenario, fifo = sys.argv[1], sys.argv[2]
 
@@ -86,16 +90,32 @@ CHILD = textwrap.dedent(
         if scenario == "stuck_status":
             sys.exit(4)
 
-    if scenario == "thread":
+    async def forever_runtime():
+        await work()
+        keep = in_flight()
+        started.set()
+        while True:
+            await demo.sleep_ms(1)
+            await demo.await_py(asyncio.sleep(0))
+
+    async def forever_local():
+        await work()
+        keep = in_flight()
+        keep += [asyncio.ensure_future(demo.local_sleep_ms(5 * i)) for i in range(100)]
+        started.set()
+        while True:
+            coro = py(0)
+            try:
+                await demo.local_sleep_ms(1)
+                await demo.local_await_py(coro)
+            except aiobridge.ShutdownError:  # the exit hook ran: no new tasks
+                coro.close()
+                await asyncio.gather(*keep)
+
+    if scenario.startswith("thread"):
         started = threading.Event()
+        forever = forever_local if scenario == "thread_local" else forever_runtime
         def run():
-            async def forever():
-                await work()
-                keep = in_flight()
-                started.set()
-                while True:
-                    await demo.sleep_ms(1)
-                    await demo.await_py(asyncio.sleep(0))
             asyncio.run(forever())
         threading.Thread(target=run, daemon=True).start()
         if not started.wait(30):
@@ -107,8 +127,8 @@ CHILD = textwrap.dedent(
 WANT_STATUS = {"status": 3, "stuck_status": 4}
 
 
-def run_one(i, tmp, timeout):
-    scenario = SCENARIOS[i % len(SCENARIOS)]
+def run_one(i, scenarios, tmp, timeout):
+    scenario = scenarios[i % len(scenarios)]
     fifo = os.path.join(tmp, "fifo%d" % i)
     if scenario.startswith("stuck"):
         os.mkfifo(fifo)  # never opened for writing
@@ -147,12 +167,18 @@ def main():
                          "at most 8: a stuck child mostly waits)")
     ap.add_argument("--timeout", type=float, default=60.0,
                     help="seconds before a child counts as hung")
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS),
+                    help="comma-separated subset of the scenarios to run")
     args = ap.parse_args()
+    scenarios = args.scenarios.split(",")
+    unknown = set(scenarios) - set(SCENARIOS)
+    if unknown:
+        ap.error("unknown scenarios: %s" % ", ".join(sorted(unknown)))
     tmp = tempfile.mkdtemp(prefix="aiob-stress-")
     t0 = time.monotonic()
     try:
         with ThreadPoolExecutor(args.jobs) as ex:
-            results = list(ex.map(lambda i: run_one(i, tmp, args.timeout),
+            results = list(ex.map(lambda i: run_one(i, scenarios, tmp, args.timeout),
                                   range(args.processes)))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
