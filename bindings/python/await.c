@@ -228,6 +228,242 @@ PyType_Spec aiob__py_waiter_spec = {
     .slots = waiter_slots,
 };
 
+/* ---- Runner: the coroutine side of an awaited coroutine ----------------
+ *
+ * What the loop's Task runs for a coroutine a C task awaits: it steps the
+ * coroutine as the Task would step it directly (send, throw, close), and
+ * completes the C task's promise inside the very step in which the
+ * coroutine finishes. A done callback on the Task would take one more loop
+ * iteration; here the C task is woken, and the loop thread waits for its
+ * next item (aiob__py_port_spin), before the step returns. The Task's own
+ * outcome stays what the coroutine's was. */
+typedef struct runner {
+  PyObject_HEAD aiob_py_bridge *b;
+  request *req;   /* the Python side's reference, until it finishes */
+  PyObject *coro; /* an exact coroutine */
+} runner;
+
+/* Completes r's promise with the coroutine's outcome: its result `res`, or
+ * the exception `exc` (borrowed; a CancelledError cancels). false if the C
+ * side was no longer waiting. */
+static bool finish_outcome(aiob_py_bridge *b, request *r, PyObject *res,
+                           PyObject *exc) {
+  aiob_promise *pr = r->promise;
+  r->promise = NULL;
+  if (!pr)
+    return false;
+  if (exc && PyObject_IsInstance(exc, b->cancelled_error) == 1) {
+    aiob_promise_complete(pr, AIOB_ECANCELED, NULL, NULL);
+  } else if (exc) {
+    Py_INCREF(exc);
+    promise_raise(pr, exc);
+  } else {
+    Py_INCREF(res);
+    deliver_result(r, pr, res);
+  }
+  PyErr_Clear(); /* (from IsInstance) */
+  return true;
+}
+
+struct outcome_call {
+  aiob_py_bridge *b;
+  request *r;
+  PyObject *res, *exc;
+};
+
+static int outcome_fn(void *arg) {
+  struct outcome_call *c = arg;
+  finish_outcome(c->b, c->r, c->res, c->exc);
+  return 0;
+}
+
+/* The coroutine finished (loop thread, GIL, inside the Task's step): with
+ * the result `res`, or with the exception `exc` (borrowed both). Runs the C
+ * task on, as the waiter does. -1: SystemExit or KeyboardInterrupt came
+ * out of what ran meanwhile (it is set, and the Task takes it). */
+static int runner_finish(runner *rn, PyObject *res, PyObject *exc) {
+  request *r = rn->req;
+  rn->req = NULL;
+  if (!r)
+    return 0;
+  aiob_py_bridge *b = rn->b;
+  PyObject *task = r->pyfuture, *loop = r->locals->loop;
+  Py_XINCREF(task);
+  Py_INCREF(loop);
+  int rc = 0;
+  port *p = r->locals->port;
+  int outer = p->in_step;
+  p->in_step = 1;
+  if (r->rt->hosted) {
+    struct outcome_call c = {b, r, res, exc};
+    rc = aiob__py_port_run_local(p, r->rt, outcome_fn, &c);
+  } else if (finish_outcome(b, r, res, exc) && !atomic_load(&r->cancelled)) {
+    rc = aiob__py_port_spin(p, r->rt);
+  }
+  p->in_step = outer;
+  request_clear_future(r);
+  aiob__py_request_unref(r);
+  /* A Task that ends with an exception logs it when collected unless it
+   * was retrieved: the waiter did, and so does this, once the Task has
+   * recorded it. */
+  if (task &&
+      (rc < 0 || (exc && PyObject_IsInstance(exc, b->cancelled_error) == 0))) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *get = PyObject_GetAttr(task, b->s_exception);
+    PyObject *h =
+        get ? PyObject_CallMethodObjArgs(loop, b->s_call_soon, get, NULL)
+            : NULL;
+    Py_XDECREF(h);
+    Py_XDECREF(get);
+    PyErr_Clear();
+    PyErr_Restore(type, value, tb);
+  }
+  Py_XDECREF(task);
+  Py_DECREF(loop);
+  return rc;
+}
+
+/* A step of the coroutine failed, or (before 3.10) returned: StopIteration
+ * or another exception is set. Either finishes the request; the exception
+ * is then raised again for the Task. */
+static PyObject *runner_failed(runner *rn) {
+  PyObject *type, *value, *tb;
+  PyErr_Fetch(&type, &value, &tb);
+  PyErr_NormalizeException(&type, &value, &tb);
+  if (!value) {
+    PyErr_SetString(PyExc_SystemError, "aiobridge: a step failed silently");
+    return NULL;
+  }
+  if (tb)
+    PyException_SetTraceback(value, tb);
+  if (PyErr_GivenExceptionMatches(value, PyExc_StopIteration)) {
+    PyObject *res = PyObject_GetAttrString(value, "value");
+    int rc = res ? runner_finish(rn, res, NULL) : -1;
+    Py_XDECREF(res);
+    if (rc < 0) { /* what ran meanwhile raised: the Task takes that */
+      Py_XDECREF(type);
+      Py_XDECREF(value);
+      Py_XDECREF(tb);
+      return NULL;
+    }
+  } else if (runner_finish(rn, NULL, value) < 0) {
+    PyErr_Clear(); /* both: the coroutine's is the one raised */
+  }
+  PyErr_Restore(type, value, tb);
+  return NULL;
+}
+
+#if PY_VERSION_HEX >= 0x030A0000
+/* The Task steps the coroutine through this (PyIter_Send). */
+static PySendResult runner_am_send(PyObject *self, PyObject *arg,
+                                   PyObject **result) {
+  runner *rn = (runner *)self;
+  PyObject *out = NULL;
+  PySendResult sr = PyIter_Send(rn->coro, arg, &out);
+  if (sr == PYGEN_RETURN && runner_finish(rn, out, NULL) < 0) {
+    Py_DECREF(out);
+    out = NULL;
+    sr = PYGEN_ERROR;
+  } else if (sr == PYGEN_ERROR) {
+    runner_failed(rn);
+  }
+  *result = out;
+  return sr;
+}
+#endif
+
+static PyObject *runner_send(PyObject *self, PyObject *arg) {
+#if PY_VERSION_HEX >= 0x030A0000
+  PyObject *out;
+  PySendResult sr = runner_am_send(self, arg, &out);
+  if (sr != PYGEN_RETURN)
+    return out;
+  /* The return value, as the StopIteration that ends a send. */
+  PyObject *e = PyObject_CallOneArg(PyExc_StopIteration, out);
+  Py_DECREF(out);
+  if (e) {
+    PyErr_SetObject(PyExc_StopIteration, e);
+    Py_DECREF(e);
+  }
+  return NULL;
+#else
+  runner *rn = (runner *)self;
+  PyObject *out = _PyGen_Send((PyGenObject *)rn->coro, arg);
+  return out ? out : runner_failed(rn);
+#endif
+}
+
+static PyObject *runner_iternext(PyObject *self) {
+  return runner_send(self, Py_None);
+}
+
+static PyObject *runner_throw(PyObject *self, PyObject *args) {
+  runner *rn = (runner *)self;
+  PyObject *throw = PyObject_GetAttrString(rn->coro, "throw");
+  PyObject *out = throw ? PyObject_Call(throw, args, NULL) : NULL;
+  Py_XDECREF(throw);
+  return out ? out : runner_failed(rn);
+}
+
+static PyObject *runner_close(PyObject *self, PyObject *unused) {
+  (void)unused;
+  runner *rn = (runner *)self;
+  return PyObject_CallMethod(rn->coro, "close", NULL);
+}
+
+/* The coroutine's other attributes (__qualname__, cr_frame, cr_code...):
+ * the Task's repr and its get_stack() show the coroutine. */
+static PyObject *runner_getattro(PyObject *self, PyObject *name) {
+  PyObject *v = PyObject_GenericGetAttr(self, name);
+  if (v || !PyErr_ExceptionMatches(PyExc_AttributeError))
+    return v;
+  PyErr_Clear();
+  return PyObject_GetAttr(((runner *)self)->coro, name);
+}
+
+static PyObject *runner_await(PyObject *self) {
+  Py_INCREF(self);
+  return self;
+}
+
+static void runner_dealloc(PyObject *self) {
+  runner *rn = (runner *)self;
+  PyTypeObject *tp = Py_TYPE(self);
+  if (rn->req) { /* its Task was dropped unfinished */
+    request_clear_future(rn->req);
+    aiob__py_request_unref(rn->req);
+  }
+  Py_XDECREF(rn->coro);
+  tp->tp_free(self);
+  Py_DECREF(tp);
+}
+
+static PyMethodDef runner_methods[] = {
+    {"send", runner_send, METH_O, NULL},
+    {"throw", runner_throw, METH_VARARGS, NULL},
+    {"close", runner_close, METH_NOARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot runner_slots[] = {
+    {Py_tp_new, aiob__py_no_new},      {Py_tp_dealloc, runner_dealloc},
+    {Py_tp_iter, PyObject_SelfIter},   {Py_tp_iternext, runner_iternext},
+    {Py_tp_getattro, runner_getattro}, {Py_am_await, runner_await},
+#if PY_VERSION_HEX >= 0x030A0000
+    {Py_am_send, runner_am_send},
+#endif
+    {Py_tp_methods, runner_methods},   {0, NULL},
+};
+
+/* (A coroutine to asyncio: it has send, throw, close and __await__.) */
+PyType_Spec aiob__py_runner_spec = {
+    .name = "aiobridge._AwaitedByC",
+    .basicsize = sizeof(runner),
+    .flags = Py_TPFLAGS_DEFAULT,
+    .slots = runner_slots,
+};
+
 /* After ensure_future refused `aw` with TypeError: says what was given
  * (asyncio's wording names no type) unless `aw` is awaitable after all and
  * the TypeError came from elsewhere. */
@@ -271,6 +507,7 @@ int aiob__py_request_start(aiob_py_bridge *b, request *r) {
   Py_XINCREF(obj);
   Py_INCREF(ctx);
   PyObject *aw = obj, *fut = NULL;
+  runner *rn = NULL;
   int on_loop = 0;
   if (PyContext_Enter(ctx) == 0) {
     if (r->fn) {
@@ -290,10 +527,21 @@ int aiob__py_request_start(aiob_py_bridge *b, request *r) {
     }
     if (aw && PyCoro_CheckExact(aw)) {
       /* What ensure_future does with a coroutine, without its Python
-       * layers (this loop runs: it is the port's). */
-      if (!(fut =
-                PyObject_CallMethod(r->locals->loop, "create_task", "O", aw)) &&
-          PyErr_ExceptionMatches(PyExc_RuntimeError)) {
+       * layers (this loop runs: it is the port's), through a runner. */
+      rn = PyObject_New(runner, b->runner_type);
+      if (rn) {
+        rn->b = b;
+        rn->req = r; /* the Python side's reference */
+        rn->coro = aw;
+        Py_INCREF(aw);
+        fut = PyObject_CallMethod(r->locals->loop, "create_task", "O", rn);
+        if (!fut && rn->req) /* not started: r stays ours */
+          rn->req = NULL;
+        else if (!fut) /* it ran and finished (an eager task factory),
+                          then raised what ran meanwhile: r is gone */
+          r = NULL;
+      }
+      if (!fut && PyErr_ExceptionMatches(PyExc_RuntimeError)) {
         PyObject *type, *value, *tb;
         PyErr_Fetch(&type, &value, &tb);
         PyObject *c = PyObject_CallMethod(aw, "close", NULL);
@@ -315,6 +563,33 @@ int aiob__py_request_start(aiob_py_bridge *b, request *r) {
   }
   Py_XDECREF(aw);
   Py_DECREF(ctx);
+  if (rn && !r) {
+    Py_DECREF(rn);
+    if (PyErr_ExceptionMatches(PyExc_SystemExit) ||
+        PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
+      return -1;
+    PyErr_Clear();
+    return 0;
+  }
+  if (rn && fut) {
+    if (rn->req) { /* running: its first step is to come */
+      r->pyfuture = fut;
+      awaiting_link(b, r);
+      if (atomic_load(&r->cancelled)) {
+        PyObject *c = PyObject_CallMethodObjArgs(fut, b->s_cancel, NULL);
+        Py_XDECREF(c);
+        PyErr_Clear();
+      }
+    } else { /* done already (an eager task factory): r is gone */
+      PyObject *e = PyObject_CallMethodObjArgs(fut, b->s_exception, NULL);
+      Py_XDECREF(e); /* (retrieved: not logged when collected) */
+      Py_DECREF(fut);
+    }
+    Py_DECREF(rn);
+    PyErr_Clear();
+    return 0;
+  }
+  Py_XDECREF(rn);
   if (!fut) {
     /* SystemExit and KeyboardInterrupt leave the loop, as from any
      * callback (and as asyncio's Task does, the awaiting side gets them

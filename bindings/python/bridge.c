@@ -397,8 +397,10 @@ int aiob_py_bridge_new(const char *name, aiob_py_bridge **out) {
   b->ctask_type = (PyTypeObject *)PyType_FromSpec(&aiob__py_ctask_spec);
   b->port_type = (PyTypeObject *)PyType_FromSpec(&aiob__py_port_spec);
   b->waiter_type = (PyTypeObject *)PyType_FromSpec(&aiob__py_waiter_spec);
+  b->runner_type = (PyTypeObject *)PyType_FromSpec(&aiob__py_runner_spec);
   b->cstream_type = (PyTypeObject *)PyType_FromSpec(&aiob__py_cstream_spec);
-  if (!b->ctask_type || !b->port_type || !b->waiter_type || !b->cstream_type)
+  if (!b->ctask_type || !b->port_type || !b->waiter_type || !b->runner_type ||
+      !b->cstream_type)
     goto fail;
   if (bridge_register(b, name) < 0)
     goto fail;
@@ -436,6 +438,7 @@ void aiob_py_bridge_free(aiob_py_bridge *b) {
   Py_CLEAR(b->aiter_start);
   Py_CLEAR(b->port_type);
   Py_CLEAR(b->waiter_type);
+  Py_CLEAR(b->runner_type);
   Py_CLEAR(b->cstream_type);
   Py_CLEAR(b->s_add_done_callback);
   Py_CLEAR(b->s_cancel);

@@ -105,6 +105,9 @@ typedef struct port {
    * (one CPU). */
   uint64_t spin_budget, done_at;
   int draining, no_spin;
+  /* The loop thread drains inside an asyncio task's step (GIL): done
+   * callbacks of completions are scheduled, not run. */
+  int in_step;
 } port;
 
 /* The ports dict maps a loop's weak reference to its pyport, so a loop that
@@ -138,7 +141,8 @@ struct aiob_py_bridge {
   PyObject *ensure_future;       /* asyncio.ensure_future */
   PyObject *cancelled_error;     /* asyncio.CancelledError */
   PyObject *invalid_state_error; /* asyncio.InvalidStateError */
-  PyTypeObject *ctask_type, *port_type, *waiter_type, *cstream_type;
+  PyTypeObject *ctask_type, *port_type, *waiter_type, *runner_type,
+      *cstream_type;
   PyObject *s_add_done_callback, *s_cancel, *s_cancelled, *s_add_reader,
       *s_is_closed, *s_call_soon, *s_call_soon_threadsafe, *s_result,
       *s_exception;
@@ -276,7 +280,7 @@ int aiob__py_locals_fill(aiob_py_bridge *b, py_locals *l, PyObject *loop,
 
 /* ctask.c */
 extern PyType_Spec aiob__py_ctask_spec;
-int aiob__py_ctask_complete(aiob_py_bridge *b, cfut *f);
+int aiob__py_ctask_complete(aiob_py_bridge *b, cfut *f, int now);
 int aiob__py_ctask_fail_shut(aiob_py_bridge *b, port *p);
 void aiob__py_ctask_forget_all(aiob_py_bridge *b);
 PyObject *aiob__py_ctask_new(aiob_py_bridge *b, const aiob_task_vtable *vt,
@@ -303,7 +307,7 @@ void aiob__py_aiter_run(aiob_py_bridge *b, item *it);
 void aiob__py_aiter_drop(item *it);
 
 /* await.c */
-extern PyType_Spec aiob__py_waiter_spec;
+extern PyType_Spec aiob__py_waiter_spec, aiob__py_runner_spec;
 void aiob__py_request_unref(request *r);
 int aiob__py_request_start(aiob_py_bridge *b, request *r);
 void aiob__py_request_cancel(aiob_py_bridge *b, request *r);

@@ -261,8 +261,8 @@ PyObject *aiob__py_convert(aiob_py_converter conv, aiob_output *out,
  * is set). */
 static int cf_complete(aiob_py_bridge *b, cfut *f, int now);
 
-int aiob__py_ctask_complete(aiob_py_bridge *b, cfut *f) {
-  return cf_complete(b, f, 1);
+int aiob__py_ctask_complete(aiob_py_bridge *b, cfut *f, int now) {
+  return cf_complete(b, f, now);
 }
 
 /* on_finish of a loop-local C task: the loop's own thread, inside a

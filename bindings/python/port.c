@@ -109,12 +109,15 @@ static PyObject *pyport_call(pyport *pp, PyObject *name, PyObject *arg1,
 
 /* -1: SystemExit or KeyboardInterrupt is set (from a done callback or an
  * awaitable's factory). */
-static int dispatch(aiob_py_bridge *b, item *it) {
+static int dispatch(port *p, item *it) {
+  aiob_py_bridge *b = p->b;
   int rc = 0;
   switch (it->kind) {
   case ITEM_COMPLETION: {
     cfut *f = AIOB__CONTAINER_OF(it, cfut, it);
-    rc = aiob__py_ctask_complete(b, f);
+    /* Inside a task's step, a done callback that wakes another task
+     * cannot run there: they all go to call_soon. */
+    rc = aiob__py_ctask_complete(b, f, !p->in_step);
     aiob__py_locals_destroy(&f->loc); /* the completion's reference */
     break;
   }
@@ -142,7 +145,7 @@ static int drain_items(port *p, int *done) {
   p->draining = 1;
   while (rc == 0 && *done < DRAIN_CHUNK &&
          (node = aiob__mpsc_pop(&p->in.queue))) {
-    rc = dispatch(p->b, AIOB__CONTAINER_OF(node, item, node));
+    rc = dispatch(p, AIOB__CONTAINER_OF(node, item, node));
     (*done)++;
   }
   p->draining = 0;

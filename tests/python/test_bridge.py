@@ -308,6 +308,29 @@ class TestPythonAwaitableInC(BridgeCase):
         self.assertEqual(await demo.await_py_n(lambda: asyncio.sleep(0), 1000), 1000)
         self.assertEqual(await demo.await_py_n(lambda: asyncio.sleep(0), 0), 0)
 
+    async def test_runs_as_a_task_of_the_loop(self):
+        """The coroutine runs in a Task of the loop (current_task() is it),
+        whose repr and stack show the coroutine; cancelling that Task
+        cancels the C task's await."""
+        seen = {}
+        started = asyncio.Event()
+
+        async def waits():
+            seen["task"] = asyncio.current_task()
+            started.set()
+            await asyncio.sleep(3600)
+
+        fut = asyncio.ensure_future(demo.await_py(waits()))
+        await asyncio.wait_for(started.wait(), 30)
+        task = seen["task"]
+        self.assertIsNot(task, asyncio.current_task())
+        self.assertIn(task, asyncio.all_tasks())
+        self.assertIn("waits()", repr(task))
+        self.assertEqual([f.f_code.co_name for f in task.get_stack()], ["waits"])
+        task.cancel()
+        with self.assertRaises(asyncio.CancelledError):
+            await asyncio.wait_for(fut, 30)
+
     async def test_cancelling_c_task_cancels_python_task(self):
         started = asyncio.Event()
         cancelled = asyncio.Event()
@@ -701,6 +724,44 @@ class TestReferenceLeaks(unittest.TestCase):
 
         delta = references_leaked(work)
         self.assertLess(delta, 100, f"{delta} references leaked over ~5000 conversions")
+
+    def test_awaits_of_python_do_not_leak(self):
+        """C awaits of coroutines that return, raise, and are cancelled from
+        C and from Python, 200 times each."""
+        async def returns(obj):
+            await asyncio.sleep(0)
+            return obj
+
+        async def raises():
+            await asyncio.sleep(0)
+            raise ValueError("no")
+
+        async def work():
+            obj = object()
+            for _ in range(200):
+                self.assertIs(await demo.await_py(returns(obj)), obj)
+                with self.assertRaises(ValueError):
+                    await demo.await_py(raises())
+                fut = demo.await_py(asyncio.sleep(10))
+                await asyncio.sleep(0)
+                await asyncio.sleep(0)
+                fut.cancel()
+                with self.assertRaises(asyncio.CancelledError):
+                    await fut
+                before = asyncio.all_tasks()
+                fut = demo.await_py(asyncio.sleep(10))
+                for _ in range(30_000):  # until the loop runs the coroutine
+                    new = asyncio.all_tasks() - before
+                    if new:
+                        break
+                    await asyncio.sleep(0.001)
+                self.assertEqual(len(new), 1)
+                new.pop().cancel()
+                with self.assertRaises(asyncio.CancelledError):
+                    await fut
+
+        delta = references_leaked(work)
+        self.assertLess(delta, 100, f"{delta} references leaked over 800 awaits")
 
 
 if __name__ == "__main__":
