@@ -331,6 +331,32 @@ class TestPythonAwaitableInC(BridgeCase):
         with self.assertRaises(asyncio.CancelledError):
             await asyncio.wait_for(fut, 30)
 
+    @unittest.skipUnless(hasattr(asyncio, "eager_task_factory"),
+                         "asyncio.eager_task_factory is new in 3.12")
+    async def test_with_an_eager_task_factory(self):
+        """On a loop whose tasks start eagerly, coroutines that finish in
+        their first step (with a result or an exception) and later ones."""
+        async def now(x):
+            return x
+
+        async def later(x):
+            await asyncio.sleep(0)
+            return x
+
+        async def boom():
+            raise ValueError("at once")
+
+        asyncio.get_running_loop().set_task_factory(asyncio.eager_task_factory)
+        try:
+            for _ in range(50):
+                self.assertEqual(await demo.await_py(now(3)), 3)
+                self.assertEqual(await demo.await_py(later(4)), 4)
+                with self.assertRaisesRegex(ValueError, "at once"):
+                    await demo.await_py(boom())
+            self.assertEqual(await demo.await_py_n(lambda: now(1), 500), 500)
+        finally:
+            asyncio.get_running_loop().set_task_factory(None)
+
     async def test_cancelling_c_task_cancels_python_task(self):
         started = asyncio.Event()
         cancelled = asyncio.Event()
