@@ -85,8 +85,9 @@ class LocalCase(unittest.IsolatedAsyncioTestCase):
 
     async def asyncSetUp(self):
         self.loop_errors = []
-        asyncio.get_running_loop().set_exception_handler(
-            lambda loop, ctx: self.loop_errors.append(ctx))
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda loop, ctx: self.loop_errors.append(ctx))
+        loop.slow_callback_duration = 60  # (debug mode: see test_bridge)
 
     async def asyncTearDown(self):
         self.assertTrue(await wait_until(lambda: local_live() == 0), demo.local_info())
