@@ -244,15 +244,17 @@ typedef struct runner {
 } runner;
 
 /* Completes r's promise with the coroutine's outcome: its result `res`, or
- * the exception `exc` (borrowed; a CancelledError cancels). false if the C
- * side was no longer waiting. */
+ * the exception `exc` (borrowed; a CancelledError cancels), or a
+ * cancellation if `cancelled` (its Task was cancelled in the step where
+ * the coroutine returned: the Task ends cancelled). false if the C side
+ * was no longer waiting. */
 static bool finish_outcome(aiob_py_bridge *b, request *r, PyObject *res,
-                           PyObject *exc) {
+                           PyObject *exc, bool cancelled) {
   aiob_promise *pr = r->promise;
   r->promise = NULL;
   if (!pr)
     return false;
-  if (exc && PyObject_IsInstance(exc, b->cancelled_error) == 1) {
+  if (cancelled || (exc && PyObject_IsInstance(exc, b->cancelled_error) == 1)) {
     aiob_promise_complete(pr, AIOB_ECANCELED, NULL, NULL);
   } else if (exc) {
     Py_INCREF(exc);
@@ -269,18 +271,55 @@ struct outcome_call {
   aiob_py_bridge *b;
   request *r;
   PyObject *res, *exc;
+  bool cancelled;
 };
 
 static int outcome_fn(void *arg) {
   struct outcome_call *c = arg;
-  finish_outcome(c->b, c->r, c->res, c->exc);
+  finish_outcome(c->b, c->r, c->res, c->exc, c->cancelled);
   return 0;
 }
 
+/* Was the Task cancelled during the step that is ending (asyncio then
+ * cancels it although its coroutine returned)? */
+static bool must_cancel(PyObject *task) {
+  PyObject *m = task ? PyObject_GetAttrString(task, "_must_cancel") : NULL;
+  bool yes = m == Py_True;
+  Py_XDECREF(m);
+  PyErr_Clear();
+  return yes;
+}
+
+/* Done callback of a Task whose coroutine failed: retrieves the exception,
+ * as the waiter did, so that the Task does not log it when collected. */
+static PyObject *retrieve(PyObject *self, PyObject *task) {
+  (void)self;
+  PyObject *c = PyObject_CallMethod(task, "cancelled", NULL);
+  PyObject *e =
+      c == Py_False ? PyObject_CallMethod(task, "exception", NULL) : NULL;
+  Py_XDECREF(c);
+  Py_XDECREF(e);
+  PyErr_Clear();
+  Py_RETURN_NONE;
+}
+
+/* Raises its argument: SystemExit or KeyboardInterrupt that came out of
+ * what a runner ran after its coroutine finished leaves the loop from a
+ * handle of its own, whatever the Task's outcome. */
+static PyObject *reraise(PyObject *self, PyObject *exc) {
+  (void)self;
+  PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+  return NULL;
+}
+
+PyMethodDef aiob__py_retrieve_def = {"_retrieve", retrieve, METH_O, NULL};
+PyMethodDef aiob__py_reraise_def = {"_reraise", reraise, METH_O, NULL};
+
 /* The coroutine finished (loop thread, GIL, inside the Task's step): with
  * the result `res`, or with the exception `exc` (borrowed both). Runs the C
- * task on, as the waiter does. -1: SystemExit or KeyboardInterrupt came
- * out of what ran meanwhile (it is set, and the Task takes it). */
+ * task on, as the waiter does. -1 only if SystemExit or KeyboardInterrupt
+ * came out of what ran meanwhile and could not be given a handle of its
+ * own (it is set then: the Task takes it). */
 static int runner_finish(runner *rn, PyObject *res, PyObject *exc) {
   request *r = rn->req;
   rn->req = NULL;
@@ -290,35 +329,45 @@ static int runner_finish(runner *rn, PyObject *res, PyObject *exc) {
   PyObject *task = r->pyfuture, *loop = r->locals->loop;
   Py_XINCREF(task);
   Py_INCREF(loop);
+  bool cancelled = !exc && must_cancel(task);
   int rc = 0;
   port *p = r->locals->port;
   int outer = p->in_step;
   p->in_step = 1;
   if (r->rt->hosted) {
-    struct outcome_call c = {b, r, res, exc};
+    struct outcome_call c = {b, r, res, exc, cancelled};
     rc = aiob__py_port_run_local(p, r->rt, outcome_fn, &c);
-  } else if (finish_outcome(b, r, res, exc) && !atomic_load(&r->cancelled)) {
+  } else if (finish_outcome(b, r, res, exc, cancelled) &&
+             !atomic_load(&r->cancelled)) {
     rc = aiob__py_port_spin(p, r->rt);
   }
   p->in_step = outer;
   request_clear_future(r);
   aiob__py_request_unref(r);
-  /* A Task that ends with an exception logs it when collected unless it
-   * was retrieved: the waiter did, and so does this, once the Task has
-   * recorded it. */
-  if (task &&
-      (rc < 0 || (exc && PyObject_IsInstance(exc, b->cancelled_error) == 0))) {
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
-    PyObject *get = PyObject_GetAttr(task, b->s_exception);
-    PyObject *h =
-        get ? PyObject_CallMethodObjArgs(loop, b->s_call_soon, get, NULL)
-            : NULL;
-    Py_XDECREF(h);
-    Py_XDECREF(get);
-    PyErr_Clear();
-    PyErr_Restore(type, value, tb);
+  PyObject *type, *value, *tb;
+  PyErr_Fetch(&type, &value, &tb);
+  if (task && exc && PyObject_IsInstance(exc, b->cancelled_error) == 0) {
+    PyObject *ok = PyObject_CallMethodObjArgs(task, b->s_add_done_callback,
+                                              b->retrieve, NULL);
+    Py_XDECREF(ok);
   }
+  PyErr_Clear();
+  if (rc < 0 && value) {
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb)
+      PyException_SetTraceback(value, tb);
+    PyObject *h = PyObject_CallMethodObjArgs(loop, b->s_call_soon, b->reraise,
+                                             value, NULL);
+    if (h) {
+      rc = 0;
+      Py_CLEAR(type);
+      Py_CLEAR(value);
+      Py_CLEAR(tb);
+    }
+    Py_XDECREF(h);
+    PyErr_Clear();
+  }
+  PyErr_Restore(type, value, tb);
   Py_XDECREF(task);
   Py_DECREF(loop);
   return rc;
@@ -348,7 +397,11 @@ static PyObject *runner_failed(runner *rn) {
       return NULL;
     }
   } else if (runner_finish(rn, NULL, value) < 0) {
-    PyErr_Clear(); /* both: the coroutine's is the one raised */
+    /* The interrupt wins (the C task has the coroutine's exception). */
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+    return NULL;
   }
   PyErr_Restore(type, value, tb);
   return NULL;

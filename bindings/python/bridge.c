@@ -398,9 +398,11 @@ int aiob_py_bridge_new(const char *name, aiob_py_bridge **out) {
   b->port_type = (PyTypeObject *)PyType_FromSpec(&aiob__py_port_spec);
   b->waiter_type = (PyTypeObject *)PyType_FromSpec(&aiob__py_waiter_spec);
   b->runner_type = (PyTypeObject *)PyType_FromSpec(&aiob__py_runner_spec);
+  b->retrieve = PyCFunction_New(&aiob__py_retrieve_def, NULL);
+  b->reraise = PyCFunction_New(&aiob__py_reraise_def, NULL);
   b->cstream_type = (PyTypeObject *)PyType_FromSpec(&aiob__py_cstream_spec);
   if (!b->ctask_type || !b->port_type || !b->waiter_type || !b->runner_type ||
-      !b->cstream_type)
+      !b->cstream_type || !b->retrieve || !b->reraise)
     goto fail;
   if (bridge_register(b, name) < 0)
     goto fail;
@@ -439,6 +441,8 @@ void aiob_py_bridge_free(aiob_py_bridge *b) {
   Py_CLEAR(b->port_type);
   Py_CLEAR(b->waiter_type);
   Py_CLEAR(b->runner_type);
+  Py_CLEAR(b->retrieve);
+  Py_CLEAR(b->reraise);
   Py_CLEAR(b->cstream_type);
   Py_CLEAR(b->s_add_done_callback);
   Py_CLEAR(b->s_cancel);

@@ -138,6 +138,7 @@ struct aiob_py_bridge {
   /* Counters (loop threads, GIL held). */
   unsigned long long completions, py_wakes, py_awaits;
   PyObject *get_running_loop;    /* asyncio.events._get_running_loop */
+  PyObject *retrieve, *reraise;  /* the runner's helpers (await.c) */
   PyObject *ensure_future;       /* asyncio.ensure_future */
   PyObject *cancelled_error;     /* asyncio.CancelledError */
   PyObject *invalid_state_error; /* asyncio.InvalidStateError */
@@ -308,6 +309,7 @@ void aiob__py_aiter_drop(item *it);
 
 /* await.c */
 extern PyType_Spec aiob__py_waiter_spec, aiob__py_runner_spec;
+extern PyMethodDef aiob__py_retrieve_def, aiob__py_reraise_def;
 void aiob__py_request_unref(request *r);
 int aiob__py_request_start(aiob_py_bridge *b, request *r);
 void aiob__py_request_cancel(aiob_py_bridge *b, request *r);

@@ -155,7 +155,8 @@ static PyObject *demo_sleep_stamp_ms(PyObject *m, PyObject *arg) {
 typedef struct await_state {
   int co;
   PyObject *obj; /* the awaitable or the factory (owned) */
-  long n, i;
+  long n, i, ok;
+  int keep_going; /* await_py_each: go on after a failed await */
   aiob_py_await w;
   aiob_output out;
 } await_state;
@@ -175,11 +176,12 @@ static aiob_poll await_n_poll(aiob_task *t, void *p) {
   for (s->i = 0; s->i < s->n; s->i++) {
     aiob_py_await_init_call(&s->w, s->obj);
     AIOB_AWAIT(&s->co, aiob_py_await_poll(t, &s->w, &s->out));
-    if (s->out.status < 0)
+    if (s->out.status < 0 && !s->keep_going)
       return aiob_task_forward(t, &s->out);
+    s->ok += s->out.status >= 0;
     aiob_output_clear(&s->out);
   }
-  aiob_task_return(t, (void *)(intptr_t)s->n, NULL);
+  aiob_task_return(t, (void *)(intptr_t)s->ok, NULL);
   AIOB_END(&s->co);
 }
 
@@ -198,6 +200,10 @@ static const aiob_task_vtable await_n_vt = {.poll = await_n_poll,
                                             .drop = await_drop,
                                             .name =
                                                 "aiobridge_demo.await_py_n"};
+static const aiob_task_vtable await_each_vt = {
+    .poll = await_n_poll,
+    .drop = await_drop,
+    .name = "aiobridge_demo.await_py_each"};
 
 static PyObject *spawn_await(PyObject *m, int local, const aiob_task_vtable *vt,
                              PyObject *obj, long n, aiob_py_converter conv) {
@@ -207,6 +213,7 @@ static PyObject *spawn_await(PyObject *m, int local, const aiob_task_vtable *vt,
   Py_INCREF(obj);
   s->obj = obj;
   s->n = n;
+  s->keep_going = vt == &await_each_vt;
   PyObject *r = into_py(m, local, vt, s, conv);
   if (!r) {
     Py_DECREF(obj);
@@ -223,28 +230,37 @@ static PyObject *demo_local_await_py(PyObject *m, PyObject *aw) {
   return spawn_await(m, 1, &await_one_vt, aw, 1, conv_object);
 }
 
-static PyObject *await_py_n(PyObject *m, int local, PyObject *args) {
+static PyObject *await_py_n(PyObject *m, int local, const aiob_task_vtable *vt,
+                            PyObject *args) {
   PyObject *factory;
   long n;
-  if (!PyArg_ParseTuple(args, "Ol:await_py_n", &factory, &n))
+  if (!PyArg_ParseTuple(args, "Ol", &factory, &n))
     return NULL;
   if (!PyCallable_Check(factory)) {
-    PyErr_SetString(PyExc_TypeError, "await_py_n: factory must be callable");
+    PyErr_Format(PyExc_TypeError, "%s: factory must be callable", vt->name);
     return NULL;
   }
   if (n < 0) {
-    PyErr_SetString(PyExc_ValueError, "await_py_n: n must be >= 0");
+    PyErr_Format(PyExc_ValueError, "%s: n must be >= 0", vt->name);
     return NULL;
   }
-  return spawn_await(m, local, &await_n_vt, factory, n, conv_long);
+  return spawn_await(m, local, vt, factory, n, conv_long);
 }
 
 static PyObject *demo_await_py_n(PyObject *m, PyObject *args) {
-  return await_py_n(m, 0, args);
+  return await_py_n(m, 0, &await_n_vt, args);
 }
 
 static PyObject *demo_local_await_py_n(PyObject *m, PyObject *args) {
-  return await_py_n(m, 1, args);
+  return await_py_n(m, 1, &await_n_vt, args);
+}
+
+static PyObject *demo_await_py_each(PyObject *m, PyObject *args) {
+  return await_py_n(m, 0, &await_each_vt, args);
+}
+
+static PyObject *demo_local_await_py_each(PyObject *m, PyObject *args) {
+  return await_py_n(m, 1, &await_each_vt, args);
 }
 
 /* ---- fail_errno(code), fail_status(status), fail_path(code, f1, f2) ---- */
@@ -1302,6 +1318,11 @@ static PyMethodDef demo_methods[] = {
      "Awaitable: a C task awaits the given awaitable."},
     {"await_py_n", demo_await_py_n, METH_VARARGS,
      "Awaitable: a C task awaits factory() n times; resolves to n."},
+    {"await_py_each", demo_await_py_each, METH_VARARGS,
+     "Awaitable: a C task awaits factory() n times, going on after "
+     "failures; resolves to the number that succeeded."},
+    {"local_await_py_each", demo_local_await_py_each, METH_VARARGS,
+     "Awaitable: await_py_each from a loop-local task."},
     {"fail_errno", demo_fail_errno, METH_O,
      "Awaitable: raises the OSError subclass for that errno."},
     {"fail_status", demo_fail_status, METH_O,

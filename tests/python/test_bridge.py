@@ -50,6 +50,16 @@ async def cancel_c_sleep_after(delay):
         pass
 
 
+async def returns_after_a_step(x):
+    await asyncio.sleep(0)
+    return x
+
+
+async def raises_after_a_step(message):
+    await asyncio.sleep(0)
+    raise ValueError(message)
+
+
 class BridgeCase(unittest.IsolatedAsyncioTestCase):
     async def asyncSetUp(self):
         self.loop_errors = []
@@ -341,10 +351,6 @@ class TestPythonAwaitableInC(BridgeCase):
         async def now(x):
             return x
 
-        async def later(x):
-            await asyncio.sleep(0)
-            return x
-
         async def boom():
             raise ValueError("at once")
 
@@ -352,12 +358,49 @@ class TestPythonAwaitableInC(BridgeCase):
         try:
             for _ in range(50):
                 self.assertEqual(await demo.await_py(now(3)), 3)
-                self.assertEqual(await demo.await_py(later(4)), 4)
+                self.assertEqual(await demo.await_py(returns_after_a_step(4)), 4)
                 with self.assertRaisesRegex(ValueError, "at once"):
                     await demo.await_py(boom())
             self.assertEqual(await demo.await_py_n(lambda: now(1), 500), 500)
         finally:
             asyncio.get_running_loop().set_task_factory(None)
+
+    async def test_task_cancelled_as_its_coroutine_returns(self):
+        """A coroutine that cancels its own Task and returns: the Task ends
+        cancelled, and so does the C task's await of it."""
+        async def cancels_itself_then_returns():
+            asyncio.current_task().cancel()
+            return 5
+
+        with self.assertRaises(asyncio.CancelledError):
+            await demo.await_py(cancels_itself_then_returns())
+        self.assertEqual(await demo.echo(1), 1)
+
+    async def test_with_a_wrapping_task_factory(self):
+        """A task factory that runs the coroutine it is given inside one of
+        its own (as tracing does): results and exceptions come through, and
+        nothing is logged."""
+        def factory(loop, coro, **kw):
+            async def traced():
+                try:
+                    return await coro
+                finally:
+                    await asyncio.sleep(0)
+            return asyncio.Task(traced(), loop=loop, **kw)
+
+        loop = asyncio.get_running_loop()
+        loop.set_task_factory(factory)
+        try:
+            for _ in range(20):
+                self.assertEqual(await demo.await_py(returns_after_a_step(3)), 3)
+                with self.assertRaisesRegex(ValueError, "expected"):
+                    await demo.await_py(raises_after_a_step("expected"))
+            self.assertEqual(
+                await demo.await_py_n(lambda: returns_after_a_step(1), 100), 100)
+        finally:
+            loop.set_task_factory(None)
+        gc.collect()  # an unretrieved exception would be reported now
+        await asyncio.sleep(0.01)
 
     async def test_cancelling_c_task_cancels_python_task(self):
         started = asyncio.Event()
@@ -756,14 +799,6 @@ class TestReferenceLeaks(unittest.TestCase):
     def test_awaits_of_python_do_not_leak(self):
         """C awaits of coroutines that return, raise, and are cancelled from
         C and from Python, 200 times each."""
-        async def returns(obj):
-            await asyncio.sleep(0)
-            return obj
-
-        async def raises():
-            await asyncio.sleep(0)
-            raise ValueError("no")
-
         started = {}
 
         async def waits(key):
@@ -773,9 +808,9 @@ class TestReferenceLeaks(unittest.TestCase):
         async def work():
             obj = object()
             for i in range(200):
-                self.assertIs(await demo.await_py(returns(obj)), obj)
+                self.assertIs(await demo.await_py(returns_after_a_step(obj)), obj)
                 with self.assertRaises(ValueError):
-                    await demo.await_py(raises())
+                    await demo.await_py(raises_after_a_step("no"))
                 fut = demo.await_py(asyncio.sleep(10))
                 await asyncio.sleep(0)
                 await asyncio.sleep(0)

@@ -713,6 +713,31 @@ class TestInterruptFromFactory(ChildCase):
             lambda: demo.await_py(coro_raising(SystemExit(7))),
     }
 
+    # A coroutine that fails or cancels itself, then a factory that raises:
+    # the C task's next request may be taken in the step where the
+    # coroutine ended (always, for a loop-local task).
+    async def failing():
+        await asyncio.sleep(0)
+        raise ValueError("failed")
+
+    async def self_cancelling():
+        await asyncio.sleep(0)
+        asyncio.current_task().cancel()
+        await asyncio.sleep(0)
+
+    def then_raise(first, exc):
+        calls = []
+        def factory():
+            calls.append(1)
+            return first() if len(calls) == 1 else raise_(exc)
+        return factory
+
+    for each in ("await_py_each", "local_await_py_each"):
+        for first in (failing, self_cancelling):
+            CASES["%s %s then KeyboardInterrupt" % (each, first.__name__)] = (
+                lambda each=each, first=first: getattr(demo, each)(
+                    then_raise(first, KeyboardInterrupt()), 2))
+
     summary = {}
     for name, make in CASES.items():
         seen = []
@@ -745,14 +770,19 @@ class TestInterruptFromFactory(ChildCase):
         p = run_child(self.CHILD)
         self.assertChildOk(p)
         s = last_json(p)
-        for name, exc in (("factory KeyboardInterrupt", "KeyboardInterrupt"),
-                          ("factory SystemExit", "SystemExit"),
-                          ("coroutine KeyboardInterrupt", "KeyboardInterrupt"),
-                          ("coroutine SystemExit", "SystemExit")):
+        cases = [("factory KeyboardInterrupt", "KeyboardInterrupt"),
+                 ("factory SystemExit", "SystemExit"),
+                 ("coroutine KeyboardInterrupt", "KeyboardInterrupt"),
+                 ("coroutine SystemExit", "SystemExit")]
+        cases += [("%s %s then KeyboardInterrupt" % (each, first), "KeyboardInterrupt")
+                  for each in ("await_py_each", "local_await_py_each")
+                  for first in ("failing", "self_cancelling")]
+        for name, exc in cases:
             with self.subTest(case=name):
                 got = s[name]
                 self.assertEqual(got["escaped"], exc, got)
                 self.assertEqual(got["usable"], True, got)
+        self.assertNotIn("Exception in callback", p.stderr)
 
 
 if __name__ == "__main__":
