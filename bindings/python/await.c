@@ -128,48 +128,70 @@ static void deliver_result(request *r, aiob_promise *pr, PyObject *res) {
   aiob_promise_complete(pr, 0, res, release_cb);
 }
 
-/* Completes the request's promise from its finished future. false if the
- * C side was no longer waiting. */
-static bool finish_request(aiob_py_bridge *b, request *r, PyObject *fut) {
+/* Completes r's promise with an outcome: the result `res`, or the
+ * exception `exc` (borrowed both; a CancelledError cancels), or a
+ * cancellation if `cancelled`; with none of them, AIOB_EIO (a future whose
+ * result could not be read). false if the C side was no longer waiting. */
+static bool finish_outcome(aiob_py_bridge *b, request *r, PyObject *res,
+                           PyObject *exc, bool cancelled) {
   aiob_promise *pr = r->promise;
   r->promise = NULL;
   if (!pr)
     return false;
-  PyObject *c = PyObject_CallMethodObjArgs(fut, b->s_cancelled, NULL);
-  if (!c || c == Py_True) {
-    PyErr_Clear();
-    Py_XDECREF(c);
+  if (cancelled || (exc && PyObject_IsInstance(exc, b->cancelled_error) == 1)) {
     aiob_promise_complete(pr, AIOB_ECANCELED, NULL, NULL);
-    return true;
-  }
-  Py_DECREF(c);
-  PyObject *exc = PyObject_CallMethodObjArgs(fut, b->s_exception, NULL);
-  if (exc && exc != Py_None) {
+  } else if (exc) {
+    Py_INCREF(exc);
     promise_raise(pr, exc);
-    return true;
-  }
-  Py_XDECREF(exc);
-  PyErr_Clear();
-  PyObject *res = PyObject_CallMethodObjArgs(fut, b->s_result, NULL);
-  if (!res) {
-    PyErr_Clear();
+  } else if (res) {
+    Py_INCREF(res);
+    deliver_result(r, pr, res);
+  } else {
     aiob_promise_complete(pr, AIOB_EIO, NULL, NULL);
-    return true;
   }
-  deliver_result(r, pr, res);
+  PyErr_Clear(); /* (from IsInstance) */
   return true;
 }
 
-struct finish_call {
+struct outcome_call {
   aiob_py_bridge *b;
   request *r;
-  PyObject *fut;
+  PyObject *res, *exc;
+  bool cancelled;
 };
 
-static int finish_fn(void *arg) {
-  struct finish_call *c = arg;
-  finish_request(c->b, c->r, c->fut);
+static int outcome_fn(void *arg) {
+  struct outcome_call *c = arg;
+  finish_outcome(c->b, c->r, c->res, c->exc, c->cancelled);
   return 0;
+}
+
+/* The Python side of r has its outcome (loop thread, GIL; the arguments as
+ * for finish_outcome), in a callback of r's loop or, `in_step`, in the step
+ * of a task of it: completes the C task's promise and runs the C task on.
+ * A loop-local one runs at once, on this thread; for a runtime one, if r's
+ * future is a task this loop made, the loop thread waits here for the C
+ * task's next item, which it likely sends straight away. Drops the Python
+ * side's reference to r. -1: SystemExit or KeyboardInterrupt is set. */
+static int request_finished(aiob_py_bridge *b, request *r, PyObject *res,
+                            PyObject *exc, bool cancelled, bool in_step) {
+  port *p = r->locals->port;
+  int outer = p->in_step, rc = 0;
+  p->in_step = outer || in_step;
+  if (r->rt->hosted && r->on_loop) {
+    struct outcome_call c = {b, r, res, exc, cancelled};
+    rc = aiob__py_port_run_local(p, r->rt, outcome_fn, &c);
+    request_clear_future(r);
+  } else {
+    bool more = finish_outcome(b, r, res, exc, cancelled) && r->on_loop &&
+                !atomic_load(&r->cancelled);
+    request_clear_future(r);
+    if (more)
+      rc = aiob__py_port_spin(p, r->rt);
+  }
+  p->in_step = outer;
+  aiob__py_request_unref(r);
+  return rc;
 }
 
 static PyObject *waiter_call(PyObject *self, PyObject *args, PyObject *kw) {
@@ -179,25 +201,26 @@ static PyObject *waiter_call(PyObject *self, PyObject *args, PyObject *kw) {
   if (!PyArg_UnpackTuple(args, "waiter", 1, 1, &fut))
     return NULL;
   request *r = w->req;
-  int rc = 0;
-  if (r && r->rt->hosted && r->on_loop) {
-    /* A loop-local C task: run it now, on this thread. */
-    w->req = NULL;
-    struct finish_call c = {w->b, r, fut};
-    rc = aiob__py_port_run_local(r->locals->port, r->rt, finish_fn, &c);
-    request_clear_future(r);
-    aiob__py_request_unref(r);
-  } else if (r) {
-    w->req = NULL;
-    /* Run by the port's loop (a task it made): the C task, now woken,
-     * likely sends its next item straight away; wait for it here. */
-    int spin = finish_request(w->b, r, fut) && r->on_loop &&
-               !atomic_load(&r->cancelled);
-    request_clear_future(r);
-    if (spin)
-      rc = aiob__py_port_spin(r->locals->port, r->rt);
-    aiob__py_request_unref(r);
+  if (!r)
+    Py_RETURN_NONE;
+  w->req = NULL;
+  aiob_py_bridge *b = w->b;
+  PyObject *res = NULL, *exc = NULL;
+  PyObject *c = PyObject_CallMethodObjArgs(fut, b->s_cancelled, NULL);
+  bool cancelled = !c || c == Py_True;
+  Py_XDECREF(c);
+  if (!cancelled) {
+    exc = PyObject_CallMethodObjArgs(fut, b->s_exception, NULL);
+    if (!exc || exc == Py_None) {
+      Py_CLEAR(exc);
+      PyErr_Clear();
+      res = PyObject_CallMethodObjArgs(fut, b->s_result, NULL);
+    }
   }
+  PyErr_Clear();
+  int rc = request_finished(b, r, res, exc, cancelled, false);
+  Py_XDECREF(res);
+  Py_XDECREF(exc);
   if (rc < 0)
     return NULL;
   Py_RETURN_NONE;
@@ -242,43 +265,6 @@ typedef struct runner {
   request *req;   /* the Python side's reference, until it finishes */
   PyObject *coro; /* an exact coroutine */
 } runner;
-
-/* Completes r's promise with the coroutine's outcome: its result `res`, or
- * the exception `exc` (borrowed; a CancelledError cancels), or a
- * cancellation if `cancelled` (its Task was cancelled in the step where
- * the coroutine returned: the Task ends cancelled). false if the C side
- * was no longer waiting. */
-static bool finish_outcome(aiob_py_bridge *b, request *r, PyObject *res,
-                           PyObject *exc, bool cancelled) {
-  aiob_promise *pr = r->promise;
-  r->promise = NULL;
-  if (!pr)
-    return false;
-  if (cancelled || (exc && PyObject_IsInstance(exc, b->cancelled_error) == 1)) {
-    aiob_promise_complete(pr, AIOB_ECANCELED, NULL, NULL);
-  } else if (exc) {
-    Py_INCREF(exc);
-    promise_raise(pr, exc);
-  } else {
-    Py_INCREF(res);
-    deliver_result(r, pr, res);
-  }
-  PyErr_Clear(); /* (from IsInstance) */
-  return true;
-}
-
-struct outcome_call {
-  aiob_py_bridge *b;
-  request *r;
-  PyObject *res, *exc;
-  bool cancelled;
-};
-
-static int outcome_fn(void *arg) {
-  struct outcome_call *c = arg;
-  finish_outcome(c->b, c->r, c->res, c->exc, c->cancelled);
-  return 0;
-}
 
 /* Was the Task cancelled during the step that is ending (asyncio then
  * cancels it although its coroutine returned)? */
@@ -330,20 +316,7 @@ static int runner_finish(runner *rn, PyObject *res, PyObject *exc) {
   Py_XINCREF(task);
   Py_INCREF(loop);
   bool cancelled = !exc && must_cancel(task);
-  int rc = 0;
-  port *p = r->locals->port;
-  int outer = p->in_step;
-  p->in_step = 1;
-  if (r->rt->hosted) {
-    struct outcome_call c = {b, r, res, exc, cancelled};
-    rc = aiob__py_port_run_local(p, r->rt, outcome_fn, &c);
-  } else if (finish_outcome(b, r, res, exc, cancelled) &&
-             !atomic_load(&r->cancelled)) {
-    rc = aiob__py_port_spin(p, r->rt);
-  }
-  p->in_step = outer;
-  request_clear_future(r);
-  aiob__py_request_unref(r);
+  int rc = request_finished(b, r, res, exc, cancelled, true);
   PyObject *type, *value, *tb;
   PyErr_Fetch(&type, &value, &tb);
   if (task && exc && PyObject_IsInstance(exc, b->cancelled_error) == 0) {
@@ -585,6 +558,7 @@ int aiob__py_request_start(aiob_py_bridge *b, request *r) {
       if (rn) {
         rn->b = b;
         rn->req = r; /* the Python side's reference */
+        r->on_loop = 1;
         rn->coro = aw;
         Py_INCREF(aw);
         fut = PyObject_CallMethod(r->locals->loop, "create_task", "O", rn);
