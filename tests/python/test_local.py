@@ -48,14 +48,14 @@ def is_uvloop(loop):
     return mod is not None and isinstance(loop, mod.Loop)
 
 
-def expected_form(loop):
+def expected_form(loop, on_uvloop=None, shared_off=SHARED_OFF):
     """(mode, reason) a loop's local tasks must run in; reason is a part of
     the reported one. (None, None): uvloop on the uv backend with a uvloop
     that may bring a libuv of its own: "shared", or "asyncio" for a reason
-    about libuv."""
-    if SHARED_OFF:
+    about libuv. The loop, or for a child's, on_uvloop."""
+    if shared_off:
         return "asyncio", "AIOBRIDGE_LOCAL_SHARED=0"
-    if not is_uvloop(loop):
+    if not (is_uvloop(loop) if on_uvloop is None else on_uvloop):
         return "asyncio", REASON_NOT_UVLOOP
     if demo.backend() != "uv":
         return "asyncio", "uv backend"
@@ -543,15 +543,7 @@ class ChildCase(unittest.TestCase):
 
 def child_expected_form(shared_off=SHARED_OFF):
     """expected_form for a child's default loop (the run's loop kind)."""
-    if shared_off:
-        return "asyncio", "AIOBRIDGE_LOCAL_SHARED=0"
-    if LOOP != "uvloop":
-        return "asyncio", REASON_NOT_UVLOOP
-    if demo.backend() != "uv":
-        return "asyncio", "uv backend"
-    if DEBIAN_PYTHON:
-        return "shared", None
-    return None, None
+    return expected_form(None, LOOP == "uvloop", shared_off)
 
 
 class TestFormInChild(ChildCase):
