@@ -14,12 +14,35 @@ import unittest
 
 SELFTEST = os.environ.get("AIOB_HARNESS_SELFTEST")
 SIGINT_PROG = os.environ.get("AIOB_EMBED_SIGINT")
-TIMEOUT = 120  # per process; generous for a loaded machine
+# Per wait on a process; generous for a loaded machine (they take about a
+# second), and well under ctest's timeout for the whole file, so that a
+# hang fails its own test with what the process printed.
+TIMEOUT = 60
+
+
+def communicate(p):
+    """p's (stdout, stderr) once it ends; a process still running after
+    TIMEOUT is aborted (SIGABRT: a core and, with faulthandler on, the
+    Python stacks) and fails the test with its output."""
+    try:
+        return p.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        p.send_signal(signal.SIGABRT)
+        out, err = p.communicate()
+        raise AssertionError("%s hung for %ss\nstdout:\n%s\nstderr:\n%s"
+                             % (p.args, TIMEOUT, out, err))
+
+
+def run_program(cmd, env=None):
+    """cmd's CompletedProcess (text stdout and stderr), as communicate."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, env=env) as p:
+        out, err = communicate(p)
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
 def run(*args, env=None):
-    p = subprocess.run([SELFTEST, *args], capture_output=True, text=True,
-                       timeout=TIMEOUT, env=env)
+    p = run_program([SELFTEST, *args], env=env)
     return p.returncode, p.stdout + p.stderr
 
 
@@ -99,7 +122,14 @@ class MainProgram(unittest.TestCase):
             reader.start()
             self.assertTrue(ready.wait(TIMEOUT), "the program never got ready")
             p.send_signal(signal.SIGINT)
-            p.wait(TIMEOUT)
+            try:
+                p.wait(TIMEOUT)
+            except subprocess.TimeoutExpired:
+                p.send_signal(signal.SIGABRT)
+                p.wait()
+                reader.join(TIMEOUT)
+                self.fail("still running %ss after SIGINT; it printed %s; "
+                          "stderr:\n%s" % (TIMEOUT, lines, p.stderr.read()))
             reader.join(TIMEOUT)
             err = p.stderr.read()
         finally:
@@ -114,8 +144,7 @@ class MainProgram(unittest.TestCase):
 
     def test_bad_loop_choice_is_a_clear_error(self):
         env = dict(os.environ, AIOBRIDGE_LOOP="nope")
-        p = subprocess.run([SIGINT_PROG], capture_output=True, text=True,
-                           timeout=TIMEOUT, env=env)
+        p = run_program([SIGINT_PROG], env=env)
         self.assertEqual(p.returncode, 1, p.stderr)
         self.assertIn("AIOBRIDGE_LOOP=nope: use uvloop or asyncio", p.stderr)
         self.assertIn("main task dropped", p.stdout)  # its state, released
@@ -126,8 +155,7 @@ class MainProgram(unittest.TestCase):
                 f.write("raise ImportError('no uvloop in this test')\n")
             env = dict(os.environ, AIOBRIDGE_LOOP="uvloop",
                        PYTHONPATH=d + os.pathsep + os.environ.get("PYTHONPATH", ""))
-            p = subprocess.run([SIGINT_PROG], capture_output=True, text=True,
-                               timeout=TIMEOUT, env=env)
+            p = run_program([SIGINT_PROG], env=env)
         self.assertEqual(p.returncode, 1, p.stderr)
         self.assertIn("uvloop was asked for but cannot be imported", p.stderr)
         self.assertIn("python3-uvloop", p.stderr)
