@@ -10,8 +10,8 @@
 #
 # Static archives are position-independent with hidden symbols, so they link
 # into shared objects (Python extensions) without exporting anything.
-set(AIOB_CORE_SOURCES blocking.c error.c heap.c hosted.c io.c mpsc.c promise.c runtime.c task.c
-    timer.c)
+set(AIOB_CORE_SOURCES blocking.c error.c heap.c hosted.c io.c mpsc.c promise.c runtime.c
+    spin_gate.c task.c timer.c)
 list(TRANSFORM AIOB_CORE_SOURCES PREPEND ${PROJECT_SOURCE_DIR}/core/)
 list(TRANSFORM AIOB_BACKEND_SOURCES PREPEND ${PROJECT_SOURCE_DIR}/)
 set(AIOB_INCLUDE_DIR ${PROJECT_SOURCE_DIR}/include)

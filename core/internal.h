@@ -12,6 +12,33 @@
 #define AIOB__CONTAINER_OF(ptr, type, member)                                  \
   ((type *)((char *)(ptr)-offsetof(type, member)))
 
+/* Should a thread spin for a push before it blocks (core/spin_gate.c)?
+ * Yes, unless the thread waits for a CPU and a trial found that not
+ * spinning gets more of the caller's operations done per second. One per
+ * spinning thread, owned by it; starts as AIOB__SPIN_GATE_INIT. */
+typedef struct aiob__spin_gate {
+  int fd, tid;         /* the thread's /proc schedstat: -1 not open, -2 none */
+  uint64_t delay;      /* run delay at the last sample, taken at delay_at */
+  uint64_t delay_at;   /* (aiob_now_ns(); 0: none yet) */
+  bool waits;          /* the last sample's answer */
+  int phase;           /* open, trial or held (see spin_gate.c) */
+  bool spin;           /* the answer in this trial window, or while held */
+  bool held, verdict;  /* a trial ended before, with this answer */
+  unsigned windows;    /* trial windows done */
+  uint64_t at, ops_at; /* start of this window or hold, and ops then */
+  uint64_t sum[2][2];  /* per answer (0 no spin, 1 spin): ops, ns */
+  uint64_t hold;       /* the length of this hold */
+} aiob__spin_gate;
+#define AIOB__SPIN_GATE_INIT                                                   \
+  { .fd = -1 }
+/* Asks before a spin: now is aiob_now_ns(), ops the caller's count of
+ * operations done so far (any monotonic counter of useful work). */
+bool aiob__spin_gate_ask(aiob__spin_gate *g, uint64_t now, uint64_t ops);
+/* The same with the CPU-wait sign given (what ask reads from /proc). */
+bool aiob__spin_gate_decide(aiob__spin_gate *g, uint64_t now, uint64_t ops,
+                            bool waits);
+void aiob__spin_gate_close(aiob__spin_gate *g);
+
 /* A spinning thread's pause between two reads of shared memory. */
 static inline void aiob__cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -47,7 +74,11 @@ bool aiob__mpsc_empty(aiob__mpsc *q);
  * Producers push from any thread and call the wake function only when the
  * inbox goes from idle to signalled; the consumer clears `signalled` before
  * it drains, so a push the drain misses wakes it again (a push is complete
- * before its producer reads `signalled`). Closing refuses further pushes
+ * before its producer reads `signalled`). A consumer that looks at the
+ * queue again before it waits may instead keep `signalled` set while it is
+ * awake and clear it only before it waits, then look once more (a runtime
+ * loop thread does: pushes that come while it runs tasks wake nobody).
+ * Closing refuses further pushes
  * and waits for those in flight: afterwards nothing the wake function uses
  * is touched by producers any more, and the consumer may free it. Used by
  * the loops' remote queues and by the Python bridge's per-loop ports. */
@@ -203,6 +234,9 @@ struct aiob_loop {
   bool hosted;
   unsigned hosted_depth;
 
+  /* Whether to spin at all (core/spin_gate.c; loop thread only). */
+  aiob__spin_gate gate;
+
   /* Spin-before-block budget (loop thread only), ns, and its back-off
    * under contention (core/runtime.c): no spin before backoff_until; the
    * last back-off lasted backoff_period; hits minus wasted spins. */
@@ -212,7 +246,7 @@ struct aiob_loop {
 
   /* Counters (single writer per counter except spawned). */
   _Atomic uint64_t n_spawned, n_completed, n_cancelled, n_polls, n_wakes;
-  _Atomic uint64_t n_spins, n_spin_hits, n_spin_ns;
+  _Atomic uint64_t n_spins, n_spin_hits, n_spin_ns, n_spins_skipped;
 
   /* Start-up handshake. */
   int init_status;

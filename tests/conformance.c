@@ -3016,7 +3016,7 @@ static void test_spin_policy(void **state) {
   cfg.spin_us = AIOB_SPIN_US_MAX;
   assert_rc(aiob_runtime_new(&rt, &cfg), 0);
   assert_int_equal(aiob_runtime_spin_us(rt), AIOB_SPIN_US_MAX);
-  for (int round = 0; round < 10; round++) {
+  for (int round = 0; round < 40; round++) {
     round_trips(rt, 200);
     spin_stats(rt, &st);
     if (st.spin_hits > 0)
@@ -3032,11 +3032,10 @@ static void test_spin_policy(void **state) {
   /* Idle for 200 ms: the loop stops spinning. After the last task it spins
    * at most 3 times: once finding nothing, after which it blocks; once
    * more if a backend wake was pending (one, coalesced: a push that came
-   * outside a spin woke the backend, yet the loop took it without
-   * blocking), which ends that block at once; and once more if the last
-   * push set `signalled` only after the loop had taken its task, which
-   * makes the next spin start as a hit. A loop that did not block after a
-   * miss would spin over 10 times (the budget halves down to zero). How
+   * while the loop was about to block woke the backend, yet the loop took
+   * it without blocking), which ends that block at once; 3 leaves one to
+   * spare. A loop that did not block after a miss would spin over 10
+   * times (the budget halves down to zero). How
    * long the spins lasted is not checked: a preempted spin lasts as long as
    * the preemption. */
   aiob_runtime_stats before = st;
@@ -3046,6 +3045,61 @@ static void test_spin_policy(void **state) {
     fail_msg("idle loop spun %llu times",
              (unsigned long long)(st.spins - before.spins));
   aiob_runtime_free(rt);
+  assert_clean();
+}
+
+/* ======================================================================== */
+/* awake_pushes: tasks pushed from another thread while the loop runs a task
+ * cost no backend wake (the loop takes them before it blocks).             */
+
+typedef struct hold_task {
+  tbase b;
+  latch running;       /* 1 once its poll runs */
+  atomic_int released; /* set by the test thread */
+} hold_task;
+
+/* Holds its loop thread until released (at most WAIT_TIMEOUT). */
+static aiob_poll hold_poll(aiob_task *t, void *p) {
+  (void)t;
+  hold_task *h = p;
+  poll_enter(h);
+  latch_add(&h->running, 1);
+  uint64_t deadline = aiob_now_ns() + WAIT_TIMEOUT;
+  while (!atomic_load(&h->released) && aiob_now_ns() < deadline)
+    sched_yield();
+  CHECK_INT(atomic_load(&h->released), ==, 1);
+  return AIOB_READY;
+}
+static const aiob_task_vtable hold_vt = {.poll = hold_poll, .drop = drop_count};
+
+#define AP_N 100
+
+static void test_awake_pushes(void **state) {
+  aiob_runtime *rt = RT(state);
+  hold_task *h = xcalloc(1, sizeof *h);
+  latch_init(&h->running);
+  tbase *bs = xcalloc(AP_N, sizeof *bs);
+  aiob_task *hs[AP_N];
+  aiob_task *held = spawn_h(rt, &hold_vt, h);
+  latch_ok(&h->running, 1);
+  aiob_runtime_stats before, after;
+  aiob_runtime_stats_get(rt, &before);
+  for (int i = 0; i < AP_N; i++)
+    hs[i] = spawn_h(rt, &ready_vt, &bs[i]);
+  aiob_runtime_stats_get(rt, &after);
+  atomic_store(&h->released, 1);
+  wait_ok(held);
+  aiob_task_release(held);
+  for (int i = 0; i < AP_N; i++) {
+    wait_ok(hs[i]);
+    aiob_task_release(hs[i]);
+    assert_int_equal(polls_of(&bs[i]), 1);
+  }
+  /* The wake counter is the pushers': exact for this thread's pushes. */
+  assert_int_equal(after.loop_wakes - before.loop_wakes, 0);
+  latch_destroy(&h->running);
+  free(h);
+  free(bs);
   assert_clean();
 }
 
@@ -3723,6 +3777,7 @@ int main(int argc, char **argv) {
       T0(backend_contract),
       T0(runtime_new_partial_failure),
       T0(spin_policy),
+      T1(awake_pushes),
   };
 #undef T0
 #undef T1

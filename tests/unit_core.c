@@ -1,5 +1,6 @@
 /* Unit tests of core pieces without a real loop where that is clearer:
- * the MPSC queue, the deadline heap, the error table, and task references. */
+ * the MPSC queue, the deadline heap, the error table, task references, and
+ * the spin gate's decisions. */
 #include "internal.h"
 
 #include <setjmp.h>
@@ -277,6 +278,73 @@ static void forward_moves_result_and_error(void **unused) {
   aiob_runtime_free(rt);
 }
 
+/* ---- Spin gate --------------------------------------------------------- */
+
+#define MS AIOB_MSEC
+
+/* Drives a gate through one trial from time *t: the thread waits for a
+ * CPU throughout, and a window without the spin does off_ops operations,
+ * one with it on_ops. Asks every millisecond. Returns the held answer. */
+static bool gate_trial(aiob__spin_gate *g, uint64_t *t, uint64_t *ops,
+                       uint64_t off_ops, uint64_t on_ops) {
+  /* Open: the wait starts a trial, whose first window goes without. */
+  assert_false(aiob__spin_gate_decide(g, *t, *ops, true));
+  unsigned changes = 0;
+  bool last = false;
+  for (int i = 0; i < 60; i++) {
+    *t += MS;
+    *ops += (last ? on_ops : off_ops) / 10;
+    bool s = aiob__spin_gate_decide(g, *t, *ops, true);
+    changes += s != last;
+    last = s;
+  }
+  /* Six windows of 10 ms, alternating, then the verdict. */
+  assert_int_equal(changes, last ? 5 : 6);
+  return last;
+}
+
+static void spin_gate_spins_while_the_thread_has_a_cpu(void **unused) {
+  (void)unused;
+  aiob__spin_gate g = AIOB__SPIN_GATE_INIT;
+  for (uint64_t t = 1, ops = 0; t < 10000 * MS; t += MS, ops += 100)
+    assert_true(aiob__spin_gate_decide(&g, t, ops, false));
+}
+
+static void spin_gate_keeps_the_faster_way_and_tries_again(void **unused) {
+  (void)unused;
+  aiob__spin_gate g = AIOB__SPIN_GATE_INIT;
+  uint64_t t = 1, ops = 0;
+  /* Not spinning did more: held off for 250 ms, whatever the sign says. */
+  assert_false(gate_trial(&g, &t, &ops, 500, 200));
+  for (uint64_t end = t + 249 * MS; t < end; t += MS)
+    assert_false(aiob__spin_gate_decide(&g, t, ops, false));
+  /* After the hold, a thread that no longer waits spins at once. */
+  t += 2 * MS;
+  assert_true(aiob__spin_gate_decide(&g, t, ops, false));
+  /* It waits again; now the spin does more: held on. */
+  assert_true(gate_trial(&g, &t, &ops, 200, 500));
+  for (uint64_t end = t + 249 * MS; t < end; t += MS)
+    assert_true(aiob__spin_gate_decide(&g, t, ops, true));
+  /* The same verdict again doubles the hold: still held 400 ms later. */
+  t += 2 * MS;
+  assert_true(gate_trial(&g, &t, &ops, 200, 500));
+  t += 400 * MS;
+  assert_true(aiob__spin_gate_decide(&g, t, ops, true));
+  /* Too few operations to tell: the spin stays. */
+  t += 200 * MS;
+  assert_true(gate_trial(&g, &t, &ops, 0, 0));
+}
+
+static void spin_gate_without_proc_stays_open(void **unused) {
+  (void)unused;
+  /* A gate whose schedstat cannot be read never sees a wait. */
+  aiob__spin_gate g = AIOB__SPIN_GATE_INIT;
+  g.fd = -2;
+  for (uint64_t t = 1, ops = 0; t < 1000 * MS; t += MS, ops++)
+    assert_true(aiob__spin_gate_ask(&g, t, ops));
+  aiob__spin_gate_close(&g);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(forward_moves_result_and_error),
@@ -285,6 +353,9 @@ int main(void) {
       cmocka_unit_test(heap_pops_in_deadline_order_with_removals),
       cmocka_unit_test(error_table_round_trip),
       cmocka_unit_test(waker_references_keep_task_alive),
+      cmocka_unit_test(spin_gate_spins_while_the_thread_has_a_cpu),
+      cmocka_unit_test(spin_gate_keeps_the_faster_way_and_tries_again),
+      cmocka_unit_test(spin_gate_without_proc_stays_open),
   };
   return cmocka_run_group_tests_name("unit_core", tests, NULL, NULL);
 }

@@ -86,7 +86,8 @@ PyObject *aiob_py_bridge_stats(aiob_py_bridge *b) {
   memset(&st, 0, sizeof st);
   aiob_runtime_default_peek(stats_fn, &st); /* zeros when not running */
   return Py_BuildValue(
-      "{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:n}",
+      "{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,"
+      "s:K,s:K,s:n}",
       "tasks_live", (unsigned long long)st.tasks_live, "tasks_spawned",
       (unsigned long long)st.tasks_spawned, "tasks_completed",
       (unsigned long long)st.tasks_completed, "tasks_cancelled",
@@ -94,11 +95,14 @@ PyObject *aiob_py_bridge_stats(aiob_py_bridge *b) {
       (unsigned long long)st.polls, "loop_wakes",
       (unsigned long long)st.loop_wakes, "spins", (unsigned long long)st.spins,
       "spin_hits", (unsigned long long)st.spin_hits, "spin_ns",
-      (unsigned long long)st.spin_ns, "blocking_jobs_run",
+      (unsigned long long)st.spin_ns, "spins_skipped",
+      (unsigned long long)st.spins_skipped, "blocking_jobs_run",
       (unsigned long long)st.blocking_jobs_run, "blocking_jobs_cancelled",
       (unsigned long long)st.blocking_jobs_cancelled, "blocking_workers",
       (unsigned long long)st.blocking_workers, "completions", b->completions,
-      "py_loop_wakes", b->py_wakes, "py_awaits", b->py_awaits, "ports",
+      "py_loop_wakes", b->py_wakes, "py_awaits", b->py_awaits, "py_spins",
+      b->py_spins, "py_spin_hits", b->py_spin_hits, "py_spins_skipped",
+      b->py_spins_skipped, "ports",
       b->ports ? PyDict_Size(b->ports) : (Py_ssize_t)0);
 }
 

@@ -105,6 +105,10 @@ typedef struct port {
    * (one CPU). */
   uint64_t spin_budget, done_at;
   int draining, no_spin;
+  /* Whether to spin at all (core/spin_gate.c), and the items drained, the
+   * operations it counts. */
+  aiob__spin_gate gate;
+  uint64_t items;
   /* The loop thread drains inside an asyncio task's step (GIL): done
    * callbacks of completions are scheduled, not run. */
   int in_step;
@@ -137,6 +141,7 @@ struct aiob_py_bridge {
   int exited;               /* the atexit hook stopped the runtime */
   /* Counters (loop threads, GIL held). */
   unsigned long long completions, py_wakes, py_awaits;
+  unsigned long long py_spins, py_spin_hits, py_spins_skipped;
   PyObject *get_running_loop;    /* asyncio.events._get_running_loop */
   PyObject *retrieve, *reraise;  /* the runner's helpers (await.c) */
   PyObject *ensure_future;       /* asyncio.ensure_future */

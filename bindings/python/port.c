@@ -42,6 +42,7 @@ static port *port_new(void) {
   atomic_init(&p->refs, 1);
   aiob__inbox_init(&p->in);
   p->gen = atomic_load(&aiob__py_fork_gen);
+  p->gate = (aiob__spin_gate)AIOB__SPIN_GATE_INIT;
   /* With one CPU the loop thread's spin would only keep the runtime thread
    * from answering. */
   cpu_set_t cpus;
@@ -57,6 +58,7 @@ void aiob__py_port_ref(port *p) { atomic_fetch_add(&p->refs, 1); }
 void aiob__py_port_unref(port *p) {
   if (atomic_fetch_sub(&p->refs, 1) != 1)
     return;
+  aiob__spin_gate_close(&p->gate);
   close(p->efd);
   free(p);
 }
@@ -147,6 +149,7 @@ static int drain_items(port *p, int *done) {
          (node = aiob__mpsc_pop(&p->in.queue))) {
     rc = dispatch(p, AIOB__CONTAINER_OF(node, item, node));
     (*done)++;
+    p->items++;
   }
   p->draining = 0;
   return rc;
@@ -224,9 +227,16 @@ int aiob__py_port_spin(port *p, aiob_runtime *rt) {
   p->done_at = start;
   if (budget > max)
     budget = max;
+  /* Not if the loop thread waits for a CPU and not spinning drained more
+   * items per second (core/spin_gate.c). */
+  if (budget && !aiob__spin_gate_ask(&p->gate, start, p->items)) {
+    p->b->py_spins_skipped++;
+    return 0;
+  }
   /* Already signalled: a drain is owed, the loop comes back at once. */
   if (!budget || atomic_exchange(&p->in.signalled, 1))
     return 0;
+  p->b->py_spins++;
   bool hit = false;
   for (uint64_t now = start; now - start < budget; now = aiob_now_ns()) {
     if ((hit = !aiob__mpsc_empty(&p->in.queue)))
@@ -235,6 +245,7 @@ int aiob__py_port_spin(port *p, aiob_runtime *rt) {
   }
   int rc = 0, done = 0;
   if (hit) {
+    p->b->py_spin_hits++;
     p->done_at = 0;
     rc = drain_items(p, &done);
   } else if ((p->spin_budget = budget / 2) < AIOB_USEC) {

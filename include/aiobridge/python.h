@@ -62,11 +62,15 @@ void aiob_py_bridge_free(aiob_py_bridge *b);
 /* Counters of the bridge's runtime and of the bridge, as a new dict (with
  * the GIL; NULL with an exception set if it cannot be made):
  * tasks_live, tasks_spawned, tasks_completed, tasks_cancelled, polls,
- * loop_wakes, spins, spin_hits, spin_ns, blocking_jobs_run,
+ * loop_wakes, spins, spin_hits, spin_ns, spins_skipped, blocking_jobs_run,
  * blocking_jobs_cancelled, blocking_workers (runtime; zeros while it is not
  * running), completions (C results delivered to asyncio futures),
  * py_loop_wakes (asyncio loops woken to drain their queue), py_awaits
- * (Python awaitables started for C tasks), ports (asyncio loops known). */
+ * (Python awaitables started for C tasks), py_spins and py_spin_hits (an
+ * asyncio loop's waits for a C task's next request after completing the
+ * task's await of Python, and those that took it), py_spins_skipped (such
+ * waits left out because the loop thread was waiting for a CPU), ports
+ * (asyncio loops known). */
 PyObject *aiob_py_bridge_stats(aiob_py_bridge *b);
 
 /* The runtime's backend name as a new str, starting the runtime if needed.

@@ -563,9 +563,10 @@ def run_python(script, env=None, timeout=30):
 class TestAiobridgeModule(BridgeCase):
     STATS_KEYS = {
         "tasks_live", "tasks_spawned", "tasks_completed", "tasks_cancelled",
-        "polls", "loop_wakes", "spins", "spin_hits", "spin_ns",
+        "polls", "loop_wakes", "spins", "spin_hits", "spin_ns", "spins_skipped",
         "blocking_jobs_run", "blocking_jobs_cancelled", "blocking_workers",
-        "completions", "py_loop_wakes", "py_awaits", "ports",
+        "completions", "py_loop_wakes", "py_awaits", "py_spins",
+        "py_spin_hits", "py_spins_skipped", "ports",
     }
 
     async def test_exception_types(self):
@@ -709,6 +710,95 @@ class TestAiobridgeModule(BridgeCase):
             """
         )
         self.assertEqual((p.returncode, p.stdout.strip()), (0, "ShutdownError"), p.stderr)
+
+
+class TestSpinUnderContention(unittest.TestCase):
+    """A loop thread that waits for a CPU tries its round trips without
+    the spin, and keeps whichever way got more done (core/spin_gate.c;
+    the choice itself is unit-tested in unit_core)."""
+
+    # The child's prelude: a busy process pinned to one CPU, killed at the
+    # end (and gone by itself after 120 s or with the child).
+    HOG = """
+        import subprocess, sys, time, aiobridge, aiobridge_demo as demo
+        cpu = max(os.sched_getaffinity(0))
+        HOG = (
+            "import os, time\\n"
+            f"os.sched_setaffinity(0, {{{cpu}}})\\n"
+            "end = time.monotonic() + 120\\n"
+            "print('on', flush=True)\\n"
+            f"while time.monotonic() < end and os.getppid() == {os.getpid()}: pass\\n"
+        )
+
+        def start_hog():
+            hog = subprocess.Popen([sys.executable, "-c", HOG],
+                                   stdout=subprocess.PIPE, text=True)
+            assert hog.stdout.readline() == "on\\n"
+            return hog
+
+        def sleep0():
+            return asyncio.sleep(0)
+
+        # Runs step() for 1 s beside the hog; prints what the counters
+        # `keys` of aiobridge.stats() gained.
+        async def under_hog(step, keys):
+            hog = start_hog()
+            try:
+                await step()
+                before = aiobridge.stats(demo)
+                start = time.monotonic()
+                while time.monotonic() - start < 1.0:
+                    await step()
+                after = aiobridge.stats(demo)
+            finally:
+                hog.kill()
+                hog.wait()
+            print(" ".join(str(after[k] - before[k]) for k in keys))
+        """
+
+    def run_child(self, body):
+        if len(os.sched_getaffinity(0)) < 2:
+            self.skipTest("one CPU: loop threads never spin")
+        p = run_python(textwrap.dedent(self.HOG) + textwrap.dedent(body), timeout=120)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        return [int(x) for x in p.stdout.split()]
+
+    def test_asyncio_loop_thread(self):
+        # After a C task's await of Python completes, the asyncio loop's
+        # thread may spin for the task's next request.
+        awaits, spins, skipped = self.run_child(
+            """
+            async def step():
+                assert await demo.await_py_n(sleep0, 200) == 200
+
+            async def main():
+                # The port is made while both CPUs are the loop thread's.
+                assert await demo.await_py_n(sleep0, 100) == 100
+                os.sched_setaffinity(0, {cpu})  # this thread only
+                await under_hog(step, ("py_awaits", "py_spins", "py_spins_skipped"))
+
+            asyncio.run(main())
+            """
+        )
+        self.assertGreater(awaits, 0)
+        self.assertGreater(spins, 0)
+        self.assertGreater(skipped, 0, "no try without the spin")
+
+    def test_runtime_loop_thread(self):
+        # The runtime's loop thread may spin for the next task to poll.
+        polls, spins, skipped = self.run_child(
+            """
+            os.sched_setaffinity(0, {cpu})  # the runtime's thread too
+
+            async def step():
+                for _ in range(100):
+                    await demo.ready()
+
+            asyncio.run(under_hog(step, ("polls", "spins", "spins_skipped")))
+            """
+        )
+        self.assertGreater(polls, 0)
+        self.assertGreater(skipped, 0, "no try without the spin")
 
 
 class TestLoopGoesAway(unittest.TestCase):

@@ -1,0 +1,137 @@
+/* Should a thread spin for a push before it blocks?
+ *
+ * A spin saves a wake-up (tens of microseconds on a VM) while the spinning
+ * thread and the thread that will push each have a CPU. With more runnable
+ * threads than CPUs that may no longer hold: the scheduler prefers threads
+ * that wake from a sleep over those that kept running, so a spinning
+ * thread, and the other end of its round trips, can wait behind busy ones.
+ * Whether the spin still pays then depends on the work (measured: a C
+ * task's round trips still ran up to 9x faster with it, C awaits of Python
+ * at half the rate). So the gate measures instead of guessing:
+ *
+ *   - open: spin, and look every SAMPLE_NS whether the thread waits for a
+ *     CPU (its run delay, the time it spent runnable but not running, from
+ *     /proc/thread-self/schedstat, over more than a fifth of the time);
+ *   - trial, when it does: TRIAL_WINDOWS windows alternately without and
+ *     with the spin, counting the caller's operations in each;
+ *   - held: the faster way (the spin unless not spinning did more per
+ *     second) for HOLD_MIN_NS, doubled up to HOLD_MAX_NS while trials keep
+ *     giving the same verdict; then open again.
+ *
+ * A quiet machine never leaves the open phase. Without /proc the gate
+ * stays open. One per spinning thread, used by it only. */
+#include "internal.h"
+
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define WINDOW_NS (10 * AIOB_MSEC)
+#define TRIAL_WINDOWS 6 /* without, with, without, with... */
+/* The thread waits for a CPU: over a sample of at least SAMPLE_NS, its run
+ * delay exceeded a WAIT_SHARE_DIV-th of the time. (A thread that runs all
+ * the time on a machine with nothing else to do still waits now and then
+ * for a kernel thread: a millisecond in 10 is not rare.) */
+#define SAMPLE_NS (50 * AIOB_MSEC)
+#define WAIT_SHARE_DIV 5
+#define HOLD_MIN_NS (250 * AIOB_MSEC)
+#define HOLD_MAX_NS (4000 * AIOB_MSEC)
+/* Fewer operations than this in a trial: too few to tell, keep spinning. */
+#define TRIAL_MIN_OPS 16
+
+enum { OPEN, TRIAL, HELD };
+
+/* The calling thread's run delay in ns, or false if it cannot be read. */
+static bool run_delay(aiob__spin_gate *g, uint64_t *delay) {
+  int tid = (int)syscall(SYS_gettid);
+  if (g->fd >= 0 && g->tid != tid) { /* another thread took over */
+    close(g->fd);
+    g->fd = -1;
+  }
+  if (g->fd == -1) {
+    g->fd = open("/proc/thread-self/schedstat", O_RDONLY | O_CLOEXEC);
+    g->tid = tid;
+    if (g->fd < 0) {
+      g->fd = -2; /* never asked again */
+      return false;
+    }
+  }
+  if (g->fd < 0)
+    return false;
+  char buf[96];
+  ssize_t n = pread(g->fd, buf, sizeof buf - 1, 0);
+  if (n <= 0)
+    return false;
+  buf[n] = '\0';
+  unsigned long long ran, waited;
+  if (sscanf(buf, "%llu %llu", &ran, &waited) != 2)
+    return false;
+  *delay = waited;
+  return true;
+}
+
+/* Did the thread wait for a CPU (see SAMPLE_NS)? Samples at most once per
+ * SAMPLE_NS; the answer in between is the last. */
+static bool cpu_waits(aiob__spin_gate *g, uint64_t now) {
+  if (g->delay_at && now - g->delay_at < SAMPLE_NS)
+    return g->waits;
+  uint64_t delay;
+  if (!run_delay(g, &delay))
+    return g->waits = false;
+  g->waits = g->delay_at && delay >= g->delay &&
+             (delay - g->delay) * WAIT_SHARE_DIV > now - g->delay_at;
+  g->delay = delay;
+  g->delay_at = now;
+  return g->waits;
+}
+
+bool aiob__spin_gate_decide(aiob__spin_gate *g, uint64_t now, uint64_t ops,
+                            bool waits) {
+  if (g->phase == HELD && now - g->at >= g->hold)
+    g->phase = OPEN;
+  if (g->phase == HELD)
+    return g->spin;
+  if (g->phase == OPEN) {
+    if (!waits)
+      return true;
+    g->phase = TRIAL;
+    g->windows = 0;
+    memset(g->sum, 0, sizeof g->sum);
+    g->spin = false;
+    g->at = now;
+    g->ops_at = ops;
+    return false;
+  }
+  if (now - g->at < WINDOW_NS)
+    return g->spin;
+  g->sum[g->spin][0] += ops - g->ops_at;
+  g->sum[g->spin][1] += now - g->at;
+  g->at = now;
+  g->ops_at = ops;
+  if (++g->windows < TRIAL_WINDOWS) {
+    g->spin = !g->spin;
+    return g->spin;
+  }
+  /* off_ops / off_ns > on_ops / on_ns, without dividing */
+  bool faster_off = g->sum[0][0] + g->sum[1][0] >= TRIAL_MIN_OPS &&
+                    g->sum[0][0] * g->sum[1][1] > g->sum[1][0] * g->sum[0][1];
+  bool same = g->held && g->verdict == !faster_off;
+  g->hold = same ? (g->hold * 2 > HOLD_MAX_NS ? HOLD_MAX_NS : g->hold * 2)
+                 : HOLD_MIN_NS;
+  g->held = true;
+  g->verdict = g->spin = !faster_off;
+  g->phase = HELD;
+  return g->spin;
+}
+
+bool aiob__spin_gate_ask(aiob__spin_gate *g, uint64_t now, uint64_t ops) {
+  return aiob__spin_gate_decide(g, now, ops, cpu_waits(g, now));
+}
+
+void aiob__spin_gate_close(aiob__spin_gate *g) {
+  if (g->fd >= 0)
+    close(g->fd);
+  *g = (aiob__spin_gate)AIOB__SPIN_GATE_INIT;
+}
