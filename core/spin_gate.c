@@ -14,8 +14,8 @@
  *     /proc/thread-self/schedstat, over more than a fifth of the time);
  *   - trial, when it does: TRIAL_WINDOWS windows alternately without and
  *     with the spin, counting the caller's operations in each;
- *   - held: the faster way (the spin unless not spinning did more per
- *     second) for HOLD_MIN_NS, doubled up to HOLD_MAX_NS while trials keep
+ *   - held: the spin if it did more than a tenth more per second, else
+ *     no spin, for HOLD_MIN_NS, doubled up to HOLD_MAX_NS while trials keep
  *     giving the same verdict; then open again.
  *
  * A quiet machine never leaves the open phase. Without /proc the gate
@@ -28,8 +28,12 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#define WINDOW_NS (10 * AIOB_MSEC)
+/* A trial: windows long enough to span several scheduler time slices. */
+#define WINDOW_NS (20 * AIOB_MSEC)
 #define TRIAL_WINDOWS 6 /* without, with, without, with... */
+/* The spin wins a trial only by more than a tenth: a thread that waits for
+ * a CPU does no worse than without the spin when in doubt. */
+#define SPIN_EDGE_DIV 10
 /* The thread waits for a CPU: over a sample of at least SAMPLE_NS, its run
  * delay exceeded a WAIT_SHARE_DIV-th of the time. (A thread that runs all
  * the time on a machine with nothing else to do still waits now and then
@@ -37,7 +41,7 @@
 #define SAMPLE_NS (50 * AIOB_MSEC)
 #define WAIT_SHARE_DIV 5
 #define HOLD_MIN_NS (250 * AIOB_MSEC)
-#define HOLD_MAX_NS (4000 * AIOB_MSEC)
+#define HOLD_MAX_NS (2000 * AIOB_MSEC)
 /* Fewer operations than this in a trial: too few to tell, keep spinning. */
 #define TRIAL_MIN_OPS 16
 
@@ -114,14 +118,17 @@ bool aiob__spin_gate_decide(aiob__spin_gate *g, uint64_t now, uint64_t ops,
     g->spin = !g->spin;
     return g->spin;
   }
-  /* off_ops / off_ns > on_ops / on_ns, without dividing */
-  bool faster_off = g->sum[0][0] + g->sum[1][0] >= TRIAL_MIN_OPS &&
-                    g->sum[0][0] * g->sum[1][1] > g->sum[1][0] * g->sum[0][1];
-  bool same = g->held && g->verdict == !faster_off;
+  /* on_ops / on_ns > (1 + 1/SPIN_EDGE_DIV) * off_ops / off_ns (in double:
+   * a window that lasted hours must not overflow) */
+  double on = (double)g->sum[1][0] * (double)g->sum[0][1] * SPIN_EDGE_DIV,
+         off =
+             (double)g->sum[0][0] * (double)g->sum[1][1] * (SPIN_EDGE_DIV + 1);
+  bool spin = g->sum[0][0] + g->sum[1][0] < TRIAL_MIN_OPS || on > off;
+  bool same = g->held && g->verdict == spin;
   g->hold = same ? (g->hold * 2 > HOLD_MAX_NS ? HOLD_MAX_NS : g->hold * 2)
                  : HOLD_MIN_NS;
   g->held = true;
-  g->verdict = g->spin = !faster_off;
+  g->verdict = g->spin = spin;
   g->phase = HELD;
   return g->spin;
 }

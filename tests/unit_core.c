@@ -283,22 +283,23 @@ static void forward_moves_result_and_error(void **unused) {
 #define MS AIOB_MSEC
 
 /* Drives a gate through one trial from time *t: the thread waits for a
- * CPU throughout, and a window without the spin does off_ops operations,
- * one with it on_ops. Asks every millisecond. Returns the held answer. */
+ * CPU throughout, and a millisecond without the spin does off_ops
+ * operations, one with it on_ops. Asks every millisecond. Returns the held
+ * answer. */
 static bool gate_trial(aiob__spin_gate *g, uint64_t *t, uint64_t *ops,
                        uint64_t off_ops, uint64_t on_ops) {
   /* Open: the wait starts a trial, whose first window goes without. */
   assert_false(aiob__spin_gate_decide(g, *t, *ops, true));
   unsigned changes = 0;
   bool last = false;
-  for (int i = 0; i < 60; i++) {
+  for (int i = 0; i < 120; i++) {
     *t += MS;
-    *ops += (last ? on_ops : off_ops) / 10;
+    *ops += last ? on_ops : off_ops;
     bool s = aiob__spin_gate_decide(g, *t, *ops, true);
     changes += s != last;
     last = s;
   }
-  /* Six windows of 10 ms, alternating, then the verdict. */
+  /* Six windows of 20 ms, alternating, then the verdict. */
   assert_int_equal(changes, last ? 5 : 6);
   return last;
 }
@@ -315,23 +316,26 @@ static void spin_gate_keeps_the_faster_way_and_tries_again(void **unused) {
   aiob__spin_gate g = AIOB__SPIN_GATE_INIT;
   uint64_t t = 1, ops = 0;
   /* Not spinning did more: held off for 250 ms, whatever the sign says. */
-  assert_false(gate_trial(&g, &t, &ops, 500, 200));
+  assert_false(gate_trial(&g, &t, &ops, 50, 20));
   for (uint64_t end = t + 249 * MS; t < end; t += MS)
     assert_false(aiob__spin_gate_decide(&g, t, ops, false));
   /* After the hold, a thread that no longer waits spins at once. */
   t += 2 * MS;
   assert_true(aiob__spin_gate_decide(&g, t, ops, false));
   /* It waits again; now the spin does more: held on. */
-  assert_true(gate_trial(&g, &t, &ops, 200, 500));
+  assert_true(gate_trial(&g, &t, &ops, 20, 50));
   for (uint64_t end = t + 249 * MS; t < end; t += MS)
     assert_true(aiob__spin_gate_decide(&g, t, ops, true));
   /* The same verdict again doubles the hold: still held 400 ms later. */
   t += 2 * MS;
-  assert_true(gate_trial(&g, &t, &ops, 200, 500));
+  assert_true(gate_trial(&g, &t, &ops, 20, 50));
   t += 400 * MS;
   assert_true(aiob__spin_gate_decide(&g, t, ops, true));
-  /* Too few operations to tell: the spin stays. */
+  /* A spin that does only a little more (5%) is not worth it there. */
   t += 200 * MS;
+  assert_false(gate_trial(&g, &t, &ops, 20, 21));
+  /* Too few operations to tell: the spin stays. */
+  t += 300 * MS;
   assert_true(gate_trial(&g, &t, &ops, 0, 0));
 }
 

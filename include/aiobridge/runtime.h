@@ -38,10 +38,11 @@ typedef struct aiob_runtime_config {
    * within one budget of blocking, counts as wasted, and when wasted spins
    * outweigh hits the loop stops spinning for 1 ms, doubling up to 128 ms
    * while that lasts. And a loop thread that waits for a CPU (its run
-   * delay, from /proc, over a fifth of a 50 ms sample) tries 60 ms of
-   * alternate windows with and without the spin, keeps whichever polled
-   * more tasks per second for 250 ms (doubling up to 4 s while trials
-   * agree), and tries again (stats: spins_skipped). Timers are never
+   * delay, from /proc, over a fifth of a 50 ms sample) tries 120 ms of
+   * alternate windows with and without the spin, keeps the spin only if
+   * it polled over a tenth more tasks per second, for 250 ms (doubling up
+   * to 2 s while trials agree), and tries again (stats: spins_skipped).
+   * Timers are never
    * delayed by a spin; fd readiness can be seen up to one budget late.
    * 0 = never spin; at most AIOB_SPIN_US_MAX. */
   unsigned spin_us;
