@@ -13,13 +13,14 @@
   ((type *)((char *)(ptr)-offsetof(type, member)))
 
 /* Should a thread spin for a push before it blocks (core/spin_gate.c)?
- * Yes, unless the thread waits for a CPU and a trial found that not
- * spinning gets more of the caller's operations done per second. One per
+ * Yes, unless the thread waits for a CPU and a trial did not find the spin
+ * to get a tenth more of the caller's operations done per second. One per
  * spinning thread, owned by it; starts as AIOB__SPIN_GATE_INIT. */
 typedef struct aiob__spin_gate {
   int fd, tid;         /* the thread's /proc schedstat: -1 not open, -2 none */
-  uint64_t delay;      /* run delay at the last sample, taken at delay_at */
-  uint64_t delay_at;   /* (aiob_now_ns(); 0: none yet) */
+  uint64_t delay;      /* run delay at the last sample, if delay_ok */
+  uint64_t delay_at;   /* when the last sample was tried (0: never) */
+  bool delay_ok;       /* delay is a reading of the thread that asks */
   bool waits;          /* the last sample's answer */
   int phase;           /* open, trial or held (see spin_gate.c) */
   bool spin;           /* the answer in this trial window, or while held */

@@ -276,6 +276,18 @@ static void spin_wasted(aiob_loop *loop, uint64_t now) {
   loop->spin_budget = 0;
 }
 
+/* Takes what other threads pushed, if anything: true if a task came. A
+ * queue that is not empty may still give nothing, while a producer is
+ * half-way through its push; the loop must then neither count it as work
+ * (it would skip its fds and timers for as long as the producer stalls)
+ * nor keep from blocking (the producer wakes it once it is done). */
+static bool took_push(aiob_loop *loop) {
+  if (aiob__mpsc_empty(&loop->remote.queue))
+    return false;
+  accept_queued(loop);
+  return loop->local_head != NULL;
+}
+
 /* Spins until a remote push arrives (true) or the budget, the next timer,
  * a stop request or a preemption (see the back-off) ends it (false).
  * The inbox stays signalled (see loop_main), so pushers skip the backend
@@ -289,7 +301,7 @@ static bool spin(aiob_loop *loop) {
   uint64_t now = start;
   while (!hit && now < end &&
          !atomic_load_explicit(&loop->stop, memory_order_relaxed)) {
-    if (!aiob__mpsc_empty(&loop->remote.queue)) {
+    if (took_push(loop)) {
       hit = true;
       break;
     }
@@ -301,8 +313,8 @@ static bool spin(aiob_loop *loop) {
       break;
     }
   }
-  if (!hit && !aiob__mpsc_empty(&loop->remote.queue))
-    hit = true;
+  if (!hit)
+    hit = took_push(loop);
   now = aiob_now_ns();
   atomic_fetch_add_explicit(&loop->n_spins, 1, memory_order_relaxed);
   atomic_fetch_add_explicit(&loop->n_spin_ns, now - start,
@@ -359,7 +371,7 @@ static void loop_main(aiob_loop *loop) {
        * for its fds and timers). */
       aiob__inbox_rearm(&loop->remote);
       atomic_thread_fence(memory_order_seq_cst);
-      if (!aiob__mpsc_empty(&loop->remote.queue))
+      if (took_push(loop))
         flags = AIOB_RUN_NOWAIT;
     }
     uint64_t before = max && !flags ? aiob_now_ns() : 0;

@@ -49,6 +49,8 @@ enum { OPEN, TRIAL, HELD };
 
 /* The calling thread's run delay in ns, or false if it cannot be read. */
 static bool run_delay(aiob__spin_gate *g, uint64_t *delay) {
+  if (g->fd == -2)
+    return false; /* no /proc: never asked again */
   int tid = (int)syscall(SYS_gettid);
   if (g->fd >= 0 && g->tid != tid) { /* another thread took over */
     close(g->fd);
@@ -57,13 +59,12 @@ static bool run_delay(aiob__spin_gate *g, uint64_t *delay) {
   if (g->fd == -1) {
     g->fd = open("/proc/thread-self/schedstat", O_RDONLY | O_CLOEXEC);
     g->tid = tid;
+    g->delay_ok = false; /* the last sample was another thread's */
     if (g->fd < 0) {
-      g->fd = -2; /* never asked again */
+      g->fd = -2;
       return false;
     }
   }
-  if (g->fd < 0)
-    return false;
   char buf[96];
   ssize_t n = pread(g->fd, buf, sizeof buf - 1, 0);
   if (n <= 0)
@@ -77,16 +78,16 @@ static bool run_delay(aiob__spin_gate *g, uint64_t *delay) {
 }
 
 /* Did the thread wait for a CPU (see SAMPLE_NS)? Samples at most once per
- * SAMPLE_NS; the answer in between is the last. */
+ * SAMPLE_NS, a failed read too; the answer in between is the last. */
 static bool cpu_waits(aiob__spin_gate *g, uint64_t now) {
-  if (g->delay_at && now - g->delay_at < SAMPLE_NS)
+  if (g->fd == -2 || (g->delay_at && now - g->delay_at < SAMPLE_NS))
     return g->waits;
-  uint64_t delay;
-  if (!run_delay(g, &delay))
-    return g->waits = false;
-  g->waits = g->delay_at && delay >= g->delay &&
-             (delay - g->delay) * WAIT_SHARE_DIV > now - g->delay_at;
-  g->delay = delay;
+  uint64_t delay, since = now - g->delay_at;
+  bool ok = run_delay(g, &delay); /* (a new thread clears delay_ok) */
+  g->waits = ok && g->delay_ok && delay >= g->delay &&
+             (delay - g->delay) * WAIT_SHARE_DIV > since;
+  g->delay_ok = ok;
+  g->delay = ok ? delay : 0;
   g->delay_at = now;
   return g->waits;
 }
@@ -138,7 +139,10 @@ bool aiob__spin_gate_ask(aiob__spin_gate *g, uint64_t now, uint64_t ops) {
 }
 
 void aiob__spin_gate_close(aiob__spin_gate *g) {
-  if (g->fd >= 0)
-    close(g->fd);
+  int fd = g->fd;
+  /* Reset first: a fork() between the two must not leave the child an fd
+   * number that another thread may have reused meanwhile. */
   *g = (aiob__spin_gate)AIOB__SPIN_GATE_INIT;
+  if (fd >= 0)
+    close(fd);
 }
