@@ -14,8 +14,8 @@
  *     /proc/thread-self/schedstat, over more than a fifth of the time);
  *   - trial, when it does: TRIAL_WINDOWS windows alternately without and
  *     with the spin, counting the caller's operations in each;
- *   - held: the spin if it did more than a tenth more per second, else
- *     no spin, for HOLD_MIN_NS, doubled up to HOLD_MAX_NS while trials keep
+ *   - held: the spin if it did half as much again per second, else no
+ *     spin, for HOLD_MIN_NS, doubled up to HOLD_MAX_NS while trials keep
  *     giving the same verdict; then open again.
  *
  * A quiet machine never leaves the open phase. Without /proc the gate
@@ -31,9 +31,14 @@
 /* A trial: windows long enough to span several scheduler time slices. */
 #define WINDOW_NS (20 * AIOB_MSEC)
 #define TRIAL_WINDOWS 6 /* without, with, without, with... */
-/* The spin wins a trial only by more than a tenth: a thread that waits for
- * a CPU does no worse than without the spin when in doubt. */
-#define SPIN_EDGE_DIV 10
+/* The spin wins a trial only by doing half as much again: under
+ * contention 20 ms windows swing widely (measured: one setting ran 7k to
+ * 60k C awaits of Python per second from one process to the next), and a
+ * thread that waits for a CPU does no worse than without the spin when in
+ * doubt. Where the spin pays there, it pays by far more (2-15x for round
+ * trips measured beside busy processes). */
+#define SPIN_EDGE_NUM 3
+#define SPIN_EDGE_DEN 2
 /* The thread waits for a CPU: over a sample of at least SAMPLE_NS, its run
  * delay exceeded a WAIT_SHARE_DIV-th of the time. (A thread that runs all
  * the time on a machine with nothing else to do still waits now and then
@@ -119,11 +124,10 @@ bool aiob__spin_gate_decide(aiob__spin_gate *g, uint64_t now, uint64_t ops,
     g->spin = !g->spin;
     return g->spin;
   }
-  /* on_ops / on_ns > (1 + 1/SPIN_EDGE_DIV) * off_ops / off_ns (in double:
-   * a window that lasted hours must not overflow) */
-  double on = (double)g->sum[1][0] * (double)g->sum[0][1] * SPIN_EDGE_DIV,
-         off =
-             (double)g->sum[0][0] * (double)g->sum[1][1] * (SPIN_EDGE_DIV + 1);
+  /* on_ops / on_ns > NUM / DEN * off_ops / off_ns (in double: a window
+   * that lasted hours must not overflow) */
+  double on = (double)g->sum[1][0] * (double)g->sum[0][1] * SPIN_EDGE_DEN,
+         off = (double)g->sum[0][0] * (double)g->sum[1][1] * SPIN_EDGE_NUM;
   bool spin = g->sum[0][0] + g->sum[1][0] < TRIAL_MIN_OPS || on > off;
   bool same = g->held && g->verdict == spin;
   g->hold = same ? (g->hold * 2 > HOLD_MAX_NS ? HOLD_MAX_NS : g->hold * 2)

@@ -333,9 +333,9 @@ static void spin_gate_keeps_the_faster_way_and_tries_again(void **unused) {
   assert_true(gate_trial(&g, &t, &ops, 20, 50));
   t += 400 * MS;
   assert_true(aiob__spin_gate_decide(&g, t, ops, true));
-  /* A spin that does only a little more (5%) is not worth it there. */
+  /* A spin that does only somewhat more (40%) is not worth it there. */
   t += 200 * MS;
-  assert_false(gate_trial(&g, &t, &ops, 20, 21));
+  assert_false(gate_trial(&g, &t, &ops, 20, 28));
   /* Too few operations to tell: the spin stays. */
   t += 300 * MS;
   assert_true(gate_trial(&g, &t, &ops, 0, 0));

@@ -40,7 +40,7 @@ typedef struct aiob_runtime_config {
    * while that lasts. And a loop thread that waits for a CPU (its run
    * delay, from /proc, over a fifth of a 50 ms sample) tries 120 ms of
    * alternate windows with and without the spin, keeps the spin only if
-   * it polled over a tenth more tasks per second, for 250 ms (doubling up
+   * it polled half as many tasks again per second, for 250 ms (doubling up
    * to 2 s while trials agree), and tries again (stats: spins_skipped).
    * Timers are never
    * delayed by a spin; fd readiness can be seen up to one budget late.
