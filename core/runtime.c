@@ -331,8 +331,9 @@ static bool spin(aiob_loop *loop) {
   return hit;
 }
 
-/* Should the loop spin now? Not if its thread waits for a CPU and not
- * spinning polled more tasks per second (core/spin_gate.c). */
+/* Should the loop spin now? Not if its thread waits for a CPU, unless a
+ * trial found the spin to poll half as many tasks again per second
+ * (core/spin_gate.c). */
 static bool spin_now(aiob_loop *loop) {
   uint64_t polls = atomic_load_explicit(&loop->n_polls, memory_order_relaxed);
   if (aiob__spin_gate_ask(&loop->gate, aiob_now_ns(), polls))

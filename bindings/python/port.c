@@ -227,8 +227,8 @@ int aiob__py_port_spin(port *p, aiob_runtime *rt) {
   p->done_at = start;
   if (budget > max)
     budget = max;
-  /* Not if the loop thread waits for a CPU and not spinning drained more
-   * items per second (core/spin_gate.c). */
+  /* Not if the loop thread waits for a CPU, unless a trial found the wait
+   * to drain half as many items again per second (core/spin_gate.c). */
   if (budget && !aiob__spin_gate_ask(&p->gate, start, p->items)) {
     p->b->py_spins_skipped++;
     return 0;
