@@ -232,9 +232,18 @@ class TestAsyncIteratorInC(BridgeCase):
     async def test_cancel_mid_stream(self):
         base = demo.agen_counts()
         t = Tracked()
-        fut = asyncio.ensure_future(demo.sum_agen(t.gen(3, then=forever), 2))
-        # The C task took the three items; the pump waits in __anext__.
+        waiting = asyncio.Event()
+
+        async def wait_forever():
+            waiting.set()
+            await forever()
+
+        fut = asyncio.ensure_future(demo.sum_agen(t.gen(3, then=wait_forever), 2))
+        # The C task took the three items, and the pump waits in __anext__
+        # (taking the third item and asking for a fourth are two steps: a
+        # cancel between them closes the generator, GeneratorExit).
         self.assertTrue(await wait_until(lambda: demo.agen_counts()[0] - base[0] == 3))
+        self.assertTrue(await wait_until(waiting.is_set))
         fut.cancel()
         with self.assertRaises(asyncio.CancelledError):
             await fut
