@@ -15,9 +15,11 @@
 /* Should a thread spin for a push before it blocks (core/spin_gate.c)?
  * Yes, unless the thread waits for a CPU and a trial did not find the spin
  * to get a tenth more of the caller's operations done per second. One per
- * spinning thread, owned by it; starts as AIOB__SPIN_GATE_INIT. */
+ * spinning thread, owned by it; starts zeroed (AIOB__SPIN_GATE_INIT) and
+ * holds nothing to free. */
 typedef struct aiob__spin_gate {
-  int fd, tid;         /* the thread's /proc schedstat: -1 not open, -2 none */
+  int tid;             /* the thread the last sample was of */
+  bool no_proc;        /* /proc/thread-self/schedstat cannot be opened */
   uint64_t delay;      /* run delay at the last sample, if delay_ok */
   uint64_t delay_at;   /* when the last sample was tried (0: never) */
   bool delay_ok;       /* delay is a reading of the thread that asks */
@@ -31,14 +33,13 @@ typedef struct aiob__spin_gate {
   uint64_t hold;       /* the length of this hold */
 } aiob__spin_gate;
 #define AIOB__SPIN_GATE_INIT                                                   \
-  { .fd = -1 }
+  { 0 }
 /* Asks before a spin: now is aiob_now_ns(), ops the caller's count of
  * operations done so far (any monotonic counter of useful work). */
 bool aiob__spin_gate_ask(aiob__spin_gate *g, uint64_t now, uint64_t ops);
 /* The same with the CPU-wait sign given (what ask reads from /proc). */
 bool aiob__spin_gate_decide(aiob__spin_gate *g, uint64_t now, uint64_t ops,
                             bool waits);
-void aiob__spin_gate_close(aiob__spin_gate *g);
 
 /* A spinning thread's pause between two reads of shared memory. */
 static inline void aiob__cpu_relax(void) {

@@ -102,7 +102,6 @@ static void fork_child(void) {
       atomic_store(&loop->exited, 1);
       loop->joined = true;
       loop->abandoned = false;
-      aiob__spin_gate_close(&loop->gate); /* the copy of its fd */
     }
     /* Other threads' locks may have been copied held. */
     pthread_mutex_init(&rt->shutdown_mu, NULL);
@@ -394,7 +393,6 @@ static void loop_main(aiob_loop *loop) {
     if (aiob__heap_top(&loop->timers))
       aiob__timers_process(loop, aiob_now_ns());
   }
-  aiob__spin_gate_close(&loop->gate);
 }
 
 /* Last thing a loop thread does: tells shutdown waiters it has exited. An
@@ -655,7 +653,6 @@ int aiob__runtime_alloc(const aiob_runtime_config *cfg, unsigned nloops,
     aiob__inbox_init(&loop->remote);
     loop->live.live_next = loop->live.live_prev = &loop->live;
     aiob__heap_init(&loop->timers);
-    loop->gate = (aiob__spin_gate)AIOB__SPIN_GATE_INIT;
     atomic_init(&loop->exited, 1);
     loop->joined = true;
   }

@@ -22,6 +22,7 @@
  * stays open. One per spinning thread, used by it only. */
 #include "internal.h"
 
+#include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <string.h>
@@ -52,26 +53,26 @@
 
 enum { OPEN, TRIAL, HELD };
 
-/* The calling thread's run delay in ns, or false if it cannot be read. */
+/* The calling thread's run delay in ns, or false if it cannot be read.
+ * The file is opened for each sample (at most one per SAMPLE_NS) and
+ * closed at once: the gate holds no descriptor a program could see as its
+ * own or a fork could copy. */
 static bool run_delay(aiob__spin_gate *g, uint64_t *delay) {
-  if (g->fd == -2)
-    return false; /* no /proc: never asked again */
+  if (g->no_proc)
+    return false;
   int tid = (int)syscall(SYS_gettid);
-  if (g->fd >= 0 && g->tid != tid) { /* another thread took over */
-    close(g->fd);
-    g->fd = -1;
-  }
-  if (g->fd == -1) {
-    g->fd = open("/proc/thread-self/schedstat", O_RDONLY | O_CLOEXEC);
+  if (g->tid != tid) { /* the last sample was another thread's */
     g->tid = tid;
-    g->delay_ok = false; /* the last sample was another thread's */
-    if (g->fd < 0) {
-      g->fd = -2;
-      return false;
-    }
+    g->delay_ok = false;
+  }
+  int fd = open("/proc/thread-self/schedstat", O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    g->no_proc = errno == ENOENT || errno == EACCES || errno == ENOTDIR;
+    return false;
   }
   char buf[96];
-  ssize_t n = pread(g->fd, buf, sizeof buf - 1, 0);
+  ssize_t n = read(fd, buf, sizeof buf - 1);
+  close(fd);
   if (n <= 0)
     return false;
   buf[n] = '\0';
@@ -85,7 +86,7 @@ static bool run_delay(aiob__spin_gate *g, uint64_t *delay) {
 /* Did the thread wait for a CPU (see SAMPLE_NS)? Samples at most once per
  * SAMPLE_NS, a failed read too; the answer in between is the last. */
 static bool cpu_waits(aiob__spin_gate *g, uint64_t now) {
-  if (g->fd == -2 || (g->delay_at && now - g->delay_at < SAMPLE_NS))
+  if (g->no_proc || (g->delay_at && now - g->delay_at < SAMPLE_NS))
     return g->waits;
   uint64_t delay, since = now - g->delay_at;
   bool ok = run_delay(g, &delay); /* (a new thread clears delay_ok) */
@@ -140,13 +141,4 @@ bool aiob__spin_gate_decide(aiob__spin_gate *g, uint64_t now, uint64_t ops,
 
 bool aiob__spin_gate_ask(aiob__spin_gate *g, uint64_t now, uint64_t ops) {
   return aiob__spin_gate_decide(g, now, ops, cpu_waits(g, now));
-}
-
-void aiob__spin_gate_close(aiob__spin_gate *g) {
-  int fd = g->fd;
-  /* Reset first: a fork() between the two must not leave the child an fd
-   * number that another thread may have reused meanwhile. */
-  *g = (aiob__spin_gate)AIOB__SPIN_GATE_INIT;
-  if (fd >= 0)
-    close(fd);
 }

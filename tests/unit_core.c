@@ -4,13 +4,16 @@
  * half-way through its push. */
 #include "internal.h"
 
+#include <dirent.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <cmocka.h>
 
@@ -343,12 +346,41 @@ static void spin_gate_keeps_the_faster_way_and_tries_again(void **unused) {
 
 static void spin_gate_without_proc_stays_open(void **unused) {
   (void)unused;
-  /* A gate whose schedstat cannot be read never sees a wait. */
+  /* A gate that cannot read schedstat never sees a wait. */
   aiob__spin_gate g = AIOB__SPIN_GATE_INIT;
-  g.fd = -2;
+  g.no_proc = true;
   for (uint64_t t = 1, ops = 0; t < 1000 * MS; t += MS, ops++)
     assert_true(aiob__spin_gate_ask(&g, t, ops));
-  aiob__spin_gate_close(&g);
+}
+
+/* How many of this process's descriptors are a schedstat file. */
+static int schedstat_fds(void) {
+  DIR *d = opendir("/proc/self/fd");
+  assert_non_null(d);
+  int n = 0;
+  struct dirent *e;
+  while ((e = readdir(d))) {
+    char path[300], target[256];
+    snprintf(path, sizeof path, "/proc/self/fd/%s", e->d_name);
+    ssize_t k = readlink(path, target, sizeof target - 1);
+    if (k > 0) {
+      target[k] = '\0';
+      n += strstr(target, "schedstat") != NULL;
+    }
+  }
+  closedir(d);
+  return n;
+}
+
+static void spin_gate_holds_no_descriptor(void **unused) {
+  (void)unused;
+  /* Programs check their descriptors (tests that nothing leaked, fork and
+   * exec hygiene): a sample opens the file and closes it at once. */
+  aiob__spin_gate g = AIOB__SPIN_GATE_INIT;
+  for (uint64_t t = 1; t < 500 * MS; t += 10 * MS)
+    aiob__spin_gate_ask(&g, t, t);
+  assert_true(g.delay_at > 0 && !g.no_proc); /* it did sample */
+  assert_int_equal(schedstat_fds(), 0);
 }
 
 /* ---- A producer stalled half-way through a push ------------------------ */
@@ -440,6 +472,7 @@ int main(void) {
       cmocka_unit_test(spin_gate_spins_while_the_thread_has_a_cpu),
       cmocka_unit_test(spin_gate_keeps_the_faster_way_and_tries_again),
       cmocka_unit_test(spin_gate_without_proc_stays_open),
+      cmocka_unit_test(spin_gate_holds_no_descriptor),
       cmocka_unit_test(loop_beside_a_stalled_push),
   };
   return cmocka_run_group_tests_name("unit_core", tests, NULL, NULL);

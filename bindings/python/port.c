@@ -42,7 +42,6 @@ static port *port_new(void) {
   atomic_init(&p->refs, 1);
   aiob__inbox_init(&p->in);
   p->gen = atomic_load(&aiob__py_fork_gen);
-  p->gate = (aiob__spin_gate)AIOB__SPIN_GATE_INIT;
   /* With one CPU the loop thread's spin would only keep the runtime thread
    * from answering. */
   cpu_set_t cpus;
@@ -58,7 +57,6 @@ void aiob__py_port_ref(port *p) { atomic_fetch_add(&p->refs, 1); }
 void aiob__py_port_unref(port *p) {
   if (atomic_fetch_sub(&p->refs, 1) != 1)
     return;
-  aiob__spin_gate_close(&p->gate);
   close(p->efd);
   free(p);
 }
