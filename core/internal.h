@@ -14,9 +14,9 @@
 
 /* Should a thread spin for a push before it blocks (core/spin_gate.c)?
  * Yes, unless the thread waits for a CPU and a trial did not find the spin
- * to get a tenth more of the caller's operations done per second. One per
- * spinning thread, owned by it; starts zeroed (AIOB__SPIN_GATE_INIT) and
- * holds nothing to free. */
+ * to get half as many again of the caller's operations done per second.
+ * One per spinning thread, owned by it; starts zeroed
+ * (AIOB__SPIN_GATE_INIT) and holds nothing to free. */
 typedef struct aiob__spin_gate {
   int tid;             /* the thread the last sample was of */
   bool no_proc;        /* /proc/thread-self/schedstat cannot be opened */
@@ -26,11 +26,11 @@ typedef struct aiob__spin_gate {
   bool waits;          /* the last sample's answer */
   int phase;           /* open, trial or held (see spin_gate.c) */
   bool spin;           /* the answer in this trial window, or while held */
-  bool held, verdict;  /* a trial ended before, with this answer */
+  bool verdict;        /* the last trial's answer (if hold is set) */
   unsigned windows;    /* trial windows done */
   uint64_t at, ops_at; /* start of this window or hold, and ops then */
   uint64_t sum[2][2];  /* per answer (0 no spin, 1 spin): ops, ns */
-  uint64_t hold;       /* the length of this hold */
+  uint64_t hold;       /* the length of this hold (0: no trial yet) */
 } aiob__spin_gate;
 #define AIOB__SPIN_GATE_INIT                                                   \
   { 0 }

@@ -93,7 +93,8 @@ static bool cpu_waits(aiob__spin_gate *g, uint64_t now) {
   g->waits = ok && g->delay_ok && delay >= g->delay &&
              (delay - g->delay) * WAIT_SHARE_DIV > since;
   g->delay_ok = ok;
-  g->delay = ok ? delay : 0;
+  if (ok)
+    g->delay = delay;
   g->delay_at = now;
   return g->waits;
 }
@@ -130,10 +131,9 @@ bool aiob__spin_gate_decide(aiob__spin_gate *g, uint64_t now, uint64_t ops,
   double on = (double)g->sum[1][0] * (double)g->sum[0][1] * SPIN_EDGE_DEN,
          off = (double)g->sum[0][0] * (double)g->sum[1][1] * SPIN_EDGE_NUM;
   bool spin = g->sum[0][0] + g->sum[1][0] < TRIAL_MIN_OPS || on > off;
-  bool same = g->held && g->verdict == spin;
+  bool same = g->hold && g->verdict == spin; /* (hold: a verdict before) */
   g->hold = same ? (g->hold * 2 > HOLD_MAX_NS ? HOLD_MAX_NS : g->hold * 2)
                  : HOLD_MIN_NS;
-  g->held = true;
   g->verdict = g->spin = spin;
   g->phase = HELD;
   return g->spin;

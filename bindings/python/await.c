@@ -50,6 +50,13 @@ static void request_clear_future(request *r) {
   Py_CLEAR(r->pyfuture);
 }
 
+/* fut.cancel(), its result and any error dropped (GIL). */
+static void cancel_quietly(aiob_py_bridge *b, PyObject *fut) {
+  PyObject *c = PyObject_CallMethodObjArgs(fut, b->s_cancel, NULL);
+  Py_XDECREF(c);
+  PyErr_Clear();
+}
+
 /* The bridge goes (GIL): the requests still running leave its list. */
 void aiob__py_request_forget_all(aiob_py_bridge *b) {
   while (b->awaiting)
@@ -75,9 +82,7 @@ void aiob__py_request_cancel_shut(aiob_py_bridge *b, port *p) {
     }
   }
   for (size_t i = 0; i < k; i++) {
-    PyObject *c = PyObject_CallMethodObjArgs(futs[i], b->s_cancel, NULL);
-    Py_XDECREF(c);
-    PyErr_Clear();
+    cancel_quietly(b, futs[i]);
     Py_DECREF(futs[i]);
   }
   free(futs);
@@ -359,18 +364,17 @@ static PyObject *runner_failed(runner *rn) {
   }
   if (tb)
     PyException_SetTraceback(value, tb);
+  int rc;
   if (PyErr_GivenExceptionMatches(value, PyExc_StopIteration)) {
     PyObject *res = PyObject_GetAttrString(value, "value");
-    int rc = res ? runner_finish(rn, res, NULL) : -1;
+    rc = res ? runner_finish(rn, res, NULL) : -1;
     Py_XDECREF(res);
-    if (rc < 0) { /* what ran meanwhile raised: the Task takes that */
-      Py_XDECREF(type);
-      Py_XDECREF(value);
-      Py_XDECREF(tb);
-      return NULL;
-    }
-  } else if (runner_finish(rn, NULL, value) < 0) {
-    /* The interrupt wins (the C task has the coroutine's exception). */
+  } else {
+    rc = runner_finish(rn, NULL, value);
+  }
+  if (rc < 0) {
+    /* What ran meanwhile raised (an interrupt): the Task takes that; the
+     * C task has the coroutine's outcome. */
     Py_XDECREF(type);
     Py_XDECREF(value);
     Py_XDECREF(tb);
@@ -602,11 +606,8 @@ int aiob__py_request_start(aiob_py_bridge *b, request *r) {
     if (rn->req) { /* running: its first step is to come */
       r->pyfuture = fut;
       awaiting_link(b, r);
-      if (atomic_load(&r->cancelled)) {
-        PyObject *c = PyObject_CallMethodObjArgs(fut, b->s_cancel, NULL);
-        Py_XDECREF(c);
-        PyErr_Clear();
-      }
+      if (atomic_load(&r->cancelled))
+        cancel_quietly(b, fut);
     } else { /* done already (an eager task factory): r is gone */
       PyObject *e = PyObject_CallMethodObjArgs(fut, b->s_exception, NULL);
       Py_XDECREF(e); /* (retrieved: not logged when collected) */
@@ -654,20 +655,14 @@ int aiob__py_request_start(aiob_py_bridge *b, request *r) {
   if (!ok)
     PyErr_Clear();
   Py_XDECREF(ok);
-  if (atomic_load(&r->cancelled) && r->pyfuture) {
-    PyObject *c = PyObject_CallMethodObjArgs(r->pyfuture, b->s_cancel, NULL);
-    Py_XDECREF(c);
-    PyErr_Clear();
-  }
+  if (atomic_load(&r->cancelled) && r->pyfuture)
+    cancel_quietly(b, r->pyfuture);
   return 0;
 }
 
 void aiob__py_request_cancel(aiob_py_bridge *b, request *r) {
-  if (r->pyfuture) {
-    PyObject *c = PyObject_CallMethodObjArgs(r->pyfuture, b->s_cancel, NULL);
-    Py_XDECREF(c);
-    PyErr_Clear();
-  }
+  if (r->pyfuture)
+    cancel_quietly(b, r->pyfuture);
   aiob__py_request_unref(r); /* the cancel item's reference */
 }
 
