@@ -262,9 +262,10 @@ static PyObject *reg_shutdown(PyObject *cap, PyObject *args) {
  * releases run on this thread only: release.c), and if they still run
  * when the process calls exit(), it ends without C destructors (see
  * release.c). Last, the hook waits (bounded) until the loops still
- * running have taken the wakes their ports were sent before they closed:
- * taken after finalization, a wake would enter Python then
- * (aiob__py_ports_settle). */
+ * running on other threads have dropped the timer and fd watches of their
+ * local tasks (aiob__py_local_quiet_others) and taken the wakes their
+ * ports were sent before they closed (aiob__py_ports_settle): taken after
+ * finalization, either would enter Python then. */
 static PyObject *reg_atexit(PyObject *cap, PyObject *unused) {
   (void)unused;
   bridge_reg *r = reg_of(cap);
@@ -279,8 +280,10 @@ static PyObject *reg_atexit(PyObject *cap, PyObject *unused) {
   aiob_runtime_default_shutdown_timeout(AIOB__PY_EXIT_TIMEOUT_NS, NULL);
   Py_END_ALLOW_THREADS;
   aiob__py_release_orphans();
-  if (r->b)
+  if (r->b) {
+    aiob__py_local_quiet_others(r->b, AIOB__PY_EXIT_TIMEOUT_NS);
     aiob__py_ports_settle(r->b, AIOB__PY_EXIT_TIMEOUT_NS);
+  }
   Py_RETURN_NONE;
 }
 

@@ -30,10 +30,12 @@
  * hosts, or when the bridge goes. */
 #include "bridge_internal.h"
 
+#include <errno.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <time.h>
 #include <unistd.h>
 
 /* Defined by the uv backend when the extension links it (backends/uv):
@@ -78,11 +80,26 @@ int aiob__py_local_unstash(void) {
 
 /* ---- The asyncio backend ----------------------------------------------- */
 
+/* The hosted runtime of one loop (see "Hosts" below). The asyncio form's
+ * backend options point at it: its init reads `loop` and fills `asy`. */
+typedef struct host {
+  aiob_runtime *rt;
+  pthread_t thread;
+  int shared;
+  PyObject *loop;   /* borrowed, while the runtime is made */
+  struct asy *asy;  /* the asyncio form's backend, while open */
+  int quiet;        /* exit: its loop went quiet (under quiet_mu) */
+  char reason[256]; /* why the asyncio form ("" when shared) */
+} host;
+
+typedef struct asy_io asy_io;
+
 /* One hosted loop on an asyncio loop. Its memory belongs to `self`, a
  * capsule that the Python callbacks it hands to the loop are bound to, so
  * a callback that runs after the loop closed finds `closed` set. */
 typedef struct asy {
   aiob_loop *core;
+  host *host;
   /* Borrowed: valid while loop_ref is alive, which it is whenever a
    * callback of the loop or a dispatch runs; a loop dropped without
    * close() may be gone by the time the runtime closes (asy_alive). */
@@ -92,23 +109,26 @@ typedef struct asy {
   PyObject *dispatch_cb, *wake_cb, *timer_cb;
   PyObject *timer; /* the armed TimerHandle, or NULL */
   pthread_t thread;
-  int efd;    /* wakes from other threads */
-  int reader; /* efd is watched */
-  int kicked; /* a call_soon dispatch is queued (loop thread) */
-  int closed; /* loop_close ran */
+  int efd;     /* wakes from other threads */
+  int reader;  /* efd is watched */
+  int kicked;  /* a call_soon dispatch is queued (loop thread) */
+  int closed;  /* loop_close ran */
+  int quiet;   /* exit: nothing is armed on the loop again (asy_go_quiet) */
+  asy_io *ios; /* the fd watches, linked */
   PyObject *s_call_soon, *s_call_at, *s_time, *s_cancel, *s_add_reader,
       *s_remove_reader, *s_add_writer, *s_remove_writer;
 } asy;
 
-typedef struct asy_io {
+struct asy_io {
   asy *a;
+  asy_io *prev, *next;
   PyObject *self; /* its capsule, while watched */
   PyObject *read_cb, *write_cb;
   int fd;
   unsigned events;
   void *token;
   int closed;
-} asy_io;
+};
 
 static void asy_free(PyObject *cap) {
   asy *a = PyCapsule_GetPointer(cap, NULL);
@@ -233,7 +253,8 @@ static int asy_loop_init(aiob_loop *core, const aiob_backend_options *opts,
   if (!a)
     return AIOB_ENOMEM;
   a->core = core;
-  a->loop = opts->host;
+  a->host = opts->host;
+  a->loop = a->host->loop;
   a->loop_ref = PyWeakref_NewRef(a->loop, NULL);
   if (!a->loop_ref) {
     PyErr_Clear();
@@ -286,21 +307,31 @@ static int asy_loop_init(aiob_loop *core, const aiob_backend_options *opts,
   }
   Py_DECREF(r);
   a->reader = 1;
+  a->host->asy = a;
   *out = a;
   return 0;
+}
+
+/* Stops watching the eventfd of wakes from other threads (GIL). An
+ * error is left set, for the caller. */
+static void asy_unwatch_wakes(asy *a) {
+  if (!a->reader)
+    return;
+  a->reader = 0;
+  PyObject *fd = PyLong_FromLong(a->efd);
+  PyObject *r = fd ? asy_call(a, a->s_remove_reader, fd, NULL) : NULL;
+  Py_XDECREF(r);
+  Py_XDECREF(fd);
 }
 
 static void asy_loop_close(void *p) {
   asy *a = p;
   PyGILState_STATE g = PyGILState_Ensure();
   a->closed = 1;
+  a->host->asy = NULL;
   asy_timer_stop(a); /* (a TimerHandle keeps its loop alive) */
-  if (a->reader && asy_alive(a)) {
-    PyObject *fd = PyLong_FromLong(a->efd);
-    PyObject *r = fd ? asy_call(a, a->s_remove_reader, fd, NULL) : NULL;
-    Py_XDECREF(r);
-    Py_XDECREF(fd);
-  }
+  if (asy_alive(a))
+    asy_unwatch_wakes(a);
   PyErr_Clear();
   close(a->efd);
   Py_CLEAR(a->dispatch_cb);
@@ -319,7 +350,7 @@ static int asy_run(void *p, unsigned flags) {
 static int asy_wake(void *p) {
   asy *a = p;
   if (pthread_equal(a->thread, pthread_self()) && PyGILState_Check()) {
-    if (a->kicked || a->closed)
+    if (a->kicked || a->closed || a->quiet)
       return 0;
     /* Wakes come from anywhere, a dealloc while an exception unwinds
      * included: that exception is kept aside around the call. */
@@ -344,6 +375,8 @@ static int asy_wake(void *p) {
 static int asy_timer_start(void *p, uint64_t timeout_ns) {
   asy *a = p;
   asy_timer_stop(a);
+  if (a->quiet)
+    return 0; /* never fires: its tasks never finish */
   PyObject *now = PyObject_CallMethodObjArgs(a->loop, a->s_time, NULL);
   if (!now)
     return asy_failed(a->loop);
@@ -383,9 +416,12 @@ static PyMethodDef asy_read_def = {"readable", asy_io_readable, METH_NOARGS,
 static PyMethodDef asy_write_def = {"writable", asy_io_writable, METH_NOARGS,
                                     NULL};
 
-/* Watches io's fd for `events`, from what it watches now. */
+/* Watches io's fd for `events`, from what it watches now (nothing once
+ * the loop went quiet). */
 static int asy_io_set(asy_io *io, unsigned events) {
   asy *a = io->a;
+  if (a->quiet)
+    events = 0;
   PyObject *fd = PyLong_FromLong(io->fd);
   if (!fd)
     return asy_failed(a->loop);
@@ -439,6 +475,10 @@ static int asy_io_start(void *p, int fd, unsigned events, void *token,
     Py_DECREF(io->self);
     return rc;
   }
+  io->next = a->ios;
+  if (a->ios)
+    a->ios->prev = io;
+  a->ios = io;
   *out = io;
   return 0;
 }
@@ -452,11 +492,34 @@ static void asy_io_stop(void *p, void *handle) {
   asy *a = p;
   asy_io *io = handle;
   io->closed = 1;
+  if (io->prev)
+    io->prev->next = io->next;
+  else
+    a->ios = io->next;
+  if (io->next)
+    io->next->prev = io->prev;
   if (asy_alive(a) && asy_io_set(io, 0) < 0)
     PyErr_Clear();
   Py_CLEAR(io->read_cb);
   Py_CLEAR(io->write_cb);
   Py_DECREF(io->self);
+}
+
+/* At interpreter exit, on the loop's thread (GIL): the loop drops this
+ * runtime's timer, fd watches and wake reader, and none is armed again, so
+ * no callback of aiobridge's is left to come due on the loop once the
+ * interpreter has finalized (see aiob__py_local_quiet_others). */
+static void asy_go_quiet(asy *a) {
+  if (a->closed || a->quiet)
+    return;
+  a->quiet = 1;
+  asy_timer_stop(a);
+  for (asy_io *io = a->ios; io; io = io->next)
+    if (asy_io_set(io, 0) < 0)
+      asy_clear();
+  asy_unwatch_wakes(a);
+  if (PyErr_Occurred())
+    asy_clear();
 }
 
 static void *asy_native(void *p) { return ((asy *)p)->loop; }
@@ -478,13 +541,6 @@ static const aiob_backend asyncio_backend = {
 };
 
 /* ---- Hosts: the hosted runtime of each loop ---------------------------- */
-
-typedef struct host {
-  aiob_runtime *rt;
-  pthread_t thread;
-  int shared;
-  char reason[256]; /* why the asyncio form ("" when shared) */
-} host;
 
 static void host_close(host *h) {
   if (!h->rt)
@@ -639,9 +695,11 @@ static host *host_for(aiob_py_bridge *b, PyObject *loop) {
   if (cap || PyErr_Occurred()) {
     Py_DECREF(ref);
     host *h = cap ? PyCapsule_GetPointer(cap, NULL) : NULL;
-    if (h && !h->rt) {
+    if (h && (!h->rt || h->quiet)) {
       PyErr_SetString(b->shutdown_error,
-                      "aiobridge: the loop's local tasks were shut down");
+                      h->rt
+                          ? "aiobridge: the interpreter is exiting"
+                          : "aiobridge: the loop's local tasks were shut down");
       return NULL;
     }
     if (h && !pthread_equal(h->thread, pthread_self())) {
@@ -660,6 +718,7 @@ static host *host_for(aiob_py_bridge *b, PyObject *loop) {
     return NULL;
   }
   h->thread = pthread_self();
+  h->loop = loop;
   cap = PyCapsule_New(h, NULL, host_free);
   if (!cap) {
     Py_DECREF(ref);
@@ -679,7 +738,7 @@ static host *host_for(aiob_py_bridge *b, PyObject *loop) {
       snprintf(h->reason, sizeof h->reason,
                "the loop takes no close hook (no instance attributes)");
     cfg.backend_table = &asyncio_backend;
-    cfg.backend_options.host = loop;
+    cfg.backend_options.host = h;
   }
   int rc = aiob_runtime_new_hosted(&h->rt, &cfg);
   if (rc < 0 && h->shared) { /* fall back to the asyncio form */
@@ -688,7 +747,7 @@ static host *host_for(aiob_py_bridge *b, PyObject *loop) {
     h->shared = 0;
     cfg.backend = NULL;
     cfg.backend_table = &asyncio_backend;
-    cfg.backend_options.host = loop;
+    cfg.backend_options.host = h;
     rc = aiob_runtime_new_hosted(&h->rt, &cfg);
   }
   if (rc < 0 || PyDict_SetItem(b->hosts, ref, cap) < 0) {
@@ -754,6 +813,131 @@ void aiob__py_local_close_all(aiob_py_bridge *b) {
   Py_XDECREF(caps);
   PyDict_Clear(b->hosts);
   PyErr_Clear(); /* (out of memory for the list: nothing else to do) */
+  PyErr_Restore(type, value, tb);
+}
+
+/* ---- Interpreter exit ---------------------------------------------------
+ *
+ * A loop still running on another thread at exit (a daemon thread's) goes
+ * on until the interpreter stops that thread, which it does when the
+ * thread next takes the GIL. In the asyncio form this runtime's timer and
+ * fd watches are that loop's own callbacks, and uvloop enters each with
+ * PyGILState_Ensure: one that comes due once finalization has freed the
+ * thread states crashes the process. So at exit each such loop drops them,
+ * on its own thread, before the interpreter finalizes: its local tasks then
+ * never finish, as the runtime's tasks on such loops never do (bridge.c).
+ * The shared form's callbacks are libuv's, without the GIL, and they never
+ * enter Python once finalization begins (aiob__py_may_take_gil). */
+
+static pthread_mutex_t quiet_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t quiet_cv;
+static pthread_once_t quiet_once = PTHREAD_ONCE_INIT;
+
+static void quiet_init(void) {
+  pthread_condattr_t ca;
+  pthread_condattr_init(&ca);
+  pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+  pthread_cond_init(&quiet_cv, &ca);
+  pthread_condattr_destroy(&ca);
+}
+
+static PyObject *host_quiet_done(PyObject *cap, PyObject *unused) {
+  (void)unused;
+  host *h = PyCapsule_GetPointer(cap, NULL);
+  pthread_mutex_lock(&quiet_mu);
+  h->quiet = 1;
+  pthread_cond_broadcast(&quiet_cv);
+  pthread_mutex_unlock(&quiet_mu);
+  Py_RETURN_NONE;
+}
+
+static PyMethodDef host_quiet_done_def = {"quiet_done", host_quiet_done,
+                                          METH_NOARGS, NULL};
+
+/* call_soon_threadsafe'd by aiob__py_local_quiet_others: on the host's
+ * thread, GIL. Dropping a TimerHandle or the last reader of an fd closes
+ * a uvloop handle, whose close callback (it takes the GIL too) runs at the
+ * end of this turn of the loop: the hook is told once the next turn has
+ * begun, with those behind it. */
+static PyObject *host_go_quiet(PyObject *cap, PyObject *unused) {
+  (void)unused;
+  host *h = PyCapsule_GetPointer(cap, NULL);
+  PyObject *r = NULL;
+  if (h->asy) {
+    asy_go_quiet(h->asy);
+    PyObject *fn = PyCFunction_New(&host_quiet_done_def, cap);
+    r = fn ? asy_call(h->asy, h->asy->s_call_soon, fn, NULL) : NULL;
+    Py_XDECREF(fn);
+    if (!r)
+      asy_clear();
+  }
+  if (!r)
+    Py_XDECREF(host_quiet_done(cap, NULL));
+  Py_XDECREF(r);
+  if (aiob__py_local_unstash() < 0)
+    return NULL;
+  Py_RETURN_NONE;
+}
+
+static PyMethodDef host_quiet_def = {"quiet", host_go_quiet, METH_NOARGS, NULL};
+
+static int all_quiet(host **hs, size_t n) {
+  for (size_t i = 0; i < n; i++)
+    if (!hs[i]->quiet)
+      return 0;
+  return 1;
+}
+
+void aiob__py_local_quiet_others(aiob_py_bridge *b, uint64_t timeout_ns) {
+  if (!b->hosts)
+    return;
+  pthread_once(&quiet_once, quiet_init);
+  PyObject *type, *value, *tb;
+  PyErr_Fetch(&type, &value, &tb);
+  PyObject *items = PyDict_Items(b->hosts);
+  Py_ssize_t n = items ? PyList_GET_SIZE(items) : 0;
+  PyObject *asked = PyList_New(0); /* the capsules of hs, alive meanwhile */
+  host **hs = n ? calloc((size_t)n, sizeof *hs) : NULL;
+  size_t k = 0;
+  for (Py_ssize_t i = 0; asked && hs && i < n; i++) {
+    PyObject *pair = PyList_GET_ITEM(items, i);
+    PyObject *cap = PyTuple_GET_ITEM(pair, 1);
+    host *h = PyCapsule_GetPointer(cap, NULL);
+    if (!h->rt || !h->asy || pthread_equal(h->thread, pthread_self()))
+      continue;
+    PyObject *loop = aiob__py_weakref_get(PyTuple_GET_ITEM(pair, 0));
+    PyObject *running =
+        loop ? PyObject_CallMethod(loop, "is_running", NULL) : NULL;
+    PyObject *fn =
+        running == Py_True ? PyCFunction_New(&host_quiet_def, cap) : NULL;
+    PyObject *r =
+        fn ? PyObject_CallMethod(loop, "call_soon_threadsafe", "O", fn) : NULL;
+    if (r && PyList_Append(asked, cap) == 0)
+      hs[k++] = h;
+    Py_XDECREF(r);
+    Py_XDECREF(fn);
+    Py_XDECREF(running);
+    Py_XDECREF(loop);
+    PyErr_Clear();
+  }
+  if (k) {
+    Py_BEGIN_ALLOW_THREADS;
+    struct timespec until;
+    clock_gettime(CLOCK_MONOTONIC, &until);
+    uint64_t ns = (uint64_t)until.tv_nsec + timeout_ns;
+    until.tv_sec += (time_t)(ns / AIOB_SEC);
+    until.tv_nsec = (long)(ns % AIOB_SEC);
+    pthread_mutex_lock(&quiet_mu);
+    while (!all_quiet(hs, k) &&
+           pthread_cond_timedwait(&quiet_cv, &quiet_mu, &until) != ETIMEDOUT)
+      ;
+    pthread_mutex_unlock(&quiet_mu);
+    Py_END_ALLOW_THREADS;
+  }
+  free(hs);
+  Py_XDECREF(asked);
+  Py_XDECREF(items);
+  PyErr_Clear();
   PyErr_Restore(type, value, tb);
 }
 

@@ -26,9 +26,11 @@ Scenarios (child i runs the i-th of them, in turn):
   stuck_status  the same, leaving by sys.exit(4)
   thread     a daemon thread's loop awaits C tasks while the main thread
              leaves
-  thread_local  the same with loop-local C tasks (the shared form on
-             uvloop: their timers are libuv handles on the thread's loop),
-             some due while the interpreter finalizes
+  thread_local  the same with loop-local C tasks, some due while the
+             interpreter finalizes: in the shared form (uvloop, uv backend)
+             their timers are libuv handles on the thread's loop; in the
+             asyncio form the exit hook has the loop drop them first (a
+             uvloop callback due after finalization crashes the process)
 """
 import argparse
 import os

@@ -691,6 +691,58 @@ class TestExitInFlight(ChildCase):
                 self.assertQuiet(p, status=status)
                 self.assertFormOk(last_json(p)["info"])
 
+    def test_daemon_thread_loop_after_the_exit_hook(self):
+        """A daemon thread's loop with a local sleep and a local fd wait in
+        flight when the interpreter exits. In the asyncio form their timer
+        and fd watch are the loop's own callbacks, which uvloop enters with
+        PyGILState_Ensure: one due after finalization crashes the process.
+        So the exit hook has that loop drop them, on its own thread, before
+        the hook returns: past the sleep's deadline (on the loop's own
+        clock, after the hook) and with the fd readable, both are still
+        pending. The shared form's callbacks are libuv's, without the GIL,
+        which never enter Python once finalization begins: there both
+        finish as usual until then."""
+        p = children.run(textwrap.dedent("""
+        import asyncio, atexit, json, os, sys, threading
+        if os.environ.get("AIOB_TEST_LOOP") == "uvloop":
+            import uvloop
+            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        S = {}
+        def after_the_bridge():  # registered first: runs after aiobridge's hook
+            os.write(W, b"x")
+            async def look():
+                loop = asyncio.get_running_loop()
+                await asyncio.sleep(S["due"] + 0.1 - loop.time())
+                return {"sleep": S["sleep"].done(), "read": S["read"].done()}
+            f = asyncio.run_coroutine_threadsafe(look(), S["loop"])
+            print(json.dumps(f.result(60)), flush=True)
+        atexit.register(after_the_bridge)
+        import aiobridge_demo as demo
+        R, W = os.pipe()
+        started = threading.Event()
+        async def forever():
+            loop = S["loop"] = asyncio.get_running_loop()
+            await demo.local_sleep_ms(1)  # the host's timer went round
+            S["info"] = demo.local_info()
+            S["due"] = loop.time() + 1.5
+            S["sleep"] = asyncio.ensure_future(demo.local_sleep_ms(1500))
+            S["read"] = asyncio.ensure_future(demo.local_read_ready(R))
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # both spawned
+            started.set()
+            await asyncio.Event().wait()
+        threading.Thread(target=lambda: asyncio.run(forever()), daemon=True).start()
+        assert started.wait(60)
+        print(json.dumps(S["info"]), flush=True)
+        """))
+        self.assertQuiet(p)
+        lines = p.stdout.strip().splitlines()
+        info, after = json.loads(lines[0]), json.loads(lines[-1])
+        self.assertFormOk(info)
+        self.assertEqual(info["tasks_live"], 0, info)
+        done = info["mode"] == "shared"
+        self.assertEqual(after, {"sleep": done, "read": done}, info)
+
 
 class TestThreads(unittest.TestCase):
     def test_loops_in_several_threads(self):
