@@ -87,7 +87,7 @@ PyObject *aiob_py_bridge_stats(aiob_py_bridge *b) {
   aiob_runtime_default_peek(stats_fn, &st); /* zeros when not running */
   return Py_BuildValue(
       "{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,"
-      "s:K,s:K,s:n}",
+      "s:K,s:K,s:K,s:K,s:n}",
       "tasks_live", (unsigned long long)st.tasks_live, "tasks_spawned",
       (unsigned long long)st.tasks_spawned, "tasks_completed",
       (unsigned long long)st.tasks_completed, "tasks_cancelled",
@@ -102,7 +102,8 @@ PyObject *aiob_py_bridge_stats(aiob_py_bridge *b) {
       (unsigned long long)st.blocking_workers, "completions", b->completions,
       "py_loop_wakes", b->py_wakes, "py_awaits", b->py_awaits, "py_spins",
       b->py_spins, "py_spin_hits", b->py_spin_hits, "py_spins_skipped",
-      b->py_spins_skipped, "ports",
+      b->py_spins_skipped, "exit_loops_quieted", b->exit_loops_quieted,
+      "exit_quiet_timeouts", b->exit_quiet_timeouts, "ports",
       b->ports ? PyDict_Size(b->ports) : (Py_ssize_t)0);
 }
 

@@ -142,6 +142,7 @@ struct aiob_py_bridge {
   /* Counters (loop threads, GIL held). */
   unsigned long long completions, py_wakes, py_awaits;
   unsigned long long py_spins, py_spin_hits, py_spins_skipped;
+  unsigned long long exit_loops_quieted, exit_quiet_timeouts;
   PyObject *get_running_loop;    /* asyncio.events._get_running_loop */
   PyObject *retrieve, *reraise;  /* the runner's helpers (await.c) */
   PyObject *ensure_future;       /* asyncio.ensure_future */

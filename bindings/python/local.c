@@ -32,6 +32,7 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -89,6 +90,7 @@ typedef struct host {
   PyObject *loop;   /* borrowed, while the runtime is made */
   struct asy *asy;  /* the asyncio form's backend, while open */
   int quiet;        /* exit: its loop went quiet (under quiet_mu) */
+  unsigned gen;     /* aiob__py_fork_gen when made */
   char reason[256]; /* why the asyncio form ("" when shared) */
 } host;
 
@@ -719,6 +721,7 @@ static host *host_for(aiob_py_bridge *b, PyObject *loop) {
   }
   h->thread = pthread_self();
   h->loop = loop;
+  h->gen = atomic_load(&aiob__py_fork_gen);
   cap = PyCapsule_New(h, NULL, host_free);
   if (!cap) {
     Py_DECREF(ref);
@@ -881,11 +884,32 @@ static PyObject *host_go_quiet(PyObject *cap, PyObject *unused) {
 
 static PyMethodDef host_quiet_def = {"quiet", host_go_quiet, METH_NOARGS, NULL};
 
-static int all_quiet(host **hs, size_t n) {
+/* How many of hs have not gone quiet yet (quiet_mu). */
+static size_t loud(host **hs, size_t n) {
+  size_t left = 0;
   for (size_t i = 0; i < n; i++)
-    if (!hs[i]->quiet)
-      return 0;
-  return 1;
+    left += !hs[i]->quiet;
+  return left;
+}
+
+/* Which way a host's loop goes quiet at exit. */
+enum quiet_way { QUIET_NONE, QUIET_ASK, QUIET_HERE };
+
+static enum quiet_way quiet_way_of(host *h, PyObject *loop, PyObject *mine) {
+  /* A host inherited from the parent of a fork is left alone: its loop is
+   * the parent's (its epoll set too), and no thread runs it here. */
+  if (!h->rt || !h->asy || h->asy->closed ||
+      h->gen != atomic_load(&aiob__py_fork_gen) || !loop || loop == mine)
+    return QUIET_NONE;
+  PyObject *running = PyObject_CallMethod(loop, "is_running", NULL);
+  enum quiet_way way = QUIET_NONE;
+  if (running == Py_True)
+    way = QUIET_ASK; /* by the thread that runs it */
+  else if (running == Py_False && !pthread_equal(h->thread, pthread_self()))
+    way = QUIET_HERE; /* another thread's, between two runs: nobody runs it
+                         while this thread holds the GIL */
+  Py_XDECREF(running);
+  return way;
 }
 
 void aiob__py_local_quiet_others(aiob_py_bridge *b, uint64_t timeout_ns) {
@@ -894,6 +918,8 @@ void aiob__py_local_quiet_others(aiob_py_bridge *b, uint64_t timeout_ns) {
   pthread_once(&quiet_once, quiet_init);
   PyObject *type, *value, *tb;
   PyErr_Fetch(&type, &value, &tb);
+  PyObject *mine = aiob__py_running_loop(b); /* (an embedder's) */
+  PyErr_Clear();
   PyObject *items = PyDict_Items(b->hosts);
   Py_ssize_t n = items ? PyList_GET_SIZE(items) : 0;
   PyObject *asked = PyList_New(0); /* the capsules of hs, alive meanwhile */
@@ -903,24 +929,29 @@ void aiob__py_local_quiet_others(aiob_py_bridge *b, uint64_t timeout_ns) {
     PyObject *pair = PyList_GET_ITEM(items, i);
     PyObject *cap = PyTuple_GET_ITEM(pair, 1);
     host *h = PyCapsule_GetPointer(cap, NULL);
-    if (!h->rt || !h->asy || pthread_equal(h->thread, pthread_self()))
-      continue;
     PyObject *loop = aiob__py_weakref_get(PyTuple_GET_ITEM(pair, 0));
-    PyObject *running =
-        loop ? PyObject_CallMethod(loop, "is_running", NULL) : NULL;
-    PyObject *fn =
-        running == Py_True ? PyCFunction_New(&host_quiet_def, cap) : NULL;
-    PyObject *r =
-        fn ? PyObject_CallMethod(loop, "call_soon_threadsafe", "O", fn) : NULL;
-    if (r && PyList_Append(asked, cap) == 0)
-      hs[k++] = h;
-    Py_XDECREF(r);
-    Py_XDECREF(fn);
-    Py_XDECREF(running);
+    PyErr_Clear();
+    enum quiet_way way = quiet_way_of(h, loop, mine);
+    if (way == QUIET_HERE) {
+      asy_go_quiet(h->asy);
+      h->quiet = 1;
+      b->exit_loops_quieted++;
+    } else if (way == QUIET_ASK) {
+      PyObject *fn = PyCFunction_New(&host_quiet_def, cap);
+      PyObject *r =
+          fn ? PyObject_CallMethod(loop, "call_soon_threadsafe", "O", fn)
+             : NULL;
+      if (r && PyList_Append(asked, cap) == 0)
+        hs[k++] = h;
+      Py_XDECREF(r);
+      Py_XDECREF(fn);
+    }
     Py_XDECREF(loop);
     PyErr_Clear();
   }
+  Py_XDECREF(mine);
   if (k) {
+    size_t late;
     Py_BEGIN_ALLOW_THREADS;
     struct timespec until;
     clock_gettime(CLOCK_MONOTONIC, &until);
@@ -928,11 +959,14 @@ void aiob__py_local_quiet_others(aiob_py_bridge *b, uint64_t timeout_ns) {
     until.tv_sec += (time_t)(ns / AIOB_SEC);
     until.tv_nsec = (long)(ns % AIOB_SEC);
     pthread_mutex_lock(&quiet_mu);
-    while (!all_quiet(hs, k) &&
+    while ((late = loud(hs, k)) &&
            pthread_cond_timedwait(&quiet_cv, &quiet_mu, &until) != ETIMEDOUT)
       ;
+    late = loud(hs, k);
     pthread_mutex_unlock(&quiet_mu);
     Py_END_ALLOW_THREADS;
+    b->exit_loops_quieted += k - late;
+    b->exit_quiet_timeouts += late;
   }
   free(hs);
   Py_XDECREF(asked);

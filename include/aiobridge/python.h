@@ -69,8 +69,10 @@ void aiob_py_bridge_free(aiob_py_bridge *b);
  * (Python awaitables started for C tasks), py_spins and py_spin_hits (an
  * asyncio loop's waits for a C task's next request after completing the
  * task's await of Python, and those that took it), py_spins_skipped (such
- * waits left out because the loop thread was waiting for a CPU), ports
- * (asyncio loops known). */
+ * waits left out because the loop thread was waiting for a CPU),
+ * exit_loops_quieted and exit_quiet_timeouts (at interpreter exit, loops of
+ * other threads that dropped their loop-local tasks' timer and fd watches,
+ * and those that did not in time), ports (asyncio loops known). */
 PyObject *aiob_py_bridge_stats(aiob_py_bridge *b);
 
 /* The runtime's backend name as a new str, starting the runtime if needed.

@@ -566,7 +566,8 @@ class TestAiobridgeModule(BridgeCase):
         "polls", "loop_wakes", "spins", "spin_hits", "spin_ns", "spins_skipped",
         "blocking_jobs_run", "blocking_jobs_cancelled", "blocking_workers",
         "completions", "py_loop_wakes", "py_awaits", "py_spins",
-        "py_spin_hits", "py_spins_skipped", "ports",
+        "py_spin_hits", "py_spins_skipped", "exit_loops_quieted",
+        "exit_quiet_timeouts", "ports",
     }
 
     async def test_exception_types(self):

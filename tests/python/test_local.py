@@ -691,57 +691,103 @@ class TestExitInFlight(ChildCase):
                 self.assertQuiet(p, status=status)
                 self.assertFormOk(last_json(p)["info"])
 
-    def test_daemon_thread_loop_after_the_exit_hook(self):
-        """A daemon thread's loop with a local sleep and a local fd wait in
-        flight when the interpreter exits. In the asyncio form their timer
-        and fd watch are the loop's own callbacks, which uvloop enters with
-        PyGILState_Ensure: one due after finalization crashes the process.
-        So the exit hook has that loop drop them, on its own thread, before
-        the hook returns: past the sleep's deadline (on the loop's own
-        clock, after the hook) and with the fd readable, both are still
-        pending. The shared form's callbacks are libuv's, without the GIL,
-        which never enter Python once finalization begins: there both
-        finish as usual until then."""
-        p = children.run(textwrap.dedent("""
-        import asyncio, atexit, json, os, sys, threading
-        if os.environ.get("AIOB_TEST_LOOP") == "uvloop":
-            import uvloop
-            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-        S = {}
-        def after_the_bridge():  # registered first: runs after aiobridge's hook
-            os.write(W, b"x")
-            async def look():
-                loop = asyncio.get_running_loop()
-                await asyncio.sleep(S["due"] + 0.1 - loop.time())
-                return {"sleep": S["sleep"].done(), "read": S["read"].done()}
-            f = asyncio.run_coroutine_threadsafe(look(), S["loop"])
-            print(json.dumps(f.result(60)), flush=True)
-        atexit.register(after_the_bridge)
-        import aiobridge_demo as demo
-        R, W = os.pipe()
-        started = threading.Event()
-        async def forever():
-            loop = S["loop"] = asyncio.get_running_loop()
-            await demo.local_sleep_ms(1)  # the host's timer went round
-            S["info"] = demo.local_info()
-            S["due"] = loop.time() + 1.5
-            S["sleep"] = asyncio.ensure_future(demo.local_sleep_ms(1500))
-            S["read"] = asyncio.ensure_future(demo.local_read_ready(R))
-            await asyncio.sleep(0)
-            await asyncio.sleep(0)  # both spawned
-            started.set()
-            await asyncio.Event().wait()
-        threading.Thread(target=lambda: asyncio.run(forever()), daemon=True).start()
-        assert started.wait(60)
-        print(json.dumps(S["info"]), flush=True)
-        """))
+    # A loop running on another thread than the one that exits, with a local
+    # sleep and a local fd wait in flight when the interpreter exits. In
+    # the asyncio form their timer and fd watch are the loop's own
+    # callbacks, which uvloop enters with PyGILState_Ensure: one due after
+    # finalization crashes the process. So the exit hook has that loop drop
+    # them before it returns: past the sleep's deadline (on the loop's own
+    # clock, after the hook) and with the fd readable, both are still
+    # pending. The shared form's callbacks are libuv's, without the GIL,
+    # and never enter Python once finalization begins: there both finish as
+    # usual until then. MODE: the loop runs on a daemon thread ("running");
+    # the main thread first ran local tasks on it ("moved"); the daemon
+    # thread is between two runs of it at the hook, and runs it again
+    # before finalization ("paused").
+    AFTER_THE_HOOK = """
+    import asyncio, atexit, json, os, sys, threading, warnings
+    if os.environ.get("AIOB_TEST_LOOP") == "uvloop":
+        import uvloop
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    MODE = %r
+    S = {"go": threading.Event(), "pid": os.getpid()}
+    def after_the_bridge():  # registered first: runs after aiobridge's hook
+        st = aiobridge.stats()
+        out = {"quieted": st["exit_loops_quieted"],
+               "timeouts": st["exit_quiet_timeouts"]}
+        if os.getpid() != S["pid"]:  # a forked child
+            print(json.dumps({"child": out}), flush=True)
+            return
+        os.write(W, b"x")
+        S["go"].set()  # "paused": the thread runs its loop again
+        async def look():
+            loop = asyncio.get_running_loop()
+            await asyncio.sleep(S["due"] + 0.1 - loop.time())
+            return {"sleep": S["sleep"].done(), "read": S["read"].done()}
+        f = asyncio.run_coroutine_threadsafe(look(), S["loop"])
+        out["after"] = f.result(60)
+        print(json.dumps(out), flush=True)
+    atexit.register(after_the_bridge)
+    import aiobridge, aiobridge_demo as demo
+    R, W = os.pipe()
+    started = threading.Event()
+    async def start():
+        loop = S["loop"] = asyncio.get_running_loop()
+        await demo.local_sleep_ms(1)  # the host's timer went round
+        S["info"] = demo.local_info()
+        S["due"] = loop.time() + 1.5
+        S["sleep"] = asyncio.ensure_future(demo.local_sleep_ms(1500))
+        S["read"] = asyncio.ensure_future(demo.local_read_ready(R))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # both spawned
+    def thread_main(loop):
+        asyncio.set_event_loop(loop)
+        if MODE != "moved":
+            loop.run_until_complete(start())
+        started.set()
+        if MODE == "paused":
+            S["go"].wait()
+        loop.run_forever()
+    loop = asyncio.new_event_loop()
+    if MODE == "moved":
+        loop.run_until_complete(start())
+    threading.Thread(target=thread_main, args=(loop,), daemon=True).start()
+    assert started.wait(60)
+    print(json.dumps({"info": S["info"]}), flush=True)
+    """
+
+    def assertAfterTheHook(self, p):
+        """The child's summaries: its form, and what the exit hook did."""
         self.assertQuiet(p)
-        lines = p.stdout.strip().splitlines()
-        info, after = json.loads(lines[0]), json.loads(lines[-1])
+        lines = [json.loads(l) for l in p.stdout.strip().splitlines()]
+        info, last = lines[0]["info"], lines[-1]
         self.assertFormOk(info)
         self.assertEqual(info["tasks_live"], 0, info)
-        done = info["mode"] == "shared"
-        self.assertEqual(after, {"sleep": done, "read": done}, info)
+        shared = info["mode"] == "shared"
+        self.assertEqual(last, {"after": {"sleep": shared, "read": shared},
+                                "quieted": 0 if shared else 1, "timeouts": 0}, info)
+        return lines
+
+    def test_loop_of_another_thread_after_the_exit_hook(self):
+        for mode in ("running", "moved", "paused"):
+            with self.subTest(mode=mode):
+                self.assertAfterTheHook(children.run(
+                    textwrap.dedent(self.AFTER_THE_HOOK % mode)))
+
+    def test_forked_child_leaves_the_parents_loop_alone(self):
+        """A child forked while another thread runs a loop with local tasks
+        exits without touching that loop, its parent's (nothing to wait
+        for, nothing dropped from the epoll set they share): the parent's
+        exit finds it as it was."""
+        p = children.run(textwrap.dedent(self.AFTER_THE_HOOK % "running") + textwrap.dedent("""
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads
+        pid = os.fork()
+        if pid == 0:
+            sys.exit(0)
+        assert os.waitpid(pid, 0)[1] == 0
+        """))
+        lines = self.assertAfterTheHook(p)
+        self.assertIn({"child": {"quieted": 0, "timeouts": 0}}, lines, lines)
 
 
 class TestThreads(unittest.TestCase):
