@@ -826,11 +826,13 @@ void aiob__py_local_close_all(aiob_py_bridge *b) {
  * thread next takes the GIL. In the asyncio form this runtime's timer and
  * fd watches are that loop's own callbacks, and uvloop enters each with
  * PyGILState_Ensure: one that comes due once finalization has freed the
- * thread states crashes the process. So at exit each such loop drops them,
- * on its own thread, before the interpreter finalizes: its local tasks then
- * never finish, as the runtime's tasks on such loops never do (bridge.c).
- * The shared form's callbacks are libuv's, without the GIL, and they never
- * enter Python once finalization begins (aiob__py_may_take_gil). */
+ * thread states crashes the process. So at exit each such loop drops them
+ * before the interpreter finalizes: on the thread that runs it, or, if
+ * another thread runs it now and then but not at that moment, from the
+ * hook. Its local tasks then never finish, as the runtime's tasks on such
+ * loops never do (bridge.c). The shared form's callbacks are libuv's,
+ * without the GIL, and they never enter Python once finalization begins
+ * (aiob__py_may_take_gil). */
 
 static pthread_mutex_t quiet_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t quiet_cv;
@@ -959,7 +961,7 @@ void aiob__py_local_quiet_others(aiob_py_bridge *b, uint64_t timeout_ns) {
     until.tv_sec += (time_t)(ns / AIOB_SEC);
     until.tv_nsec = (long)(ns % AIOB_SEC);
     pthread_mutex_lock(&quiet_mu);
-    while ((late = loud(hs, k)) &&
+    while (loud(hs, k) &&
            pthread_cond_timedwait(&quiet_cv, &quiet_mu, &until) != ETIMEDOUT)
       ;
     late = loud(hs, k);
