@@ -1,9 +1,10 @@
 """Thread placement probe for the contention rows (docs/benchmarks.md):
 runs await_py_n(lambda: asyncio.sleep(0), n) for --seconds in this process
 and samples every 5 ms the CPU that each thread last ran on
-(/proc/self/task/*/stat, field 39). Prints one JSON line: awaits/s, and the
+(/proc/self/task/*/stat, field 39). Prints one JSON line: awaits/s, the
 share of samples in which the asyncio loop's thread (the main thread) and a
-runtime thread sat on the same CPU.
+runtime thread sat on the same CPU, and the spin counters of the run
+(aiobridge.stats(): the runtime's spins and the asyncio loop's waits).
 
     PYTHONPATH=<dir with aiobridge_demo> python3 bench/placement_probe.py
         [--seconds 1.5]
@@ -24,7 +25,11 @@ if os.environ.get("AIOB_TEST_LOOP") == "uvloop":
     import uvloop
 
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+import aiobridge  # noqa: E402
 import aiobridge_demo as demo  # noqa: E402
+
+SPIN_STATS = ("spins", "spin_hits", "spins_skipped", "py_spins",
+              "py_spin_hits", "py_spins_skipped")
 
 
 def cpus_of_threads(skip):
@@ -56,6 +61,7 @@ def main():
     async def run():
         step = lambda: asyncio.sleep(0)  # noqa: E731
         await demo.await_py_n(step, 1000)  # the runtime has started
+        before = aiobridge.stats()
         th = threading.Thread(target=sampler, daemon=True)
         th.start()
         n, t0 = 0, time.perf_counter()
@@ -65,9 +71,10 @@ def main():
         rate = n / (time.perf_counter() - t0)
         done.set()
         th.join()
-        return rate
+        after = aiobridge.stats()
+        return rate, {k: after[k] - before[k] for k in SPIN_STATS}
 
-    rate = asyncio.run(run())
+    rate, spin = asyncio.run(run())
     loop_tid = threading.get_native_id()
     same = total = 0
     for row in samples:
@@ -77,7 +84,7 @@ def main():
                         if tid != loop_tid)
     print(json.dumps({"awaits_per_s": round(rate),
                       "same_cpu": round(same / total, 2) if total else None,
-                      "samples": total}))
+                      "samples": total, "spin": spin}))
 
 
 if __name__ == "__main__":
