@@ -1,13 +1,15 @@
 """Thread placement probe for the contention rows (docs/benchmarks.md):
-runs await_py_n(lambda: asyncio.sleep(0), n) for --seconds in this process
-and samples every 5 ms the CPU that each thread last ran on
-(/proc/self/task/*/stat, field 39). Prints one JSON line: awaits/s, the
-share of samples in which the asyncio loop's thread (the main thread) and a
-runtime thread sat on the same CPU, and the spin counters of the run
-(aiobridge.stats(): the runtime's spins and the asyncio loop's waits).
+runs await_py_n(lambda: asyncio.sleep(0), n), or with --row gather
+asyncio.gather of 10,000 ready(), for --seconds in this process, and
+samples every 5 ms (when the sampling thread gets the GIL) the CPU that
+each thread last ran on (/proc/self/task/*/stat, field 39). Prints one
+JSON line: ops/s, the share of samples in which the asyncio loop's thread
+(the main thread) and a runtime thread sat on the same CPU, and the spin
+counters of the run (aiobridge.stats(): the runtime's spins and the
+asyncio loop's waits).
 
     PYTHONPATH=<dir with aiobridge_demo> python3 bench/placement_probe.py
-        [--seconds 1.5]
+        [--seconds 1.5] [--row await_py_n|gather]
 
 AIOB_TEST_LOOP=uvloop runs it on uvloop, AIOBRIDGE_BACKEND picks the
 runtime's backend, AIOBRIDGE_SPIN_US=0 turns the spin off. Run it in fresh
@@ -50,6 +52,8 @@ def cpus_of_threads(skip):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=1.5)
+    ap.add_argument("--row", choices=("await_py_n", "gather"),
+                    default="await_py_n")
     args = ap.parse_args()
     samples, done = [], threading.Event()
 
@@ -60,14 +64,21 @@ def main():
 
     async def run():
         step = lambda: asyncio.sleep(0)  # noqa: E731
-        await demo.await_py_n(step, 1000)  # the runtime has started
+
+        async def one_batch():
+            if args.row == "gather":
+                await asyncio.gather(*[demo.ready() for _ in range(10000)])
+                return 10000
+            await demo.await_py_n(step, 5000)
+            return 5000
+
+        await one_batch()  # the runtime has started
         before = aiobridge.stats()
         th = threading.Thread(target=sampler, daemon=True)
         th.start()
         n, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < args.seconds:
-            await demo.await_py_n(step, 5000)
-            n += 5000
+            n += await one_batch()
         rate = n / (time.perf_counter() - t0)
         done.set()
         th.join()
@@ -82,7 +93,7 @@ def main():
             total += 1
             same += any(cpu == row[loop_tid] for tid, cpu in row.items()
                         if tid != loop_tid)
-    print(json.dumps({"awaits_per_s": round(rate),
+    print(json.dumps({"row": args.row, "ops_per_s": round(rate),
                       "same_cpu": round(same / total, 2) if total else None,
                       "samples": total, "spin": spin}))
 
