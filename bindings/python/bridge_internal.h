@@ -303,7 +303,8 @@ int aiob__py_local_spawn(aiob_py_bridge *b, PyObject *loop,
 void aiob__py_local_close_all(aiob_py_bridge *b);
 /* At interpreter exit (GIL; released while it waits, at most timeout_ns):
  * every loop running local tasks in the asyncio form on another thread
- * drops their timer and fd watches, on its own thread (local.c). */
+ * drops their timer and fd watches, on that thread, or from here if it is
+ * between two runs (local.c). */
 void aiob__py_local_quiet_others(aiob_py_bridge *b, uint64_t timeout_ns);
 int aiob__py_local_stash(void);
 int aiob__py_local_unstash(void);
