@@ -89,7 +89,7 @@ typedef struct host {
   int shared;
   PyObject *loop;   /* borrowed, while the runtime is made */
   struct asy *asy;  /* the asyncio form's backend, while open */
-  int quiet;        /* exit: its loop went quiet (under quiet_mu) */
+  int quiet;        /* exit: its thread made its loop quiet (quiet_mu) */
   unsigned gen;     /* aiob__py_fork_gen when made */
   char reason[256]; /* why the asyncio form ("" when shared) */
 } host;
@@ -697,7 +697,7 @@ static host *host_for(aiob_py_bridge *b, PyObject *loop) {
   if (cap || PyErr_Occurred()) {
     Py_DECREF(ref);
     host *h = cap ? PyCapsule_GetPointer(cap, NULL) : NULL;
-    if (h && (!h->rt || h->quiet)) {
+    if (h && (!h->rt || (h->asy && h->asy->quiet))) {
       PyErr_SetString(b->shutdown_error,
                       h->rt
                           ? "aiobridge: the interpreter is exiting"
@@ -936,7 +936,6 @@ void aiob__py_local_quiet_others(aiob_py_bridge *b, uint64_t timeout_ns) {
     enum quiet_way way = quiet_way_of(h, loop, mine);
     if (way == QUIET_HERE) {
       asy_go_quiet(h->asy);
-      h->quiet = 1;
       b->exit_loops_quieted++;
     } else if (way == QUIET_ASK) {
       PyObject *fn = PyCFunction_New(&host_quiet_def, cap);
